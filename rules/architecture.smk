@@ -1,0 +1,47 @@
+# Q1 architecture: do you even need attention? One training job per (dataset, mixer, seed).
+
+
+rule train_architecture:
+    output:
+        record=f"{RESULTS}/architecture/{{dataset}}/{{mixer}}/seed{{seed}}/record.json",
+    log:
+        f"{RESULTS}/logs/architecture/{{dataset}}/{{mixer}}/seed{{seed}}.log",
+    params:
+        job=job_params("architecture"),
+        results_dir=RESULTS,
+    threads: 1  # this process only waits on Ray; the job's CPUs/GPUs are the config's execution.*
+    conda:
+        ENV
+    script:
+        "scripts/train.py"
+
+
+rule architecture_report:
+    input:
+        records=grid_paths(
+            "architecture",
+            f"{RESULTS}/architecture/{{dataset}}/{{mixer}}/seed{{seed}}/record.json",
+        ),
+    output:
+        csv=report(
+            f"{REPORTS}/tables/architecture.csv",
+            category="Q1 architecture",
+            caption="../reports/captions/architecture_table.rst",
+        ),
+        md=f"{REPORTS}/tables/architecture.md",
+        png=report(
+            f"{REPORTS}/figures/architecture.png",
+            category="Q1 architecture",
+            caption="../reports/captions/architecture_figure.rst",
+        ),
+    log:
+        f"{RESULTS}/logs/architecture/report.log",
+    conda:
+        ENV
+    script:
+        "scripts/architecture_report.py"
+
+
+rule architecture:
+    input:
+        rules_targets("architecture"),

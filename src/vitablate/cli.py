@@ -1,0 +1,88 @@
+"""The `vitablate` command: small helpers around the workflow.
+
+  vitablate list                      mixers, model variants, datasets, job kinds
+  vitablate job CONFIG.json [--ray]   run one job from a resolved config (written by the
+                                      workflow next to every result) in this process, or on Ray
+  vitablate check [CONFIG.yaml]       validate a workflow config without running anything
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _list(_: argparse.Namespace) -> int:
+    from .data import DATASETS
+    from .jobs import JOBS
+    from .models import MIXERS, VARIANTS
+
+    print("mixers:   ", ", ".join(MIXERS))
+    print("variants: ", ", ".join(VARIANTS))
+    print("datasets: ", ", ".join(DATASETS))
+    print("jobs:     ", ", ".join(JOBS))
+    return 0
+
+
+def _job(args: argparse.Namespace) -> int:
+    from .config import load_job_config
+
+    cfg = load_job_config(args.config)
+    record_path = args.record or os.path.join(cfg.output_dir, "record.json")
+    if args.ray:
+        from .execution import run_job, start_session, stop_session
+
+        start_session()
+        try:
+            record = run_job(cfg, record_path, results_dir=args.results_dir)
+        finally:
+            stop_session()
+    else:
+        from .jobs import run, write_json
+
+        record = run(cfg, lambda epoch, m: print(json.dumps(m), flush=True))
+        write_json(record_path, record)
+    print(json.dumps({k: v for k, v in record.items() if k.startswith("top1")}))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    import yaml
+    from snakemake.utils import validate
+
+    from .workflow import check_config
+
+    with open(args.config) as f:
+        config = yaml.safe_load(f)
+    here = os.path.dirname(os.path.abspath(args.config))
+    candidates = [os.path.join(here, "schema.yaml"), os.path.join(os.path.dirname(here), "schema.yaml")]
+    schema = args.schema or next((c for c in candidates if os.path.exists(c)), candidates[0])
+    validate(config, schema)
+    check_config(config)
+    print(f"{args.config}: ok")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vitablate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="what can be named in a config").set_defaults(fn=_list)
+    p = sub.add_parser("job", help="run one job from its resolved config")
+    p.add_argument("config")
+    p.add_argument("--record", help="where to write the run record (default: <output_dir>/record.json)")
+    p.add_argument("--ray", action="store_true", help="run as a Ray task with MLflow tracking")
+    p.add_argument("--results-dir", default="results")
+    p.set_defaults(fn=_job)
+    p = sub.add_parser("check", help="validate a workflow config")
+    p.add_argument("config", nargs="?", default="config/config.yaml")
+    p.add_argument("--schema", help="default: schema.yaml beside the config")
+    p.set_defaults(fn=_check)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

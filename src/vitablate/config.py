@@ -1,0 +1,180 @@
+"""Typed configuration: one dataclass per concern, a commented default per field.
+
+The workflow config (config/config.yaml) is checked against config/schema.yaml by
+Snakemake's `validate`; each job's resolved config is then built here with
+`from_dict`, which refuses unknown keys and wrong types with a message naming the
+key, so a typo fails before any job starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    variant: Optional[str] = None  # a key of vitablate.models.VARIANTS; fields below override it
+    img_size: Optional[int] = None  # pixels; None -> the dataset's native size
+    patch_size: Optional[int] = None  # pixels
+    embed_dim: Optional[int] = None  # width
+    depth: Optional[int] = None  # blocks
+    num_heads: Optional[int] = None
+    mlp_ratio: float = 4.0  # channel-MLP hidden width / embed_dim
+    global_pool: str = "avg"  # avg | token
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class AugmentConfig:
+    pad_crop: int = 0  # random translation, pixels
+    flip: bool = False  # horizontal flip (off for digits: a flipped 3 is not a 3)
+    crop_scale: Optional[list[float]] = None  # random-resized-crop area range, e.g. [0.35, 1.0]
+    color_jitter: float = 0.0  # strength; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128  # images per step
+    eval_batch_size: int = 512
+    lr: float = 1e-3  # peak AdamW learning rate for this batch size
+    min_lr: float = 1e-5  # end of the cosine decay
+    weight_decay: float = 0.05
+    warmup_epochs: float = 2.0  # linear warm-up from 0, in epochs (fractions allowed)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    label_smoothing: float = 0.1
+    grad_clip: Optional[float] = 1.0  # max global grad norm; None disables
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ExecutionConfig:
+    num_cpus: float = 1  # per job (Ray task); torch uses this many threads
+    num_gpus: float = 0  # per job; fractional values pack small runs on one GPU
+    max_retries: int = 2  # Ray re-runs a job whose worker died; it resumes from its checkpoint
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model (GPU runs)
+    data_on_device: bool = True  # hold in-memory datasets on the job's device
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # a key of vitablate.data.DATASETS
+    root: str = "data"  # where real-scale datasets live (cifar10, cifar100, imagefolder)
+    label_by: str = "shape"  # shapes only: shape | texture
+    extra_test_dirs: dict[str, str] = field(default_factory=dict)  # name -> ImageFolder dir (distribution shift)
+
+
+@dataclass
+class JobConfig:
+    """Everything one job needs; saved with its outputs and logged as MLflow params."""
+
+    question: str = "architecture"
+    job: str = "train_classifier"  # a key of vitablate.jobs.JOBS
+    seed: int = 0
+    mixer: str = "attention"
+    output_dir: str = "results/job"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (question, dataset, ...)
+
+
+def _check(value: Any, tp: Any, key: str) -> Any:
+    """Coerce `value` to annotation `tp` or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (arg,) = typing.get_args(tp)
+        return [_check(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, varg = typing.get_args(tp)
+        return {str(k): _check(v, varg, f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, d: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `d`; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key(s) {[where + k for k in unknown]}; allowed: {sorted(names)}")
+    kwargs = {k: _check(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1e-3}} -> {'train.lr': 1e-3} (MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, dict)) else v
+    return out
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """A copy of `base` with `override` merged in, recursively for mappings."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_job_config(path: str) -> JobConfig:
+    with open(path) as f:
+        return from_dict(JobConfig, json.load(f))

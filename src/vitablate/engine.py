@@ -1,0 +1,253 @@
+"""The training loop: precision, optimiser, schedule, checkpoint/resume, non-finite guard.
+
+Objective-agnostic: `fit` takes a `loss_fn(x, y) -> (loss, logs)` that owns the
+model call, so supervised, self-supervised and attention-transfer training share
+one loop. Randomness (shuffle, augmentation, drop-path) is re-seeded from
+(seed, epoch) at every epoch, so a run resumed from its checkpoint after epoch e
+continues exactly as the uninterrupted run would on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class Precision:
+    device: torch.device
+    dtype: Optional[torch.dtype]  # autocast dtype, None = plain float32
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def pick_device(num_gpus: float) -> torch.device:
+    return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def pick_precision(device: torch.device, precision: str) -> Precision:
+    """auto: bf16 autocast on CUDA, float32 on CPU."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"execution.precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return Precision(device, None)
+    return Precision(device, torch.bfloat16)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, position embeddings and tokens (1-D or named so)."""
+    decay, no_decay = [], []
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip or name.endswith("token") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    fused = device.type == "cuda"  # one kernel for the whole update on GPU
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `total_steps`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def classification_loss(model: nn.Module, label_smoothing: float) -> Callable:
+    def loss_fn(x: torch.Tensor, y: torch.Tensor):
+        logits = model(x)
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing), {}
+
+    return loss_fn
+
+
+@torch.no_grad()
+def predict(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, precision: Precision,
+            transform: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities and labels over a split: (N, K) float32, (N,) int64, on CPU."""
+    probs, labels = [], []
+    for x, y in batches:
+        x = x.to(precision.device, non_blocking=True)
+        if transform is not None:
+            x = transform(x)
+        with precision.autocast():
+            logits = forward(x)
+        probs.append(logits.float().softmax(-1).cpu())
+        labels.append(y.cpu())
+    return torch.cat(probs), torch.cat(labels)
+
+
+def top1(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Percent correct."""
+    return 100.0 * (probs.argmax(-1) == labels).float().mean().item()
+
+
+@dataclass
+class Checkpoint:
+    """Where a job keeps its last finished epoch; written atomically."""
+
+    path: str
+
+    def save(self, state: dict) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)  # a reader sees the old or the new file, never half of one
+
+    def load(self) -> Optional[dict]:
+        if not os.path.exists(self.path):
+            return None
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as e:  # truncated or foreign file
+            raise RuntimeError(
+                f"checkpoint {self.path} cannot be read ({type(e).__name__}: {e}); "
+                "delete it to start the job from scratch"
+            ) from e
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)  # one dict of metrics per epoch
+    resumed_from_epoch: int = 0  # epochs already done when this process started
+    train_s: float = 0.0
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]],
+    train_batches: Callable[[int], Iterable],
+    steps_per_epoch: int,
+    cfg: TrainConfig,
+    precision: Precision,
+    checkpoint: Checkpoint,
+    seed: int,
+    transform: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None,
+    evaluate: Optional[Callable[[], dict]] = None,
+    on_epoch: Optional[Callable[[int, dict], None]] = None,
+    extra_state: Optional[dict[str, nn.Module]] = None,
+    params: Optional[list] = None,
+    meta: Optional[dict] = None,
+) -> FitResult:
+    """Train `model` for cfg.epochs with AdamW and warm-up + cosine, resuming if a checkpoint exists.
+
+    train_batches(epoch) -> iterable of (x, y) for that epoch (shuffled from (seed, epoch)).
+    transform(x, generator) -> x: batched augmentation and normalisation on the device.
+    evaluate() -> metrics dict, run after each epoch (e.g. val top-1).
+    on_epoch(epoch, metrics) is called after each epoch's checkpoint (progress, MLflow).
+    extra_state: other modules whose state the checkpoint must carry (heads, EMA encoders).
+    params: the parameters to optimise (default: all of `model` that require grad).
+    meta: saved in the checkpoint as is (the resolved config, so a resume can check it).
+    """
+    device = precision.device
+    if params is None:
+        optimizer = build_optimizer(model, cfg, device)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                      fused=device.type == "cuda")
+    modules = {"model": model, **(extra_state or {})}
+    result = FitResult()
+    start_epoch = 0
+    state = checkpoint.load()
+    if state is not None:
+        for name, module in modules.items():
+            module.load_state_dict(state["modules"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"]
+        result.history = state["history"]
+        result.resumed_from_epoch = start_epoch
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+    # non-finite check: every step on CPU (cheap), every 25 on GPU (a host sync each time)
+    check_every = 1 if device.type == "cpu" else 25
+    t_start = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        es = epoch_seed(seed, epoch)
+        seed_everything(es)  # drop-path and any other global randomness
+        gen = torch.Generator(device=device).manual_seed(es) if transform is not None else None
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        n_images, step = 0, epoch * steps_per_epoch
+        logs_sum: dict[str, float] = {}
+        for i, (x, y) in enumerate(train_batches(epoch)):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if transform is not None:
+                x = transform(x, gen)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+            with precision.autocast():
+                loss, logs = loss_fn(x, y)
+            if (i + 1) % check_every == 0 and not torch.isfinite(loss).item():
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at epoch {epoch + 1}, step {i + 1}; the last good checkpoint "
+                    f"({checkpoint.path}, epoch {epoch}) is kept. Lower train.lr (now {cfg.lr}) or set "
+                    "train.grad_clip, then re-run to resume."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+            optimizer.step()
+            loss_sum += loss.detach().float() * x.shape[0]
+            for k, v in logs.items():
+                logs_sum[k] = logs_sum.get(k, 0.0) + float(v) * x.shape[0]
+            n_images += x.shape[0]
+            step += 1
+        train_loss = (loss_sum / max(1, n_images)).item()
+        if not math.isfinite(train_loss):
+            raise NonFiniteLossError(
+                f"mean training loss is {train_loss} in epoch {epoch + 1}; the last good checkpoint "
+                f"({checkpoint.path}, epoch {epoch}) is kept. Lower train.lr (now {cfg.lr}) or set "
+                "train.grad_clip, then re-run to resume."
+            )
+        dt = time.perf_counter() - t0
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+                   "images_per_s": n_images / dt, "epoch_s": dt}
+        metrics.update({k: v / max(1, n_images) for k, v in logs_sum.items()})
+        if evaluate is not None:
+            metrics.update(evaluate())
+        result.history.append(metrics)
+        checkpoint.save({
+            "modules": {name: m.state_dict() for name, m in modules.items()},
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch + 1,
+            "history": result.history,
+            "meta": meta or {},
+        })
+        if on_epoch is not None:
+            on_epoch(epoch + 1, metrics)
+    result.train_s = time.perf_counter() - t_start
+    return result

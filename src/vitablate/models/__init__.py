@@ -1,0 +1,21 @@
+"""timm VisionTransformer factory, token mixers, attention capture and override."""
+
+from .factory import (
+    MIXERS,
+    VARIANTS,
+    Geometry,
+    attention_maps,
+    attention_modules,
+    capturing,
+    count_params,
+    create_model,
+    make_hookable,
+    resolve_layers,
+)
+from .mixers import FeatureAttention, IdentityMixer, MixingAttention, PoolingMixer, TokenMLP
+
+__all__ = [
+    "MIXERS", "VARIANTS", "Geometry", "attention_maps", "attention_modules", "capturing", "count_params",
+    "create_model", "make_hookable", "resolve_layers",
+    "FeatureAttention", "IdentityMixer", "MixingAttention", "PoolingMixer", "TokenMLP",
+]
