@@ -8,7 +8,7 @@ rule train_architecture:
         f"{RESULTS}/logs/architecture/{{dataset}}/{{mixer}}/seed{{seed}}.log",
     params:
         job=job_params("architecture"),
-        results_dir=RESULTS,
+        mlflow_uri=MLFLOW_URI,
     threads: 1  # this process only waits on Ray; the job's CPUs/GPUs are the config's execution.*
     conda:
         ENV

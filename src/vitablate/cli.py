@@ -33,10 +33,11 @@ def _job(args: argparse.Namespace) -> int:
     record_path = args.record or os.path.join(cfg.output_dir, "record.json")
     if args.ray:
         from .execution import run_job, start_session, stop_session
+        from .tracking import default_uri
 
         start_session()
         try:
-            record = run_job(cfg, record_path, results_dir=args.results_dir)
+            record = run_job(cfg, record_path, uri=default_uri(args.results_dir))
         finally:
             stop_session()
     else:

@@ -160,6 +160,7 @@ def fit(
     extra_state: Optional[dict[str, nn.Module]] = None,
     params: Optional[list] = None,
     meta: Optional[dict] = None,
+    after_step: Optional[Callable[[int, int], None]] = None,
 ) -> FitResult:
     """Train `model` for cfg.epochs with AdamW and warm-up + cosine, resuming if a checkpoint exists.
 
@@ -170,6 +171,7 @@ def fit(
     extra_state: other modules whose state the checkpoint must carry (heads, EMA encoders).
     params: the parameters to optimise (default: all of `model` that require grad).
     meta: saved in the checkpoint as is (the resolved config, so a resume can check it).
+    after_step(step, total_steps): called after each optimiser step (e.g. MoCo's EMA update).
     """
     device = precision.device
     if params is None:
@@ -221,6 +223,8 @@ def fit(
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
             optimizer.step()
+            if after_step is not None:
+                after_step(step, total_steps)
             loss_sum += loss.detach().float() * x.shape[0]
             for k, v in logs.items():
                 logs_sum[k] = logs_sum.get(k, 0.0) + float(v) * x.shape[0]

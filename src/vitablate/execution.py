@@ -118,17 +118,17 @@ def submit(cfg: JobConfig, uri: Optional[str], run_id: Optional[str]):
     return task.remote(to_dict(cfg), uri, run_id)
 
 
-def run_job(cfg: JobConfig, record_path: str, results_dir: str = "results", track: bool = True) -> dict:
+def run_job(cfg: JobConfig, record_path: str, uri: Optional[str] = None) -> dict:
     """Run one job on the Ray cluster inside an MLflow run; write its record atomically.
 
-    Raises JobFailed with the job's own error; the MLflow run then ends FAILED and
-    nothing another job finished is touched.
+    uri: the MLflow tracking URI (None: no tracking). Raises JobFailed with the job's
+    own error; the MLflow run then ends FAILED and nothing another job finished is touched.
     """
     connect()
     ray = _ray()
     cfg_dict = to_dict(cfg)
-    uri = tracking.default_uri(results_dir) if track else None
-    run_id = tracking.start_run(uri, cfg_dict, results_dir, run_name=_run_name(cfg)) if track else None
+    track = uri is not None
+    run_id = tracking.start_run(uri, cfg_dict, run_name=_run_name(cfg)) if track else None
     try:
         record = ray.get(submit(cfg, uri, run_id))
     except BaseException as e:

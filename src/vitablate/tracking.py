@@ -56,17 +56,22 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 8) -> T:
     raise AssertionError("unreachable")
 
 
-def experiment_id(c, name: str, results_dir: str) -> str:
-    """Get or create the experiment; local stores keep artifacts under results/mlartifacts."""
+def artifact_root(uri: str) -> str | None:
+    """For a SQLite store, artifacts go beside the database (results/mlartifacts); servers decide their own."""
+    if uri.startswith("sqlite:///"):
+        return "file://" + os.path.join(os.path.dirname(os.path.abspath(uri[len("sqlite:///"):])), "mlartifacts")
+    return None
+
+
+def experiment_id(c, name: str) -> str:
+    """Get or create the experiment (another job may create it at the same moment)."""
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    location = None
-    if not c.tracking_uri.startswith(("http://", "https://", "databricks")):
-        location = "file://" + os.path.abspath(os.path.join(results_dir, "mlartifacts", name))
+    root = artifact_root(c.tracking_uri)
     try:
-        return c.create_experiment(name, artifact_location=location)
-    except Exception:  # created meanwhile by another job
+        return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+    except Exception:
         exp = c.get_experiment_by_name(name)
         if exp is None:
             raise
@@ -81,12 +86,12 @@ def job_tags(cfg: dict) -> dict[str, str]:
     return {k: str(v) for k, v in tags.items() if v is not None and k in TAG_KEYS}
 
 
-def start_run(uri: str, cfg: dict, results_dir: str = "results", run_name: str | None = None) -> str:
+def start_run(uri: str, cfg: dict, run_name: str | None = None) -> str:
     """Create the job's run (RUNNING) with its params and tags; returns the run id."""
     from mlflow.entities import Param
 
     c = client(uri)
-    exp = retry(lambda: experiment_id(c, cfg["question"], results_dir), "experiment lookup")
+    exp = retry(lambda: experiment_id(c, cfg["question"]), "experiment lookup")
     run = retry(lambda: c.create_run(exp, tags=job_tags(cfg), run_name=run_name), "create_run")
     params = [Param(k, str(v)[:6000]) for k, v in sorted(flatten(cfg).items())]
     for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call

@@ -124,7 +124,7 @@ def run_train_rule(smk) -> None:
     cfg = from_dict(JobConfig, smk.params.job)
     with logging_to(smk.log[0] if smk.log else None):
         print(f"[vitablate] job {cfg.output_dir} -> Ray (RAY_ADDRESS={os.environ.get('RAY_ADDRESS')})", flush=True)
-        record = run_job(cfg, smk.output.record, results_dir=smk.params.results_dir)
+        record = run_job(cfg, smk.output.record, uri=smk.params.mlflow_uri)
         print(f"[vitablate] done: top1_test={record.get('top1_test')} on {record.get('host')} "
               f"node={record.get('ray_node_id', '')[:8]} wall={record.get('wall_s', 0):.1f}s", flush=True)
 

@@ -1,0 +1,67 @@
+"""Shared fixtures: a private copy of the workflow to run Snakemake in."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW_FILES = ["Snakefile", "rules", "config", "envs", "reports/captions", "profiles"]
+
+
+def copy_workflow(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOW_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.csv", "*.md", "*.png"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def snakemake(cwd: Path, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real snakemake CLI in `cwd`; never raises on a non-zero exit."""
+    full_env = dict(os.environ)
+    full_env.pop("RAY_ADDRESS", None)
+    full_env.pop("MLFLOW_TRACKING_URI", None)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Parse the 'Job stats' table of a dry run into {rule: count}."""
+    counts: dict[str, int] = {}
+    in_table = False
+    for line in output.splitlines():
+        if line.strip().startswith("job") and "count" in line:
+            in_table = True
+            continue
+        if in_table:
+            if line.strip().startswith("total"):
+                break
+            m = re.match(r"^\s*([A-Za-z_][\w]*)\s+(\d+)\s*$", line)
+            if m:
+                counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+@pytest.fixture
+def workflow(tmp_path: Path) -> Path:
+    return copy_workflow(tmp_path / "wf")
+
+
+def write_config(wf: Path, config: dict) -> None:
+    (wf / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def read_config(wf: Path) -> dict:
+    return yaml.safe_load((wf / "config" / "config.yaml").read_text())

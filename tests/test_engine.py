@@ -1,0 +1,130 @@
+"""Engine: schedule, repeatable seeds, checkpoint/resume, the non-finite guard."""
+
+import math
+
+import pytest
+import torch
+
+from vitablate.config import TrainConfig
+from vitablate.engine import Checkpoint, NonFiniteLossError, classification_loss, fit, lr_at, pick_precision
+from vitablate.models import create_model
+
+
+def test_warmup_then_cosine():
+    lrs = [lr_at(s, 100, 10, 1.0, 0.01) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay after warm-up
+    assert lr_at(100, 100, 10, 1.0, 0.01) == pytest.approx(0.01)
+    assert lrs[55] == pytest.approx(0.01 + 0.5 * 0.99 * (1 + math.cos(math.pi * 0.5)))
+
+
+def _problem(seed=0, n=96):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 8, 8, generator=g)
+    y = (x[:, 0, :4].mean((1, 2)) > x[:, 0, 4:].mean((1, 2))).long()  # top half brighter: learnable
+    return x, y
+
+
+def _train(tmp_path, epochs=4, lr=3e-3, name="ck.pt", seed=0):
+    x, y = _problem()
+    torch.manual_seed(seed)
+    model = create_model(mixer="attention", img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2,
+                         num_classes=2, in_chans=1)
+    cfg = TrainConfig(epochs=epochs, batch_size=16, lr=lr, warmup_epochs=1)
+
+    def batches(epoch):
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        return [(x[perm[i:i + 16]], y[perm[i:i + 16]]) for i in range(0, len(x), 16)]
+
+    def evaluate():
+        model.eval()
+        with torch.no_grad():
+            return {"acc": (model(x).argmax(-1) == y).float().mean().item()}
+
+    ck = Checkpoint(str(tmp_path / name))
+    prec = pick_precision(torch.device("cpu"), "auto")
+    return model, fit(model, classification_loss(model, 0.1), batches, 6, cfg, prec, ck, seed, evaluate=evaluate)
+
+
+def test_training_learns_and_is_repeatable(tmp_path):
+    m1, r1 = _train(tmp_path, name="a.pt")
+    m2, r2 = _train(tmp_path, name="b.pt")
+    assert r1.history[-1]["train_loss"] < r1.history[0]["train_loss"]
+    assert [h["train_loss"] for h in r1.history] == [h["train_loss"] for h in r2.history]
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    class Stop(Exception):
+        pass
+
+    x, y = _problem()
+    ck_path = tmp_path / "part.pt"
+
+    def interrupted():
+        torch.manual_seed(0)
+        model = create_model(mixer="attention", img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2,
+                             num_classes=2, in_chans=1)
+        return model
+
+    # first process: dies after epoch 2 (its checkpoint holds epochs 1-2)
+    model = interrupted()
+    cfg = TrainConfig(epochs=4, batch_size=16, lr=3e-3, warmup_epochs=1)
+
+    def batches(epoch):
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+        return [(x[perm[i:i + 16]], y[perm[i:i + 16]]) for i in range(0, len(x), 16)]
+
+    def stop_at_2(epoch, metrics):
+        if epoch == 2:
+            raise Stop
+
+    prec = pick_precision(torch.device("cpu"), "fp32")
+    with pytest.raises(Stop):
+        fit(model, classification_loss(model, 0.1), batches, 6, cfg, prec, Checkpoint(str(ck_path)), 0,
+            on_epoch=stop_at_2)
+    # second process: a fresh model resumes from the checkpoint
+    model2 = interrupted()
+    with torch.no_grad():
+        for p in model2.parameters():
+            p.add_(1.0)  # whatever it holds is replaced by the checkpoint
+    resumed = fit(model2, classification_loss(model2, 0.1), batches, 6, cfg, prec, Checkpoint(str(ck_path)), 0)
+    assert resumed.resumed_from_epoch == 2
+    # reference: the same run uninterrupted
+    model3 = interrupted()
+    ref = fit(model3, classification_loss(model3, 0.1), batches, 6, cfg, prec, Checkpoint(str(tmp_path / "r.pt")), 0)
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in ref.history]
+    for p, q in zip(model2.parameters(), model3.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
+    _train(tmp_path, epochs=1, name="nan.pt")  # a good epoch leaves a checkpoint
+    before = (tmp_path / "nan.pt").read_bytes()
+    x, y = _problem()
+    model = create_model(mixer="attention", img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2,
+                         num_classes=2, in_chans=1)
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=3e-3, warmup_epochs=1)
+
+    def nan_loss(xb, yb):
+        return model(xb).sum() * float("nan"), {}
+
+    with pytest.raises(NonFiniteLossError, match="Lower train.lr"):
+        fit(model, nan_loss, lambda e: [(x[:16], y[:16])], 1, cfg, pick_precision(torch.device("cpu"), "auto"),
+            Checkpoint(str(tmp_path / "nan.pt")), 0)
+    assert (tmp_path / "nan.pt").read_bytes() == before  # the last good checkpoint is untouched
+
+
+def test_truncated_checkpoint_is_named(tmp_path):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(b"\x80\x02garbage")
+    with pytest.raises(RuntimeError, match="delete it"):
+        Checkpoint(str(path)).load()
+
+
+def test_precision_choice():
+    assert pick_precision(torch.device("cpu"), "auto").dtype is None
+    assert pick_precision(torch.device("cuda"), "auto").dtype is torch.bfloat16
+    with pytest.raises(ValueError, match="auto, fp32 or bf16"):
+        pick_precision(torch.device("cpu"), "fp16")

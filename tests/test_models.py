@@ -1,0 +1,158 @@
+"""Models: every mixer trains (forward, backward, no NaN, every parameter gets a gradient),
+paper parameter counts, timm compatibility, attention capture and override."""
+
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from vitablate.models import (
+    MIXERS, VARIANTS, MixingAttention, attention_maps, capturing, count_params, create_model, make_hookable,
+)
+
+TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+
+
+@pytest.mark.parametrize("mixer", sorted(MIXERS))
+def test_every_mixer_trains(mixer):
+    torch.manual_seed(0)
+    model = create_model(mixer=mixer, **TINY)
+    assert isinstance(model, VisionTransformer)
+    x = torch.randn(3, 3, 16, 16)
+    out = model(x)
+    assert out.shape == (3, 5)
+    assert torch.isfinite(out).all()
+    out.logsumexp(-1).sum().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not no_grad, f"{mixer}: parameters without a finite gradient: {no_grad}"
+    zero = [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
+    if mixer in ("identity", "pooling"):  # these never mix the CLS token into the (avg-pooled)
+        zero.remove("cls_token")  # patch tokens: its gradient is exactly zero by design
+    assert not zero, f"{mixer}: parameters with an all-zero gradient: {zero}"
+
+
+@pytest.mark.parametrize("mixer", sorted(MIXERS))
+def test_mixers_differ_in_token_mixing(mixer):
+    """Every mixer but identity lets one patch change its neighbour's output token."""
+    torch.manual_seed(0)
+    model = create_model(mixer=mixer, global_pool="avg", **{k: v for k, v in TINY.items()}).eval()
+    x = torch.randn(1, 3, 16, 16)
+    x2 = x.clone()
+    x2[..., :4, :4] += 3.0  # change only the first patch
+    t1, t2 = model.forward_features(x), model.forward_features(x2)
+    neighbour = 2  # CLS, patch 0, then patch 1: the next patch in the row
+    neighbour_changed = not torch.allclose(t1[0, neighbour], t2[0, neighbour], atol=1e-6)
+    assert neighbour_changed == (mixer != "identity")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_registry_variants_build(variant):
+    with torch.device("meta"):  # sizes only: no memory for ViT-L
+        model = create_model(mixer="attention", num_classes=10, **VARIANTS[variant])
+    assert len(model.blocks) == VARIANTS[variant]["depth"]
+
+
+def test_paper_parameter_counts():
+    """At 224 px, patch 16, width 768, depth 12 (ImageNet head): FF-only 61.9M, ViT-B 86.6M (±1%)."""
+    kw = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_classes=1000)
+    with torch.device("meta"):
+        ff = count_params(create_model(mixer="feedforward", **kw)) / 1e6
+        vit = count_params(create_model(mixer="attention", **kw)) / 1e6
+    assert abs(ff - 61.9) / 61.9 < 0.01, ff
+    assert abs(vit - 86.6) / 86.6 < 0.01, vit
+
+
+def test_attention_model_matches_timm_and_loads_its_weights():
+    """Same parameter names as timm's ViT, and the same function once weights are shared."""
+    torch.manual_seed(0)
+    ours = create_model(mixer="attention", **TINY).eval()
+    theirs = VisionTransformer(global_pool="avg", **TINY).eval()
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_maps_are_softmax_rows_and_match_unfused_timm():
+    torch.manual_seed(0)
+    model = create_model(mixer="attention", **TINY).eval()
+    x = torch.randn(2, 3, 16, 16)
+    maps = attention_maps(model, x)
+    assert len(maps) == 2 and maps[0].shape == (2, 2, 17, 17)  # 16 patches + CLS
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, 2, 17))
+    # reference: timm's own unfused path, reading the map its dropout receives
+    ref = VisionTransformer(global_pool="avg", **TINY).eval()
+    ref.load_state_dict(model.state_dict())
+    seen = []
+    for blk in ref.blocks:
+        blk.attn.fused_attn = False
+        blk.attn.attn_drop.register_forward_hook(lambda m, i, o: seen.append(o))
+    out = ref(x)
+    for a, b in zip(maps, seen):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # the hooks left no trace: the fused path gives the same logits, and no map is kept
+    torch.testing.assert_close(model(x), out, atol=1e-5, rtol=1e-5)
+    assert all(b.attn.last_map is None and not b.attn.capture for b in model.blocks)
+
+
+def test_override_map_replaces_queries_and_keys():
+    """With an override, the layer output ignores Q/K: changing qkv's Q/K rows changes nothing."""
+    torch.manual_seed(0)
+    model = create_model(mixer="attention", **TINY).eval()
+    x = torch.randn(2, 3, 16, 16)
+    maps = attention_maps(model, x)
+    for blk, m in zip(model.blocks, maps):
+        blk.attn.override_map = m
+    base = model(x)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight[: 2 * 32].normal_()  # scramble Q and K projections
+    torch.testing.assert_close(model(x), base)
+    for blk in model.blocks:
+        blk.attn.override_map = None
+    assert not torch.allclose(model(x), base)
+
+
+def test_capturing_subset_of_layers():
+    model = create_model(mixer="attention", **dict(TINY, depth=3)).eval()
+    with capturing(model, layers=[-1]) as mods:
+        model(torch.randn(1, 3, 16, 16))
+        assert mods[0] is model.blocks[2].attn
+        assert model.blocks[2].attn.last_map is not None and model.blocks[0].attn.last_map is None
+    with pytest.raises(ValueError, match="out of range"):
+        with capturing(model, layers=[5]):
+            pass
+
+
+def test_attention_maps_refuse_non_attention_mixers():
+    model = create_model(mixer="feedforward", **TINY)
+    with pytest.raises(ValueError, match="mixer='attention'"):
+        attention_maps(model, torch.randn(1, 3, 16, 16))
+
+
+def test_make_hookable_on_a_plain_timm_model():
+    """A model built by timm itself (e.g. a pretrained teacher) gains the hooks, weights untouched."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=16,
+                              num_classes=3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    before = model(x)
+    make_hookable(model)
+    assert all(isinstance(b.attn, MixingAttention) for b in model.blocks)
+    maps = attention_maps(model, x)
+    assert maps[0].shape == (1, 3, 5, 5)
+    torch.testing.assert_close(model(x), before)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mixer="convolution"), "unknown mixer"),
+        (dict(img_size=15, patch_size=4), "multiple of patch_size"),
+        (dict(embed_dim=30, num_heads=4), "divisible"),
+    ],
+)
+def test_bad_model_arguments_are_named(kwargs, match):
+    args = dict(TINY) | kwargs
+    with pytest.raises(ValueError, match=match):
+        create_model(**args)

@@ -1,0 +1,92 @@
+"""Workflow: dry-run DAG tests with the real Snakemake, config validation, lint."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from conftest import job_counts, read_config, snakemake, write_config
+
+
+def grid_size(config: dict) -> int:
+    a = config["architecture"]
+    return len(a["datasets"]) * len(a["mixers"]) * len(a["seeds"])
+
+
+def test_default_dag_has_one_job_per_grid_point(workflow):
+    r = snakemake(workflow, "-n", "--cores", "2")
+    assert r.returncode == 0, r.stderr
+    counts = job_counts(r.stdout + r.stderr)
+    assert counts["train_architecture"] == grid_size(read_config(workflow)) == 15
+    assert counts["architecture_report"] == 1
+
+
+def test_architecture_target(workflow):
+    r = snakemake(workflow, "-n", "--cores", "2", "architecture")
+    assert r.returncode == 0, r.stderr
+    assert job_counts(r.stdout + r.stderr)["train_architecture"] == 15
+
+
+def test_changing_the_config_changes_the_dag(workflow):
+    config = read_config(workflow)
+    config["architecture"]["mixers"] = ["attention", "feedforward"]
+    config["architecture"]["seeds"] = [0, 1, 2, 3]
+    config["architecture"]["datasets"] = ["digits", "shapes"]
+    write_config(workflow, config)
+    r = snakemake(workflow, "-n", "--cores", "2")
+    assert r.returncode == 0, r.stderr
+    assert job_counts(r.stdout + r.stderr)["train_architecture"] == 2 * 4 * 2 == grid_size(config)
+
+
+def test_finished_jobs_are_not_rerun(workflow):
+    """A record already on disk (and newer than nothing it depends on) is not scheduled again."""
+    r = snakemake(workflow, "-n", "--cores", "2")
+    assert job_counts(r.stdout + r.stderr)["train_architecture"] == 15
+    done = workflow / "results/architecture/digits/attention/seed0/record.json"
+    done.parent.mkdir(parents=True)
+    done.write_text("{}")
+    r = snakemake(workflow, "-n", "--cores", "2")
+    assert job_counts(r.stdout + r.stderr)["train_architecture"] == 14
+
+
+def _set(config: dict, dotted: str, value) -> dict:
+    config = copy.deepcopy(config)
+    *path, last = dotted.split(".")
+    node = config
+    for key in path:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return config
+
+
+BAD_CONFIGS = [
+    # (key, value, words the error must contain)
+    ("architecture.mixers", ["attention", "convolution"], ["convolution", "attention", "feedforward"]),
+    ("architecture.seeds", "three", ["seeds", "array"]),
+    ("architecture.train.lr", -1.0, ["lr", "minimum"]),
+    ("architecture.train.epcohs", 3, ["epcohs"]),
+    ("execution.precision", "fp16", ["precision", "bf16"]),
+    ("execution.num_gpus", "one", ["num_gpus", "number"]),
+    ("architecture.datasets", ["mnist"], ["mnist", "digits"]),
+    ("datasets.digits.model.variant", "vit_huge", ["vit_huge", "vit_digits"]),
+    ("datasets.digits.train.augment.flip", "yes", ["flip", "boolean"]),
+    ("architecture.seeds", [0, 0], ["seeds"]),
+]
+
+
+@pytest.mark.parametrize("key, value, words", BAD_CONFIGS, ids=[b[0] + "=" + str(b[1]) for b in BAD_CONFIGS])
+def test_bad_config_fails_before_any_job(workflow, key, value, words):
+    write_config(workflow, _set(read_config(workflow), key, value))
+    r = snakemake(workflow, "--cores", "2")
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    for w in words:
+        assert w in out, f"error for {key}={value!r} does not mention {w!r}:\n{out[-2000:]}"
+    assert not (workflow / "results").exists(), "a job started despite the bad config"
+
+
+def test_lint_is_clean(workflow):
+    r = snakemake(workflow, "--lint")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "good condition" in r.stdout + r.stderr
