@@ -27,7 +27,9 @@ include: "rules/architecture.smk"
 onstart:
     # Without RAY_ADDRESS: a private local Ray cluster for this run only.
     from vitablate.execution import start_session
+    from vitablate.tracking import prepare
 
+    prepare(MLFLOW_URI, vw.active_questions(config))
     address = start_session(num_cpus=workflow._cores)
     print(f"[vitablate] Ray cluster {address}; MLflow {MLFLOW_URI}")
 

@@ -75,6 +75,41 @@ class DataConfig:
 
 
 @dataclass
+class PretextConfig:
+    name: str = "supervised"  # a key of vitablate.objectives.PRETEXTS
+    lam: float = 0.2  # hybrid: lam * L_moco + (1 - lam) * L_simmim
+    moco_temperature: float = 0.2
+    moco_momentum: float = 0.99  # EMA start; cosine schedule to 1
+    moco_dim: int = 128  # projector output
+    moco_mlp_dim: int = 512  # projector / predictor hidden width
+    simmim_mask_ratio: float = 0.6
+    mae_mask_ratio: float = 0.75
+    mae_decoder_dim: int = 64
+    mae_decoder_depth: int = 2
+
+    def objective_kwargs(self) -> dict:
+        moco = dict(dim=self.moco_dim, mlp_dim=self.moco_mlp_dim, temperature=self.moco_temperature,
+                    momentum=self.moco_momentum)
+        return {
+            "supervised": {},
+            "moco": moco,
+            "simmim": dict(mask_ratio=self.simmim_mask_ratio),
+            "mae": dict(mask_ratio=self.mae_mask_ratio, decoder_dim=self.mae_decoder_dim,
+                        decoder_depth=self.mae_decoder_depth),
+            "hybrid": dict(lam=self.lam, moco_kwargs=moco, simmim_kwargs=dict(mask_ratio=self.simmim_mask_ratio)),
+        }.get(self.name, {})
+
+
+@dataclass
+class EvalConfig:
+    name: str = "linear_probe"  # linear_probe | finetune | knn
+    knn_k: int = 20  # neighbours
+    knn_temperature: float = 0.07
+    probe_weight_decay: float = 1e-3  # L2 on the linear probe's weights
+    analysis_images: int = 128  # size of the fixed evaluation batch for the layer-wise analyses
+
+
+@dataclass
 class JobConfig:
     """Everything one job needs; saved with its outputs and logged as MLflow params."""
 
@@ -87,6 +122,9 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    pretext: PretextConfig = field(default_factory=PretextConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    init_from: Optional[str] = None  # a pre-trained encoder checkpoint (encoder.pt) to start from
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (question, dataset, ...)
 
 

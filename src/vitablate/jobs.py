@@ -126,7 +126,10 @@ def train_classifier(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     device, precision = setup(cfg)
     data = load_data(cfg, device)
     kw = model_kwargs(cfg.model, data, cfg.mixer)
-    model = create_model(**kw).to(device)
+    model = create_model(**kw)
+    if cfg.init_from:  # fine-tuning: every weight but the new head comes from the encoder
+        load_encoder_into(model, cfg.init_from)
+    model = model.to(device)
     forward = torch.compile(model) if cfg.execution.compile else model
     train_transform, eval_transform = make_transforms(cfg, data, device)
     tc = cfg.train
@@ -154,6 +157,172 @@ def train_classifier(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     }
 
 
+def load_encoder(path: str) -> tuple[torch.nn.Module, dict, dict]:
+    """(encoder, its create_model kwargs, the pre-training config) from an encoder.pt."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"encoder checkpoint {path} is missing; run its pre-training job first")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        encoder = create_model(**state["model_kwargs"])
+        encoder.load_state_dict(state["model"])
+    except Exception as e:
+        raise RuntimeError(f"encoder checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); "
+                           "delete it and re-run its pre-training job") from e
+    return encoder, state["model_kwargs"], state.get("config", {})
+
+
+def load_encoder_into(model: torch.nn.Module, path: str) -> None:
+    """Copy a pre-trained encoder's weights into `model`; only the classifier head may differ."""
+    encoder, kw, _ = load_encoder(path)
+    missing, unexpected = model.load_state_dict(encoder.state_dict(), strict=False)
+    bad = [k for k in missing if not k.startswith("head")] + list(unexpected)
+    if bad:
+        raise ValueError(f"encoder {path} ({kw}) does not fit this model: mismatched weights {bad[:5]}")
+
+
+def encoder_kwargs(cfg: JobConfig, data: DatasetBundle) -> dict:
+    return model_kwargs(cfg.model, data, "attention") | {"num_classes": 0}  # pooled features out
+
+
+def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
+    """Pre-train an encoder with `cfg.pretext` (the pretext question's first job)."""
+    from .objectives import build_pretext
+
+    t0 = time.perf_counter()
+    device, precision = setup(cfg)
+    data = load_data(cfg, device)
+    kw = encoder_kwargs(cfg, data)
+    encoder = create_model(**kw)
+    extra = cfg.pretext.objective_kwargs()
+    if cfg.pretext.name == "supervised":
+        extra = dict(num_classes=data.num_classes, label_smoothing=cfg.train.label_smoothing)
+    objective = build_pretext(cfg.pretext.name, encoder, data.mean, data.std, **extra).to(device)
+    tc = cfg.train
+    steps_per_epoch = len(data.train) // tc.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"train.batch_size {tc.batch_size} exceeds the {len(data.train)} training images; lower it")
+    result = fit(
+        objective, lambda x, y: objective(x, y), epoch_batches(data.train, tc.batch_size, cfg.seed), steps_per_epoch,
+        tc, precision, Checkpoint(os.path.join(cfg.output_dir, "checkpoint.pt")), cfg.seed, on_epoch=on_epoch,
+        params=objective.trainable_parameters(), after_step=objective.after_step, meta={"config": to_dict(cfg)},
+    )
+    path = os.path.join(cfg.output_dir, "encoder.pt")
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"model": encoder.state_dict(), "model_kwargs": kw, "config": to_dict(cfg)}, tmp)
+    os.replace(tmp, path)
+    return base_record(cfg) | {
+        "pretext": cfg.pretext.name, "params_m": count_params(encoder) / 1e6, "epochs": tc.epochs,
+        "final_loss": result.history[-1]["train_loss"], "device": str(device), "train_s": result.train_s,
+        "resumed_from_epoch": result.resumed_from_epoch, "wall_s": time.perf_counter() - t0,
+        "history": result.history,
+    }
+
+
+def _features(encoder, data: DatasetBundle, cfg: JobConfig, device, eval_transform) -> dict:
+    """Pooled encoder features and labels of every split (unshuffled, so `extra` labels align)."""
+    from .analysis.probes import extract
+
+    encoder.eval()
+    bs = cfg.train.eval_batch_size
+    splits = {"train": data.train, "val": data.val, "test": data.test, **data.extra_tests}
+    return {name: extract(encoder, split.batches(bs), device, eval_transform) for name, split in splits.items()}
+
+
+def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
+    """Evaluate a pre-trained encoder: linear_probe, knn (frozen) or finetune (all weights)."""
+    from .analysis.probes import fit_linear_probe, knn_accuracy, shape_bias
+
+    name = cfg.eval.name
+    if name == "finetune":
+        return train_classifier(cfg, on_epoch) | {"eval": name, "pretext": cfg.pretext.name}
+    if name not in ("linear_probe", "knn"):
+        raise ValueError(f"unknown eval {name!r}; choose linear_probe, finetune or knn")
+    t0 = time.perf_counter()
+    device, precision = setup(cfg)
+    data = load_data(cfg, device)
+    encoder, _, _ = load_encoder(cfg.init_from)
+    encoder = encoder.to(device)
+    _, eval_transform = make_transforms(cfg, data, device)
+    feats = _features(encoder, data, cfg, device, eval_transform)
+    (tx, ty), k = feats["train"], data.num_classes
+    out: dict = {}
+    if name == "knn":
+        for split in ("val", "test"):
+            out[f"top1_{split}"] = knn_accuracy(tx, ty, *feats[split], k, cfg.eval.knn_k, cfg.eval.knn_temperature)
+    else:
+        predict = fit_linear_probe(tx, ty, k, cfg.eval.probe_weight_decay)
+        for split, (x, y) in feats.items():
+            if split != "train":
+                out[f"top1_{split}"] = 100.0 * (predict(x).argmax(-1) == y).float().mean().item()
+        extra = getattr(data.train, "extra", {})
+        if "y_texture" in extra and "y_shape" in extra:  # shapes: which cue do the features carry?
+            for cue in ("shape", "texture"):
+                probe = fit_linear_probe(tx, extra[f"y_{cue}"].cpu(), k, cfg.eval.probe_weight_decay)
+                out[f"top1_{cue}_probe"] = 100.0 * (probe(feats["test"][0]).argmax(-1)
+                                                    == data.test.extra[f"y_{cue}"].cpu()).float().mean().item()
+            if "cue_conflict" in feats:
+                # a probe trained where shape i always wore texture i, then shown conflicting cues
+                aligned = (extra["y_shape"] == extra["y_texture"]).cpu()
+                probe = fit_linear_probe(tx[aligned], extra["y_shape"].cpu()[aligned], k, cfg.eval.probe_weight_decay)
+                cc = data.extra_tests["cue_conflict"].extra
+                pred = probe(feats["cue_conflict"][0]).argmax(-1)
+                out |= shape_bias(pred, cc["y_shape"].cpu(), cc["y_texture"].cpu())
+    return base_record(cfg) | {"eval": name, "pretext": cfg.pretext.name, "device": str(device),
+                               "wall_s": time.perf_counter() - t0, "history": [], **out}
+
+
+def analyse_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
+    """Layer-wise analyses of a pre-trained encoder on a fixed evaluation batch (+ per-layer probes).
+
+    Writes `representation.parquet` (long: layer, head, metric, value) beside the record.
+    """
+    import polars as pl
+
+    from .analysis import layerwise_analysis, layerwise_features
+    from .analysis.probes import fit_linear_probe
+
+    t0 = time.perf_counter()
+    device, _ = setup(cfg)
+    data = load_data(cfg, device)
+    encoder, _, _ = load_encoder(cfg.init_from)
+    encoder = encoder.to(device).eval()
+    _, eval_transform = make_transforms(cfg, data, device)
+    n = cfg.eval.analysis_images
+    x_fixed = eval_transform(next(iter(data.test.batches(n)))[0].to(device))  # the same images for every run
+    rows = []
+    for entry in layerwise_analysis(encoder, x_fixed):
+        layer = entry["layer"]
+        for metric in ("attention_distance", "nmi"):
+            if entry[metric] is not None:
+                rows += [(layer, h, metric, float(v)) for h, v in enumerate(entry[metric].tolist())]
+        for metric in ("token_cosine", "fourier_hf"):
+            rows.append((layer, -1, metric, float(entry[metric])))
+    # linear-probe accuracy of each layer's mean-pooled tokens
+    bs = cfg.train.eval_batch_size
+
+    def layer_feats(split):
+        per_layer, labels = None, []
+        with torch.no_grad():
+            for xb, yb in split.batches(bs):
+                f = [t.float().cpu() for t in layerwise_features(encoder, eval_transform(xb.to(device)))]
+                per_layer = [a + [b] for a, b in zip(per_layer, f)] if per_layer else [[b] for b in f]
+                labels.append(yb.cpu())
+        return [torch.cat(p) for p in per_layer], torch.cat(labels)
+
+    (tr, ty), (te, ey) = layer_feats(data.train), layer_feats(data.test)
+    for layer, (a, b) in enumerate(zip(tr, te)):
+        probe = fit_linear_probe(a, ty, data.num_classes, cfg.eval.probe_weight_decay)
+        rows.append((layer, -1, "layer_probe_top1", 100.0 * (probe(b).argmax(-1) == ey).float().mean().item()))
+    table = pl.DataFrame(rows, schema=["layer", "head", "metric", "value"], orient="row")
+    path = os.path.join(cfg.output_dir, "representation.parquet")
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    table.write_parquet(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    per_layer = table.group_by(["layer", "metric"]).agg(pl.col("value").mean()).sort(["metric", "layer"])
+    return base_record(cfg) | {"pretext": cfg.pretext.name, "analysis_path": path, "wall_s": time.perf_counter() - t0,
+                               "n_images": int(x_fixed.shape[0]), "layers": per_layer.to_dicts(), "history": []}
+
+
 def noop(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     """Trains nothing: measures the orchestration around a job (bench/)."""
     if on_epoch is not None:
@@ -163,6 +332,9 @@ def noop(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
 
 JOBS: dict[str, Callable[[JobConfig, OnEpoch], dict]] = {
     "train_classifier": train_classifier,
+    "pretrain": pretrain,
+    "evaluate_encoder": evaluate_encoder,
+    "analyse_encoder": analyse_encoder,
     "noop": noop,
 }
 

@@ -12,6 +12,8 @@ can log to the default store at once.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import random
@@ -35,10 +37,44 @@ def default_uri(results_dir: str = "results") -> str:
     return f"sqlite:///{os.path.abspath(os.path.join(results_dir, 'mlflow.db'))}"
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """Across processes: a new SQLite store migrates its schema on first use, and two
+    processes migrating at once corrupt it ('duplicate column'); serialise that first use."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = os.path.abspath(uri[len("sqlite:///"):])
+    os.makedirs(os.path.dirname(db), exist_ok=True)
+    with open(db + ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_ready: set[str] = set()
+
+
 def client(uri: str):
+    """An MlflowClient whose store exists and is migrated (once per process and URI)."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    c = MlflowClient(tracking_uri=uri)
+    if uri not in _ready:
+        with _store_lock(uri):
+            c.search_experiments(max_results=1)  # forces creation / migration of the store
+        _ready.add(uri)
+    return c
+
+
+def prepare(uri: str, experiments: list[str]) -> None:
+    """Create the store and the experiments before jobs start (called by the workflow's onstart)."""
+    c = client(uri)
+    with _store_lock(uri):
+        for name in experiments:
+            retry(lambda: experiment_id(c, name), f"create experiment {name}")
 
 
 def retry(fn: Callable[[], T], what: str, attempts: int = 8) -> T:

@@ -20,6 +20,10 @@ from .config import (
 QUESTIONS = ("architecture",)
 
 
+def active_questions(config: dict) -> list[str]:
+    return [q for q in QUESTIONS if config.get(q)]
+
+
 def results_dir(config: dict) -> str:
     return config.get("results_dir", "results")
 

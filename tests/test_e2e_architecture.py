@@ -1,0 +1,98 @@
+"""A tiny real run of the `architecture` target: Snakemake -> Ray -> jobs -> MLflow -> Polars."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from conftest import read_config, snakemake, write_config
+
+
+def _tiny(workflow, mixers, seeds=(0,), epochs=1, **train):
+    config = read_config(workflow)
+    config["architecture"].update(mixers=list(mixers), seeds=list(seeds))
+    config["architecture"]["train"].update(epochs=epochs, **train)
+    write_config(workflow, config)
+    return config
+
+
+def _private_ray_processes() -> list[str]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "/tmp/vtr" in cmd:
+            out.append(cmd[:120])
+    return out
+
+
+@pytest.mark.slow
+def test_tiny_architecture_run_fills_table_and_mlflow(workflow):
+    _tiny(workflow, ["attention", "feedforward"])
+    r = snakemake(workflow, "--cores", "2", "architecture")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+
+    table = pl.read_csv(workflow / "reports/tables/architecture.csv")
+    assert table.columns == ["dataset", "mixer", "model", "params_m", "n_seeds", "top1_mean", "top1_std"]
+    assert sorted(table["mixer"].to_list()) == ["attention", "feedforward"]
+    assert table["n_seeds"].to_list() == [1, 1]
+    assert all(0 <= v <= 100 for v in table["top1_mean"].to_list())
+    assert (workflow / "reports/tables/architecture.md").exists()
+    assert (workflow / "reports/figures/architecture.png").read_bytes()[:4] == b"\x89PNG"
+
+    # every job ran as a Ray task, and left its record, config, checkpoint and weights
+    for mixer in ("attention", "feedforward"):
+        d = workflow / "results/architecture/digits" / mixer / "seed0"
+        record = json.loads((d / "record.json").read_text())
+        assert record["ray_node_id"] and record["mixer"] == mixer and record["epochs"] == 1
+        assert {"config.json", "checkpoint.pt", "model.pt"} <= {p.name for p in d.iterdir()}
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workflow}/results/mlflow.db")
+    exp = client.get_experiment_by_name("architecture")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 2
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        tags = run.data.tags
+        assert {tags[k] for k in ("question", "dataset", "seed", "job")} == {"architecture", "digits", "0",
+                                                                            "train_classifier"}
+        assert tags["mixer"] in ("attention", "feedforward")
+        assert run.data.params["train.epochs"] == "1" and run.data.params["data.name"] == "digits"
+        assert {"top1_test", "top1_val", "train_loss", "params_m"} <= set(run.data.metrics)
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 1  # one per epoch
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"record.json", "config.json"} <= artifacts
+    assert not _private_ray_processes(), "the private Ray cluster outlived the run"
+
+
+@pytest.mark.slow
+def test_failed_job_ends_its_mlflow_run_failed_and_loses_nothing(workflow):
+    config = _tiny(workflow, ["attention"])
+    r = snakemake(workflow, "--cores", "2", "architecture")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    done = workflow / "results/architecture/digits/attention/seed0/record.json"
+    before = done.read_text()
+
+    # add a second dataset whose job fails at start (batch larger than its training set)
+    config["architecture"]["datasets"] = ["digits", "shapes"]
+    config["datasets"]["shapes"]["train"]["batch_size"] = 5000
+    write_config(workflow, config)
+    r = snakemake(workflow, "--cores", "2", "architecture")
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert done.read_text() == before, "a finished job was re-run or its record touched"
+    assert not (workflow / "results/architecture/shapes/attention/seed0/record.json").exists()
+    log = (workflow / "results/logs/architecture/shapes/attention/seed0.log").read_text()
+    assert "batch_size 5000" in log + out
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workflow}/results/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("architecture").experiment_id])
+    status = {r.data.tags["dataset"]: r for r in runs}
+    assert status["digits"].info.status == "FINISHED"
+    assert status["shapes"].info.status == "FAILED"
+    assert "batch_size 5000" in status["shapes"].data.tags["error"]
+    assert "lower it" in status["shapes"].data.tags["error"]
+    assert not _private_ray_processes()
