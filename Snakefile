@@ -22,6 +22,7 @@ rule all:
 
 
 include: "rules/architecture.smk"
+include: "rules/pretext.smk"
 
 
 onstart:

@@ -13,7 +13,7 @@ rule train_architecture:
     conda:
         ENV
     script:
-        "scripts/train.py"
+        "scripts/job.py"
 
 
 rule architecture_report:

@@ -15,22 +15,27 @@ wildcard_constraints:
     seed=r"\d+",
     dataset=r"[a-z0-9_]+",
     mixer=r"[a-z_]+",
+    pretext=r"[a-z]+(_[0-9.]+)?",
+    eval=r"linear_probe|finetune|knn",
 
 
-def grid_paths(question, pattern):
-    """Expand `pattern` over the question's grid (a list of wildcard dicts)."""
-    return [pattern.format(**wc) for wc in vw.grid(config, question)]
+def grid_paths(kind, pattern):
+    """Expand `pattern` over the grid of a rule kind (a list of wildcard dicts)."""
+    return [pattern.format(**wc) for wc in vw.grid(config, kind)]
 
 
-def job_params(question):
+def job_params(kind):
     """params: the job's resolved config as a dict (never a shell string)."""
-    return lambda wc: vw.job_params(config, question, wc)
+    return lambda wc: vw.job_params(config, kind, wc)
 
 
 def rules_targets(target):
     """Files each target stands for; `all` is every question in the config."""
-    architecture = [f"{REPORTS}/tables/architecture.csv", f"{REPORTS}/figures/architecture.png"]
-    targets = {"architecture": architecture}
+    targets = {
+        "architecture": [f"{REPORTS}/tables/architecture.csv", f"{REPORTS}/figures/architecture.png"],
+        "pretext": [f"{REPORTS}/tables/pretext.csv", f"{REPORTS}/tables/representation.csv",
+                    f"{REPORTS}/figures/pretext_eval.png", f"{REPORTS}/figures/representation.png"],
+    }
     if target == "all":
         return [f for q, files in targets.items() if config.get(q) for f in files]
     return targets[target]

@@ -1,8 +1,6 @@
-"""Pre-training objectives: each learns, MoCo's EMA is exact, masks are exact, MAE's encoder sees visible patches only."""
+"""Pre-training objectives: each learns; MoCo's EMA is exact; masks are exact; MAE's encoder sees visible patches."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -246,7 +244,7 @@ def test_mae_masks_exactly_and_encoder_sees_only_visible_patches(ratio):
 
 def test_mae_default_ratio_visible_tokens():
     obj = build("mae")
-    latent, mask, _ = obj.forward_encoder(obj.normalize(images(4)), obj.mask_ratio)
+    latent, _, _ = obj.forward_encoder(obj.normalize(images(4)), obj.mask_ratio)
     assert obj.mask_ratio == 0.75
     assert latent.shape[1] == 1 + int(L * (1 - 0.75))
 
@@ -265,7 +263,7 @@ def test_hybrid_endpoints_equal_moco_and_simmim():
     small = dict(dim=16, mlp_dim=64)
     moco = _fresh(MoCo, **small)
     hyb1 = _fresh(Hybrid, lam=1.0, moco_kwargs=small)
-    a, logs_a = moco(x, generator=torch.Generator().manual_seed(7))
+    a, _ = moco(x, generator=torch.Generator().manual_seed(7))
     b, logs_b = hyb1(x, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(a, b)
     assert "loss_simmim" not in logs_b

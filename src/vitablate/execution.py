@@ -19,7 +19,7 @@ from typing import Optional
 
 from . import tracking
 from .config import JobConfig, from_dict, to_dict
-from .jobs import write_json
+from .io import write_json
 
 _PRIVATE_ENV = "VITABLATE_PRIVATE_RAY"  # set while a private cluster started by this run is up
 

@@ -7,7 +7,6 @@ tasks and `tracking.py` logs what they return. A job writes its outputs under
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -19,20 +18,19 @@ from . import __version__
 from .config import JobConfig, ModelConfig, to_dict
 from .data import BatchAugment, DatasetBundle, load_dataset, normalize
 from .engine import (
-    Checkpoint, classification_loss, epoch_seed, fit, pick_device, pick_precision, predict, seed_everything, top1,
+    Checkpoint,
+    classification_loss,
+    epoch_seed,
+    fit,
+    pick_device,
+    pick_precision,
+    predict,
+    seed_everything,
+    top1,
 )
 from .models import VARIANTS, count_params, create_model
 
 OnEpoch = Optional[Callable[[int, dict], None]]
-
-
-def write_json(path: str, obj: dict) -> None:
-    """Atomic JSON write: a reader never sees half a record."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
 
 
 def model_kwargs(m: ModelConfig, data: DatasetBundle, mixer: str) -> dict:

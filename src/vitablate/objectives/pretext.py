@@ -102,7 +102,7 @@ def random_masking(
     """
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    num_masked = int(round(mask_ratio * L))
+    num_masked = round(mask_ratio * L)
     len_keep = L - num_masked
     noise = torch.rand(N, L, device=device, generator=generator)  # uniform [0, 1)
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: the first len_keep are kept

@@ -1,0 +1,88 @@
+# Q2 pretext: what do self-supervised ViTs learn? Pre-train once per (dataset, pretext, seed);
+# every evaluation and analysis reads that encoder, so changing an evaluation setting re-runs
+# only the evaluations.
+
+PRETEXT_DIR = f"{RESULTS}/pretext/{{dataset}}/{{pretext}}/seed{{seed}}"
+PRETEXT_LOGS = f"{RESULTS}/logs/pretext/{{dataset}}/{{pretext}}/seed{{seed}}"
+
+
+rule pretrain:
+    output:
+        record=f"{PRETEXT_DIR}/record.json",
+        encoder=f"{PRETEXT_DIR}/encoder.pt",
+    log:
+        f"{PRETEXT_LOGS}/pretrain.log",
+    params:
+        job=job_params("pretrain"),
+        mlflow_uri=MLFLOW_URI,
+    threads: 1  # waits on Ray; the job's resources are execution.*
+    conda:
+        ENV
+    script:
+        "scripts/job.py"
+
+
+rule pretext_eval:
+    input:
+        encoder=f"{PRETEXT_DIR}/encoder.pt",
+    output:
+        record=f"{PRETEXT_DIR}/{{eval}}/record.json",
+    log:
+        f"{PRETEXT_LOGS}/{{eval}}.log",
+    params:
+        job=job_params("pretext_eval"),
+        mlflow_uri=MLFLOW_URI,
+    threads: 1
+    conda:
+        ENV
+    script:
+        "scripts/job.py"
+
+
+rule pretext_analysis:
+    input:
+        encoder=f"{PRETEXT_DIR}/encoder.pt",
+    output:
+        record=f"{PRETEXT_DIR}/analysis/record.json",
+    log:
+        f"{PRETEXT_LOGS}/analysis.log",
+    params:
+        job=job_params("analysis"),
+        mlflow_uri=MLFLOW_URI,
+    threads: 1
+    conda:
+        ENV
+    script:
+        "scripts/job.py"
+
+
+rule pretext_report:
+    input:
+        evals=grid_paths("pretext_eval", f"{PRETEXT_DIR}/{{eval}}/record.json"),
+        analyses=grid_paths("analysis", f"{PRETEXT_DIR}/analysis/record.json"),
+    output:
+        csv=report(f"{REPORTS}/tables/pretext.csv", category="Q2 pretext",
+                   caption="../reports/captions/pretext_table.rst"),
+        md=f"{REPORTS}/tables/pretext.md",
+        png=report(f"{REPORTS}/figures/pretext_eval.png", category="Q2 pretext",
+                   caption="../reports/captions/pretext_figure.rst"),
+        rep_csv=report(f"{REPORTS}/tables/representation.csv", category="Q2 pretext",
+                       caption="../reports/captions/representation_table.rst"),
+        rep_md=f"{REPORTS}/tables/representation.md",
+        rep_png=report(f"{REPORTS}/figures/representation.png", category="Q2 pretext",
+                       caption="../reports/captions/representation_figure.rst"),
+        probe_csv=f"{REPORTS}/tables/layer_probe.csv",
+        probe_md=f"{REPORTS}/tables/layer_probe.md",
+        bias_csv=f"{REPORTS}/tables/shape_bias.csv",
+        bias_md=f"{REPORTS}/tables/shape_bias.md",
+    log:
+        f"{RESULTS}/logs/pretext/report.log",
+    conda:
+        ENV
+    script:
+        "scripts/pretext_report.py"
+
+
+rule pretext:
+    input:
+        rules_targets("pretext"),
