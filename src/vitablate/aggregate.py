@@ -101,3 +101,131 @@ def plot_architecture(table: pl.DataFrame, png_path: str) -> None:
     os.makedirs(os.path.dirname(png_path) or ".", exist_ok=True)
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
+
+
+# --- Q2 pretext --------------------------------------------------------------------------
+
+PRETEXT_COLORS = {"supervised": "#444444", "moco": "#d62728", "simmim": "#1f77b4", "mae": "#17becf",
+                  "hybrid": "#9467bd"}
+REPRESENTATION_METRICS = ("attention_distance", "nmi", "token_cosine", "fourier_hf")
+METRIC_LABELS = {"attention_distance": "attention distance (px)", "nmi": "NMI(query; key)",
+                 "token_cosine": "token cosine similarity", "fourier_hf": "Δ log amplitude (high − zero freq.)",
+                 "layer_probe_top1": "linear probe top-1 (%)"}
+
+
+def pretext_color(pretext: str) -> str:
+    return PRETEXT_COLORS.get(pretext.split("_")[0], "#333333")
+
+
+def pretext_table(df: pl.DataFrame) -> pl.DataFrame:
+    """dataset, pretext, eval, n_seeds, top1_mean, top1_std (DESIGN.md)."""
+    return summarise(df, ["dataset", "pretext", "eval"]).select(
+        "dataset", "pretext", "eval", "n_seeds", "top1_mean", "top1_std").sort(["dataset", "eval", "pretext"])
+
+
+def shape_bias_table(df: pl.DataFrame) -> pl.DataFrame | None:
+    """Shape vs texture probes and cue-conflict shape bias per pretext (datasets with both labels)."""
+    cols = ["top1_shape_probe", "top1_texture_probe", "shape_bias"]
+    if not set(cols) <= set(df.columns):
+        return None
+    sub = df.filter(pl.col("eval") == "linear_probe").drop_nulls(cols)
+    aggs = [pl.col("seed").n_unique().alias("n_seeds")]
+    for c in cols:
+        aggs += [pl.col(c).mean().alias(f"{c}_mean"), pl.col(c).std(ddof=1).fill_null(0.0).alias(f"{c}_std")]
+    return sub.group_by(["dataset", "pretext"], maintain_order=True).agg(aggs).sort(["dataset", "pretext"])
+
+
+def load_analyses(paths: Iterable[str]) -> pl.DataFrame:
+    """Long per-head rows of every analysis record: dataset, pretext, seed, layer, head, metric, value."""
+    frames = []
+    for path in paths:
+        with open(path) as f:
+            rec = json.load(f)
+        frames.append(pl.read_parquet(rec["analysis_path"]).with_columns(
+            pl.lit(rec["dataset"]).alias("dataset"), pl.lit(rec["pretext"]).alias("pretext"),
+            pl.lit(rec["seed"]).alias("seed")))
+    if not frames:
+        raise ValueError("no analysis records to aggregate; run the pretext_analysis rules first")
+    return pl.concat(frames, how="vertical_relaxed")
+
+
+def representation_table(paths: Iterable[str]) -> pl.DataFrame:
+    """dataset, pretext, layer, metric, value_mean, value_std: heads averaged, then mean/std over seeds."""
+    per_seed = load_analyses(paths).group_by(["dataset", "pretext", "seed", "layer", "metric"]).agg(
+        pl.col("value").mean())
+    return per_seed.group_by(["dataset", "pretext", "layer", "metric"]).agg(
+        pl.col("value").mean().alias("value_mean"), pl.col("value").std(ddof=1).fill_null(0.0).alias("value_std"),
+    ).sort(["dataset", "metric", "pretext", "layer"]).select(
+        "dataset", "pretext", "layer", "metric", "value_mean", "value_std")
+
+
+def layer_probe_table(rep: pl.DataFrame) -> pl.DataFrame:
+    return rep.filter(pl.col("metric") == "layer_probe_top1").drop("metric").rename(
+        {"value_mean": "top1_mean", "value_std": "top1_std"})
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pretext(table: pl.DataFrame, png_path: str) -> None:
+    """Linear probe vs fine-tune (and k-NN) top-1 per pretext, error bars over seeds."""
+    plt = _plt()
+    datasets = table["dataset"].unique(maintain_order=True).to_list()
+    evals = [e for e in ("linear_probe", "finetune", "knn") if e in table["eval"].to_list()]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], datasets):
+        sub = table.filter(pl.col("dataset") == name)
+        pretexts = sub["pretext"].unique(maintain_order=True).to_list()
+        width = 0.8 / max(1, len(evals))
+        for j, ev in enumerate(evals):
+            rows = {r["pretext"]: r for r in sub.filter(pl.col("eval") == ev).iter_rows(named=True)}
+            xs = [i + (j - (len(evals) - 1) / 2) * width for i in range(len(pretexts))]
+            ax.bar(xs, [rows.get(p, {}).get("top1_mean", 0) for p in pretexts], width,
+                   yerr=[rows.get(p, {}).get("top1_std", 0) for p in pretexts], capsize=3, label=ev,
+                   color=["#1f77b4", "#ff7f0e", "#2ca02c"][j], edgecolor=[pretext_color(p) for p in pretexts])
+        ax.set_xticks(range(len(pretexts)), pretexts, rotation=20)
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_xlabel("pre-training objective")
+        ax.set_title(f"{name}: evaluation of each pretext (mean ± std over seeds)")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, png_path)
+
+
+def plot_representation(rep: pl.DataFrame, png_path: str) -> None:
+    """One panel per metric: value per layer, one line per pretext, bands over seeds."""
+    plt = _plt()
+    metrics = [m for m in (*REPRESENTATION_METRICS, "layer_probe_top1") if m in rep["metric"].to_list()]
+    datasets = rep["dataset"].unique(maintain_order=True).to_list()
+    fig, axes = plt.subplots(len(datasets), len(metrics), figsize=(3.6 * len(metrics), 3.2 * len(datasets)),
+                             squeeze=False)
+    for r, name in enumerate(datasets):
+        for c, metric in enumerate(metrics):
+            ax = axes[r][c]
+            sub = rep.filter((pl.col("dataset") == name) & (pl.col("metric") == metric))
+            for pretext in sub["pretext"].unique(maintain_order=True).to_list():
+                s = sub.filter(pl.col("pretext") == pretext).sort("layer")
+                x, m, sd = s["layer"].to_numpy(), s["value_mean"].to_numpy(), s["value_std"].to_numpy()
+                ax.plot(x, m, marker="o", label=pretext, color=pretext_color(pretext))
+                ax.fill_between(x, m - sd, m + sd, alpha=0.15, color=pretext_color(pretext))
+            ax.set_xlabel("layer (block index)")
+            ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+            ax.set_title(f"{name}: {metric}")
+        axes[r][0].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, png_path)
+
+
+def _save(fig, png_path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(png_path) or ".", exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)

@@ -73,13 +73,18 @@ def load_data(cfg: JobConfig, device: torch.device) -> DatasetBundle:
     return bundle
 
 
+def build_augment(cfg: JobConfig) -> BatchAugment:
+    """The dataset's supervised augmentation (train.augment)."""
+    a = cfg.train.augment
+    return BatchAugment(crop_scale=tuple(a.crop_scale) if a.crop_scale else None, flip=a.flip,
+                        color_jitter=a.color_jitter, grayscale_p=0.0, pad_crop=a.pad_crop)
+
+
 def make_transforms(cfg: JobConfig, data: DatasetBundle, device: torch.device):
     """(train_transform(x, gen), eval_transform(x)): batched augmentation + normalisation on the device."""
     mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
-    a = cfg.train.augment
-    aug = BatchAugment(crop_scale=tuple(a.crop_scale) if a.crop_scale else None, flip=a.flip,
-                       color_jitter=a.color_jitter, grayscale_p=0.0, pad_crop=a.pad_crop)
+    aug = build_augment(cfg)
 
     def eval_transform(x: torch.Tensor) -> torch.Tensor:
         return normalize(x, mean, std)
@@ -193,7 +198,8 @@ def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     encoder = create_model(**kw)
     extra = cfg.pretext.objective_kwargs()
     if cfg.pretext.name == "supervised":
-        extra = dict(num_classes=data.num_classes, label_smoothing=cfg.train.label_smoothing)
+        extra = dict(num_classes=data.num_classes, label_smoothing=cfg.train.label_smoothing,
+                     augment=build_augment(cfg))  # the same augmentation as training from scratch
     objective = build_pretext(cfg.pretext.name, encoder, data.mean, data.std, **extra).to(device)
     tc = cfg.train
     steps_per_epoch = len(data.train) // tc.batch_size
