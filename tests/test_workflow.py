@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 
@@ -90,3 +91,52 @@ def test_lint_is_clean(workflow):
     r = snakemake(workflow, "--lint")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "good condition" in r.stdout + r.stderr
+
+
+def pretext_grid(config: dict) -> tuple[int, int]:
+    p = config["pretext"]
+    n_pretexts = len(p["pretexts"]) - ("hybrid" in p["pretexts"]) + ("hybrid" in p["pretexts"]) * len(
+        p.get("hybrid_lambdas", [0.2]))
+    n = len(p["datasets"]) * n_pretexts * len(p["seeds"])
+    return n, n * len(p["evals"])
+
+
+def test_pretext_dag_covers_pretext_eval_analysis_grid(workflow):
+    config = read_config(workflow)
+    n_pretrain, n_eval = pretext_grid(config)
+    assert (n_pretrain, n_eval) == (10, 30)  # 5 pretexts x 2 seeds; x 3 evals
+    r = snakemake(workflow, "-n", "--cores", "2", "pretext")
+    assert r.returncode == 0, r.stderr
+    counts = job_counts(r.stdout + r.stderr)
+    assert counts["pretrain"] == n_pretrain and counts["pretext_eval"] == n_eval
+    assert counts["pretext_analysis"] == n_pretrain and counts["pretext_report"] == 1
+    assert "train_architecture" not in counts
+
+
+def test_pretext_grid_axes_change_the_dag(workflow):
+    config = read_config(workflow)
+    config["pretext"].update(pretexts=["moco", "hybrid"], hybrid_lambdas=[0.2, 0.5, 0.8], seeds=[0, 1, 2],
+                             evals=["knn"])
+    write_config(workflow, config)
+    r = snakemake(workflow, "-n", "--cores", "2", "pretext")
+    assert r.returncode == 0, r.stderr
+    counts = job_counts(r.stdout + r.stderr)
+    assert counts["pretrain"] == 4 * 3 and counts["pretext_eval"] == 4 * 3
+    assert "hybrid_0.5" in r.stdout + r.stderr
+
+
+def test_evaluations_depend_on_their_pretraining(workflow):
+    """Every evaluation and analysis job of a (pretext, seed) waits on that pre-training's encoder."""
+    config = read_config(workflow)
+    config["pretext"].update(pretexts=["mae"], seeds=[0])
+    write_config(workflow, config)
+    r = snakemake(workflow, "--cores", "2", "pretext", "--dag", "dot")
+    assert r.returncode == 0, r.stderr
+    dot = r.stdout
+    labels = dict(re.findall(r'(\d+)\[label = "([a-z_]+)', dot))
+    edges = re.findall(r"(\d+) -> (\d+)", dot)
+    pre = [n for n, lab in labels.items() if lab == "pretrain"]
+    assert len(pre) == 1
+    children = {labels[b] for a, b in edges if a == pre[0]}
+    assert children == {"pretext_eval", "pretext_analysis"}
+    assert sum(1 for a, b in edges if a == pre[0]) == 4  # 3 evals + 1 analysis

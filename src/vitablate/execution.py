@@ -143,7 +143,8 @@ def run_job(cfg: JobConfig, record_path: str, uri: Optional[str] = None) -> dict
     write_json(os.path.join(cfg.output_dir, "config.json"), cfg_dict)
     write_json(record_path, record)
     if track:
-        tracking.finish_run(uri, run_id, record)
+        files = tuple(record[k] for k in ("analysis_path",) if record.get(k))
+        tracking.finish_run(uri, run_id, record, artifacts=files)
     return record
 
 

@@ -165,7 +165,8 @@ def _log_json_artifact(c, run_id: str, name: str, obj: Any) -> None:
 def finish_run(uri: str, run_id: str, record: dict, artifacts: tuple[str, ...] = ()) -> None:
     """Final metrics, the record and config as artifacts, then FINISHED."""
     c = client(uri)
-    summary = {k: v for k, v in record.items() if k.startswith(("top1", "params_m", "train_s", "wall_s"))}
+    summary = {k: v for k, v in record.items()
+               if k.startswith(("top1", "params_m", "train_s", "wall_s", "shape_bias", "final_loss", "cue_conflict"))}
     retry(lambda: c.log_batch(run_id, metrics=_metrics(summary, record.get("epochs", 0))), "log final metrics")
     _log_json_artifact(c, run_id, "record.json", {k: v for k, v in record.items() if k != "config"})
     _log_json_artifact(c, run_id, "config.json", record.get("config", {}))

@@ -1,0 +1,63 @@
+"""A tiny real run of the `pretext` target through Snakemake, Ray and MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+from mlflow import MlflowClient
+
+from conftest import job_counts, read_config, snakemake, write_config
+
+
+@pytest.mark.slow
+def test_tiny_pretext_run(workflow):
+    config = read_config(workflow)
+    config.pop("architecture")
+    p = config["pretext"]
+    # shapes: exercises the shape/texture probes and the cue-conflict shape bias
+    p.update(datasets=["shapes"], pretexts=["moco", "mae"], seeds=[0], evals=["linear_probe", "finetune", "knn"])
+    p["pretrain"].update(epochs=1)
+    p["finetune"].update(epochs=1)
+    p["eval"]["analysis_images"] = 16
+    write_config(workflow, config)
+    r = snakemake(workflow, "--cores", "2")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+
+    table = pl.read_csv(workflow / "reports/tables/pretext.csv")
+    assert table.columns == ["dataset", "pretext", "eval", "n_seeds", "top1_mean", "top1_std"]
+    assert table.height == 2 * 3 and set(table["eval"]) == {"linear_probe", "finetune", "knn"}
+    rep = pl.read_csv(workflow / "reports/tables/representation.csv")
+    assert rep.columns == ["dataset", "pretext", "layer", "metric", "value_mean", "value_std"]
+    assert set(rep["metric"]) == {"attention_distance", "nmi", "token_cosine", "fourier_hf"}
+    depth = 4  # vit_shapes
+    assert rep.filter(pl.col("metric") == "nmi").height == 2 * depth
+    nmi = rep.filter(pl.col("metric") == "nmi")["value_mean"]
+    assert nmi.min() >= 0 and nmi.max() <= 1
+    bias = pl.read_csv(workflow / "reports/tables/shape_bias.csv")
+    assert set(bias["pretext"]) == {"moco", "mae"} and bias["shape_bias_mean"].is_between(0, 1).all()
+    for fig in ("pretext_eval.png", "representation.png"):
+        assert (workflow / "reports/figures" / fig).read_bytes()[:4] == b"\x89PNG"
+    parquet = workflow / "results/pretext/shapes/mae/seed0/analysis/representation.parquet"
+    per_head = pl.read_parquet(parquet).filter(pl.col("metric") == "attention_distance")
+    assert per_head.height == depth * 4  # one value per layer and head
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workflow}/results/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("pretext").experiment_id])
+    assert len(runs) == 2 + 6 + 2
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.tags["pretext"] for r in runs} == {"moco", "mae"}
+    assert {r.data.tags["job"] for r in runs} >= {"pretrain", "eval_linear_probe", "eval_finetune", "eval_knn",
+                                                  "analysis"}
+    analysis = next(r for r in runs if r.data.tags["job"] == "analysis")
+    assert "representation.parquet" in {a.path for a in client.list_artifacts(analysis.info.run_id)}
+    rec = json.loads((workflow / "results/pretext/shapes/moco/seed0/record.json").read_text())
+    assert rec["pretext"] == "moco" and rec["history"][0]["loss_moco"] > 0
+
+    # changing an evaluation setting re-runs evaluations only, never the pre-training
+    config["pretext"]["eval"]["knn_k"] = 5
+    write_config(workflow, config)
+    r = snakemake(workflow, "-n", "--cores", "2")
+    counts = job_counts(r.stdout + r.stderr)
+    assert "pretrain" not in counts and counts.get("pretext_eval", 0) >= 2
