@@ -23,6 +23,7 @@ rule all:
 
 include: "rules/architecture.smk"
 include: "rules/pretext.smk"
+include: "rules/transfer.smk"
 
 
 onstart:

@@ -17,6 +17,9 @@ wildcard_constraints:
     mixer=r"[a-z_]+",
     pretext=r"[a-z]+(_[0-9.]+)?",
     eval=r"linear_probe|finetune|knn",
+    teacher=r"[A-Za-z0-9_.\-]+",
+    method=r"scratch|finetune|linear_probe|attn_copy|attn_distill|ensemble|copy_q|copy_k",
+    layers=r"all|first\d+|last\d+|l[0-9\-]+",
 
 
 def grid_paths(kind, pattern):
@@ -35,6 +38,8 @@ def rules_targets(target):
         "architecture": [f"{REPORTS}/tables/architecture.csv", f"{REPORTS}/figures/architecture.png"],
         "pretext": [f"{REPORTS}/tables/pretext.csv", f"{REPORTS}/tables/representation.csv",
                     f"{REPORTS}/figures/pretext_eval.png", f"{REPORTS}/figures/representation.png"],
+        "transfer": [f"{REPORTS}/tables/transfer.csv", f"{REPORTS}/figures/transfer.png",
+                     f"{REPORTS}/figures/transfer_layers.png"],
     }
     if target == "all":
         return [f for q, files in targets.items() if config.get(q) for f in files]

@@ -140,3 +140,43 @@ def test_evaluations_depend_on_their_pretraining(workflow):
     children = {labels[b] for a, b in edges if a == pre[0]}
     assert children == {"pretext_eval", "pretext_analysis"}
     assert sum(1 for a, b in edges if a == pre[0]) == 4  # 3 evals + 1 analysis
+
+
+def test_transfer_dag_grid_and_dependency_on_pretext_checkpoints(workflow):
+    config = read_config(workflow)
+    t = config["transfer"]
+    n_teachers, n_layers = len(t["teachers"]), len(t["layers"])
+    per_teacher = len(t["methods"]) - 1 + 2 * (n_layers - 1)  # copy and distill over every layers value
+    expected = len(t["seeds"]) * (1 + n_teachers * per_teacher)
+    r = snakemake(workflow, "-n", "--cores", "2", "transfer")
+    assert r.returncode == 0, r.stderr
+    counts = job_counts(r.stdout + r.stderr)
+    assert counts["transfer_train"] == expected == 68
+    # the transfer target builds the teachers' pre-training, not the pretext evaluations
+    assert counts["pretrain"] == n_teachers * len(t["seeds"])
+    assert "pretext_eval" not in counts and "train_architecture" not in counts
+    dot = snakemake(workflow, "--cores", "2", "transfer", "--dag", "dot").stdout
+    labels = dict(re.findall(r'(\d+)\[label = "([a-z_]+)', dot))
+    edges = re.findall(r"(\d+) -> (\d+)", dot)
+    pretrain_children = {labels[b] for a, b in edges if labels.get(a) == "pretrain"}
+    assert pretrain_children == {"transfer_train"}
+
+
+def test_transfer_with_file_teacher_needs_no_pretext(workflow, tmp_path):
+    config = read_config(workflow)
+    teacher = tmp_path / "t.pth"
+    teacher.write_bytes(b"x")
+    config["transfer"]["teachers"] = {"mine": f"file:{teacher}"}
+    write_config(workflow, config)
+    r = snakemake(workflow, "-n", "--cores", "2", "transfer")
+    assert r.returncode == 0, r.stderr
+    counts = job_counts(r.stdout + r.stderr)
+    assert "pretrain" not in counts and counts["transfer_train"] == 2 * (1 + 11)
+
+
+def test_unknown_pretext_teacher_is_refused(workflow):
+    config = read_config(workflow)
+    config["transfer"]["teachers"]["dino"] = "pretext:dino"
+    write_config(workflow, config)
+    r = snakemake(workflow, "-n", "--cores", "2", "transfer")
+    assert r.returncode != 0 and "dino" in r.stdout + r.stderr and "pretext.pretexts" in r.stdout + r.stderr

@@ -229,3 +229,92 @@ def _save(fig, png_path: str) -> None:
     os.makedirs(os.path.dirname(png_path) or ".", exist_ok=True)
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
+
+
+# --- Q3 transfer -------------------------------------------------------------------------
+
+METHOD_ORDER = ["scratch", "linear_probe", "attn_copy", "copy_q", "copy_k", "attn_distill", "finetune", "ensemble"]
+METHOD_COLORS = {"scratch": "#7f7f7f", "linear_probe": "#bcbd22", "attn_copy": "#1f77b4", "copy_q": "#aec7e8",
+                 "copy_k": "#9edae5", "attn_distill": "#2ca02c", "finetune": "#d62728", "ensemble": "#9467bd"}
+
+
+def transfer_table(df: pl.DataFrame) -> pl.DataFrame:
+    """dataset, teacher, method, layers, n_seeds, top1_mean, top1_std, gap_closed, shift_<name>_top1_mean.
+
+    `scratch` has no teacher: its row is repeated under every teacher so each teacher's block
+    reads on its own. gap_closed = (method - scratch) / (finetune - scratch), on the means.
+    """
+    shift_cols = sorted(c for c in df.columns if c.startswith("top1_shift_"))
+    teachers = [t for t in df["teacher"].unique(maintain_order=True).to_list() if t != "none"]
+    scratch = df.filter(pl.col("method") == "scratch")
+    rows = df.filter(pl.col("method") != "scratch")
+    if teachers and scratch.height:
+        rows = pl.concat([rows] + [scratch.with_columns(pl.lit(t).alias("teacher")) for t in teachers],
+                         how="diagonal_relaxed")
+    elif scratch.height:
+        rows = pl.concat([rows, scratch], how="diagonal_relaxed")
+    extra = {f"shift_{c[len('top1_shift_'):]}_top1_mean": pl.col(c).mean() for c in shift_cols}
+    table = summarise(rows, ["dataset", "teacher", "method", "layers"], extra=extra)
+    base = table.filter(pl.col("method") == "scratch").select("dataset", "teacher", pl.col("top1_mean").alias("_s"))
+    top = table.filter((pl.col("method") == "finetune") & (pl.col("layers") == "all")).select(
+        "dataset", "teacher", pl.col("top1_mean").alias("_f"))
+    table = table.join(base, on=["dataset", "teacher"], how="left").join(top, on=["dataset", "teacher"], how="left")
+    table = table.with_columns(
+        pl.when((pl.col("_f") - pl.col("_s")).abs() > 1e-9).then((pl.col("top1_mean") - pl.col("_s"))
+                                                                / (pl.col("_f") - pl.col("_s"))).alias("gap_closed"))
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    table = table.with_columns(pl.col("method").replace_strict(order, default=99).alias("_o")).sort(
+        ["dataset", "teacher", "_o", "layers"])
+    return table.select("dataset", "teacher", "method", "layers", "n_seeds", "top1_mean", "top1_std", "gap_closed",
+                        *extra)
+
+
+def plot_transfer(table: pl.DataFrame, png_path: str) -> None:
+    """Method against top-1, one panel per (dataset, teacher); error bars over seeds; scratch dashed."""
+    plt = _plt()
+    sub_all = table.filter(pl.col("layers") == "all")
+    panels = sub_all.select("dataset", "teacher").unique(maintain_order=True).rows()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
+    for ax, (dataset, teacher) in zip(axes[0], panels):
+        sub = sub_all.filter((pl.col("dataset") == dataset) & (pl.col("teacher") == teacher))
+        methods = sub["method"].to_list()
+        ax.bar(methods, sub["top1_mean"].to_list(), yerr=sub["top1_std"].to_list(), capsize=3,
+               color=[METHOD_COLORS.get(m, "#333") for m in methods])
+        scratch = sub.filter(pl.col("method") == "scratch")["top1_mean"].to_list()
+        if scratch:
+            ax.axhline(scratch[0], ls="--", color="#7f7f7f", lw=1)
+        ax.set_title(f"{dataset}, teacher: {teacher}")
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_xlabel("method (all layers)")
+        ax.tick_params(axis="x", rotation=40)
+        ax.set_ylim(0, 100)
+    fig.tight_layout()
+    _save(fig, png_path)
+
+
+def plot_transfer_layers(table: pl.DataFrame, png_path: str) -> None:
+    """Top-1 against the number of transferred layers K, first-K versus last-K (copy and distill)."""
+    plt = _plt()
+    sub = table.filter(pl.col("method").is_in(["attn_copy", "attn_distill"]))
+    teachers = sub["teacher"].unique(maintain_order=True).to_list()
+    fig, axes = plt.subplots(1, max(1, len(teachers)), figsize=(4.8 * max(1, len(teachers)), 3.6), squeeze=False)
+    for ax, teacher in zip(axes[0], teachers):
+        t = sub.filter(pl.col("teacher") == teacher)
+        for method, style in (("attn_copy", "-"), ("attn_distill", ":")):
+            for which, marker in (("first", "o"), ("last", "s")):
+                pts = []
+                for row in t.filter(pl.col("method") == method).iter_rows(named=True):
+                    spec = row["layers"]  # "first:K" | "last:K" | "all" | "i,j"
+                    if spec.startswith(which + ":"):
+                        pts.append((int(spec.split(":")[1]), row["top1_mean"], row["top1_std"]))
+                if pts:
+                    pts.sort()
+                    k, m, sd = zip(*pts)
+                    ax.errorbar(k, m, yerr=sd, ls=style, marker=marker, capsize=3, label=f"{method} {which}-K",
+                                color=METHOD_COLORS[method])
+        ax.set_title(f"teacher: {teacher}")
+        ax.set_xlabel("K (number of transferred layers)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, png_path)

@@ -110,6 +110,23 @@ class EvalConfig:
 
 
 @dataclass
+class TransferConfig:
+    method: str = "scratch"  # scratch | finetune | linear_probe | attn_copy | attn_distill | ensemble | copy_q | copy_k
+    teacher: str = ""  # file:<checkpoint> (a pretext encoder.pt or a timm state dict) | timm:<model name>
+    teacher_name: str = ""  # the grid's name for it (tables, tags)
+    layers: str = "all"  # all | first:K | last:K | comma-separated block indices
+    distill_weight: float = 3.0  # weight of the attention-distillation loss next to cross-entropy
+    distill_temperature: float = 1.0
+    ensemble_members: list[str] = field(default_factory=list)  # model.pt files whose probabilities are averaged
+
+
+@dataclass
+class ShiftConfig:
+    corruptions: list[str] = field(default_factory=list)  # names in vitablate.data.CORRUPTIONS, applied to test
+    severity: int = 3  # 1..5
+
+
+@dataclass
 class JobConfig:
     """Everything one job needs; saved with its outputs and logged as MLflow params."""
 
@@ -125,6 +142,8 @@ class JobConfig:
     pretext: PretextConfig = field(default_factory=PretextConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     init_from: Optional[str] = None  # a pre-trained encoder checkpoint (encoder.pt) to start from
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    shift: ShiftConfig = field(default_factory=ShiftConfig)  # distribution-shift test sets
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (question, dataset, ...)
 
 

@@ -7,6 +7,7 @@ tasks and `tracking.py` logs what they return. A job writes its outputs under
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -105,11 +106,26 @@ def epoch_batches(split, batch_size: int, seed: int):
     return batches
 
 
-def evaluate_splits(forward, data: DatasetBundle, batch_size: int, precision, transform) -> dict:
-    """Top-1 on test and on every extra test set (cue-conflict, shifted sets)."""
+def shifted_sets(cfg: JobConfig, data: DatasetBundle) -> dict:
+    """Distribution-shift test sets: the dataset's extra tests (cue-conflict, ImageFolder dirs) and
+    the configured corruptions of the test split at the configured severity."""
+    from .data import corrupt_split
+
+    sets = dict(data.extra_tests)
+    for name in cfg.shift.corruptions:
+        if not hasattr(data.test, "x"):
+            raise ValueError(f"corruption {name!r} needs an in-memory test split; {cfg.data.name} streams from disk, "
+                             "so list its shifted sets under data.extra_test_dirs instead")
+        sets[name] = corrupt_split(data.test, name, cfg.shift.severity, seed=0)
+    return sets
+
+
+def evaluate_splits(forward, data: DatasetBundle, batch_size: int, precision, transform,
+                    shifted: Optional[dict] = None) -> dict:
+    """Top-1 on test and, as top1_shift_<name>, on every shifted set."""
     out = {"top1_test": top1(*predict(forward, data.test.batches(batch_size), precision, transform))}
-    for name, split in data.extra_tests.items():
-        out[f"top1_{name}"] = top1(*predict(forward, split.batches(batch_size), precision, transform))
+    for name, split in (shifted if shifted is not None else data.extra_tests).items():
+        out[f"top1_shift_{name}"] = top1(*predict(forward, split.batches(batch_size), precision, transform))
     return out
 
 
@@ -123,41 +139,61 @@ def base_record(cfg: JobConfig) -> dict:
     }
 
 
-def train_classifier(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
-    """Supervised training from scratch (the architecture question's job)."""
+def classifier_job(cfg: JobConfig, on_epoch: OnEpoch, build: Callable) -> dict:
+    """Train and evaluate a classifier; `build(model, kw, device)` says how.
+
+    build returns (fit_module, loss_fn or None, eval_forward): the module whose state the
+    checkpoint keeps (a wrapper holding a frozen teacher, say), the loss (None: cross-entropy
+    of eval_forward) and what evaluation calls. The student `model` is what model.pt keeps.
+    """
     t0 = time.perf_counter()
     device, precision = setup(cfg)
     data = load_data(cfg, device)
     kw = model_kwargs(cfg.model, data, cfg.mixer)
     model = create_model(**kw)
-    if cfg.init_from:  # fine-tuning: every weight but the new head comes from the encoder
-        load_encoder_into(model, cfg.init_from)
-    model = model.to(device)
-    forward = torch.compile(model) if cfg.execution.compile else model
+    fit_module, loss_fn, forward = build(model, kw, device)
+    if cfg.execution.compile:
+        forward = torch.compile(forward)
     train_transform, eval_transform = make_transforms(cfg, data, device)
     tc = cfg.train
     steps_per_epoch = len(data.train) // tc.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size {tc.batch_size} exceeds the {len(data.train)} training images; lower it")
+    if loss_fn is None:
+        loss_fn = classification_loss(forward, tc.label_smoothing)
 
     def evaluate() -> dict:
-        model.eval()
+        fit_module.eval()
         return {"top1_val": top1(*predict(forward, data.val.batches(tc.eval_batch_size), precision, eval_transform))}
 
     result = fit(
-        model, classification_loss(forward, tc.label_smoothing), epoch_batches(data.train, tc.batch_size, cfg.seed),
-        steps_per_epoch, tc, precision, Checkpoint(os.path.join(cfg.output_dir, "checkpoint.pt")), cfg.seed,
-        transform=train_transform, evaluate=evaluate, on_epoch=on_epoch, meta={"config": to_dict(cfg), "model": kw},
+        fit_module, loss_fn, epoch_batches(data.train, tc.batch_size, cfg.seed), steps_per_epoch, tc, precision,
+        Checkpoint(os.path.join(cfg.output_dir, "checkpoint.pt")), cfg.seed, transform=train_transform,
+        evaluate=evaluate, on_epoch=on_epoch, meta={"config": to_dict(cfg), "model": kw},
     )
-    model.eval()
-    final = evaluate() | evaluate_splits(forward, data, tc.eval_batch_size, precision, eval_transform)
-    torch.save({"model": model.state_dict(), "model_kwargs": kw, "config": to_dict(cfg)},
-               os.path.join(cfg.output_dir, "model.pt"))
+    fit_module.eval()
+    final = evaluate() | evaluate_splits(forward, data, tc.eval_batch_size, precision, eval_transform,
+                                         shifted_sets(cfg, data))
+    path = os.path.join(cfg.output_dir, "model.pt")
+    torch.save({"model": model.state_dict(), "model_kwargs": kw, "config": to_dict(cfg)}, path + ".tmp")
+    os.replace(path + ".tmp", path)
     return base_record(cfg) | {
         "params_m": count_params(model) / 1e6, "epochs": tc.epochs, "device": str(device),
         "precision": str(precision.dtype or "float32"), "resumed_from_epoch": result.resumed_from_epoch,
         "train_s": result.train_s, "wall_s": time.perf_counter() - t0, "history": result.history, **final,
     }
+
+
+def train_classifier(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
+    """Supervised training from scratch, or from a pre-trained encoder when cfg.init_from is set."""
+
+    def build(model, kw, device):
+        if cfg.init_from:  # fine-tuning: every weight but the new head comes from the encoder
+            load_encoder_into(model, cfg.init_from)
+        model.to(device)
+        return model, None, model
+
+    return classifier_job(cfg, on_epoch, build)
 
 
 def load_encoder(path: str) -> tuple[torch.nn.Module, dict, dict]:
@@ -228,12 +264,16 @@ def _features(encoder, data: DatasetBundle, cfg: JobConfig, device, eval_transfo
 
     encoder.eval()
     bs = cfg.train.eval_batch_size
-    splits = {"train": data.train, "val": data.val, "test": data.test, **data.extra_tests}
+    splits = {"train": data.train, "val": data.val, "test": data.test,
+              **{f"shift_{n}": v for n, v in shifted_sets(cfg, data).items()}}
     return {name: extract(encoder, split.batches(bs), device, eval_transform) for name, split in splits.items()}
 
 
-def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
-    """Evaluate a pre-trained encoder: linear_probe, knn (frozen) or finetune (all weights)."""
+def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional[str] = None) -> dict:
+    """Evaluate a pre-trained encoder: linear_probe, knn (frozen) or finetune (all weights).
+
+    The encoder is cfg.init_from (a pretext encoder.pt) or, for transfer, the teacher spec.
+    """
     from .analysis.probes import fit_linear_probe, knn_accuracy, shape_bias
 
     name = cfg.eval.name
@@ -244,7 +284,12 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     t0 = time.perf_counter()
     device, precision = setup(cfg)
     data = load_data(cfg, device)
-    encoder, _, _ = load_encoder(cfg.init_from)
+    if teacher:
+        from .models.teachers import load_teacher
+
+        encoder = load_teacher(teacher, model_kwargs(cfg.model, data, "attention"))
+    else:
+        encoder, _, _ = load_encoder(cfg.init_from)
     encoder = encoder.to(device)
     _, eval_transform = make_transforms(cfg, data, device)
     feats = _features(encoder, data, cfg, device, eval_transform)
@@ -264,12 +309,12 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
                 probe = fit_linear_probe(tx, extra[f"y_{cue}"].cpu(), k, cfg.eval.probe_weight_decay)
                 out[f"top1_{cue}_probe"] = 100.0 * (probe(feats["test"][0]).argmax(-1)
                                                     == data.test.extra[f"y_{cue}"].cpu()).float().mean().item()
-            if "cue_conflict" in feats:
+            if "shift_cue_conflict" in feats:
                 # a probe trained where shape i always wore texture i, then shown conflicting cues
                 aligned = (extra["y_shape"] == extra["y_texture"]).cpu()
                 probe = fit_linear_probe(tx[aligned], extra["y_shape"].cpu()[aligned], k, cfg.eval.probe_weight_decay)
                 cc = data.extra_tests["cue_conflict"].extra
-                pred = probe(feats["cue_conflict"][0]).argmax(-1)
+                pred = probe(feats["shift_cue_conflict"][0]).argmax(-1)
                 out |= shape_bias(pred, cc["y_shape"].cpu(), cc["y_texture"].cpu())
     return base_record(cfg) | {"eval": name, "pretext": cfg.pretext.name, "device": str(device),
                                "wall_s": time.perf_counter() - t0, "history": [], **out}
@@ -327,6 +372,78 @@ def analyse_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
                                "n_images": int(x_fixed.shape[0]), "layers": per_layer.to_dicts(), "history": []}
 
 
+def load_classifier(path: str) -> torch.nn.Module:
+    """A trained classifier from its model.pt (weights and create_model kwargs)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model {path} is missing; run the job that trains it first")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model = create_model(**state["model_kwargs"])
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def ensemble(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
+    """Average the class probabilities of trained classifiers (transfer: distilled student + fine-tuned teacher)."""
+    t0 = time.perf_counter()
+    device, precision = setup(cfg)
+    data = load_data(cfg, device)
+    members = [load_classifier(p).to(device) for p in cfg.transfer.ensemble_members]
+    if len(members) < 2:
+        raise ValueError("an ensemble needs at least two members (transfer.ensemble_members)")
+    _, eval_transform = make_transforms(cfg, data, device)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([m(x).float().softmax(-1) for m in members]).mean(0)
+        return probs.clamp_min(1e-12).log()  # predict() softmaxes this back to the averaged probabilities
+
+    bs = cfg.train.eval_batch_size
+    final = {"top1_val": top1(*predict(forward, data.val.batches(bs), precision, eval_transform))}
+    final |= evaluate_splits(forward, data, bs, precision, eval_transform, shifted_sets(cfg, data))
+    return base_record(cfg) | {"device": str(device), "wall_s": time.perf_counter() - t0, "history": [], **final,
+                               "params_m": sum(count_params(m) for m in members) / 1e6}
+
+
+TRANSFER_METHODS = ("scratch", "finetune", "linear_probe", "attn_copy", "attn_distill", "ensemble", "copy_q", "copy_k")
+
+
+def transfer(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
+    """One attention-transfer method (cfg.transfer.method) for one student and teacher."""
+    from .models.teachers import load_teacher
+    from .objectives import AttentionCopy, AttentionDistillation, parse_layers
+
+    t = cfg.transfer
+    tags = {"method": t.method, "teacher": t.teacher_name or "none", "layers": t.layers}
+    if t.method not in TRANSFER_METHODS:
+        raise ValueError(f"unknown transfer method {t.method!r}; choose one of {list(TRANSFER_METHODS)}")
+    if t.method == "scratch":
+        return train_classifier(cfg, on_epoch) | tags
+    if t.method == "ensemble":
+        return ensemble(cfg, on_epoch) | tags
+    if t.method == "linear_probe":
+        probe = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, name="linear_probe"))
+        return evaluate_encoder(probe, on_epoch, teacher=t.teacher) | tags
+
+    def build(model, kw, device):
+        teacher = load_teacher(t.teacher, kw)
+        if t.method == "finetune":
+            missing, unexpected = model.load_state_dict(teacher.state_dict(), strict=False)
+            bad = [k for k in missing if not k.startswith("head")] + list(unexpected)
+            if bad:
+                raise ValueError(f"teacher {t.teacher} does not fit the student for fine-tuning: {bad[:5]}")
+            model.to(device)
+            return model, None, model
+        layers = parse_layers(t.layers, len(model.blocks))
+        if t.method == "attn_distill":
+            wrapped = AttentionDistillation(teacher, model, layers, t.distill_weight, t.distill_temperature,
+                                            cfg.train.label_smoothing).to(device)
+            return wrapped, wrapped, model  # the teacher trains the student; evaluation is the student alone
+        mode = {"attn_copy": "map", "copy_q": "q", "copy_k": "k"}[t.method]
+        wrapped = AttentionCopy(teacher, model, layers, mode=mode).to(device)
+        return wrapped, None, wrapped  # the teacher runs at test time too
+
+    return classifier_job(cfg, on_epoch, build) | tags
+
+
 def noop(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     """Trains nothing: measures the orchestration around a job (bench/)."""
     if on_epoch is not None:
@@ -339,6 +456,7 @@ JOBS: dict[str, Callable[[JobConfig, OnEpoch], dict]] = {
     "pretrain": pretrain,
     "evaluate_encoder": evaluate_encoder,
     "analyse_encoder": analyse_encoder,
+    "transfer": transfer,
     "noop": noop,
 }
 

@@ -24,13 +24,16 @@ from .config import (
     JobConfig,
     ModelConfig,
     PretextConfig,
+    ShiftConfig,
     TrainConfig,
+    TransferConfig,
     deep_merge,
     from_dict,
     to_dict,
 )
 
-QUESTIONS = ("architecture", "pretext")
+QUESTIONS = ("architecture", "pretext", "transfer")
+LAYERED_METHODS = ("attn_copy", "attn_distill")  # the methods the `layers` axis applies to
 EVALS = ("linear_probe", "finetune", "knn")
 
 
@@ -79,7 +82,73 @@ def grid(config: dict, kind: str) -> list[dict[str, Any]]:
         return base
     if kind == "pretext_eval":
         return [dict(b, eval=e) for b in base for e in s.get("evals", [])]
+    if kind == "transfer":
+        return transfer_grid(config)
     raise ValueError(f"unknown grid kind {kind!r}")
+
+
+def layers_id(spec: str) -> str:
+    """Path-safe form of a layers spec: 'first:2' -> 'first2', '0,3' -> 'l0-3', 'all' -> 'all'."""
+    spec = str(spec).replace(" ", "")
+    if spec == "all":
+        return "all"
+    if spec.startswith(("first:", "last:")):
+        return spec.replace(":", "")
+    return "l" + spec.replace(",", "-")
+
+
+def layers_spec(layer_id: str) -> str:
+    for prefix in ("first", "last"):
+        if layer_id.startswith(prefix):
+            return f"{prefix}:{layer_id[len(prefix):]}"
+    return "all" if layer_id == "all" else layer_id[1:].replace("-", ",")
+
+
+def transfer_grid(config: dict) -> list[dict[str, Any]]:
+    """(dataset, teacher, method, layers, seed) of every transfer job; scratch needs no teacher."""
+    s = config.get("transfer") or {}
+    methods, layer_ids = s.get("methods", []), [layers_id(v) for v in s.get("layers", ["all"])]
+    out = []
+    for d in s.get("datasets", []):
+        for seed in s.get("seeds", []):
+            if "scratch" in methods:
+                out.append(dict(dataset=d, teacher="none", method="scratch", layers="all", seed=seed))
+            for teacher in s.get("teachers", {}):
+                for m in methods:
+                    if m == "scratch":
+                        continue
+                    for lid in (layer_ids if m in LAYERED_METHODS else ["all"]):
+                        out.append(dict(dataset=d, teacher=teacher, method=m, layers=lid, seed=seed))
+    return out
+
+
+def transfer_dir(config: dict, dataset: str, teacher: str, method: str, layers: str, seed) -> str:
+    return os.path.join(results_dir(config), "transfer", dataset, teacher, method, layers, f"seed{seed}")
+
+
+def teacher_checkpoint(config: dict, dataset: str, teacher: str, seed) -> str | None:
+    """The file a teacher is read from (None for timm: teachers), for DAG inputs and specs."""
+    spec = (config.get("transfer") or {}).get("teachers", {}).get(teacher)
+    if spec is None:
+        raise ConfigError(f"unknown teacher {teacher!r}; transfer.teachers has {sorted(config['transfer']['teachers'])}")
+    if spec.startswith("pretext:"):
+        seeds = (config.get("pretext") or {}).get("seeds") or [0]
+        tseed = int(seed) if int(seed) in seeds else seeds[0]  # seed-matched teacher where one exists
+        return os.path.join(pretext_dir(config, dataset, spec[len("pretext:"):], tseed), "encoder.pt")
+    if spec.startswith("file:"):
+        return spec[len("file:"):]
+    return None
+
+
+def transfer_inputs(config: dict, dataset: str, teacher: str, method: str, layers: str, seed) -> list[str]:
+    """What a transfer job reads: its teacher's checkpoint; an ensemble, its two members' models."""
+    if method == "scratch":
+        return []
+    if method == "ensemble":
+        return [os.path.join(transfer_dir(config, dataset, teacher, m, "all", seed), "record.json")
+                for m in ("attn_distill", "finetune")]
+    path = teacher_checkpoint(config, dataset, teacher, seed)
+    return [path] if path else []
 
 
 # --- resolved job configs -----------------------------------------------------------------
@@ -149,11 +218,32 @@ def analysis_job(config: dict, dataset: str, pretext: str, seed) -> JobConfig:
                 eval=from_dict(EvalConfig, _layer(section.get("eval"), {"name": "analysis"}), "pretext.eval"))
 
 
+def transfer_job(config: dict, dataset: str, teacher: str, method: str, layers: str, seed) -> JobConfig:
+    section = config.get("transfer") or {}
+    if method == "scratch":
+        spec = ""
+    else:
+        spec = section["teachers"][teacher]
+        path = teacher_checkpoint(config, dataset, teacher, seed)
+        spec = f"file:{path}" if path else spec
+    members = [os.path.join(transfer_dir(config, dataset, teacher, m, "all", seed), "model.pt")
+               for m in ("attn_distill", "finetune")] if method == "ensemble" else []
+    tc = from_dict(TransferConfig, dict(
+        method=method, teacher=spec, teacher_name=teacher, layers=layers_spec(layers), ensemble_members=members,
+        **{k: section[k] for k in ("distill_weight", "distill_temperature") if k in section}), "transfer")
+    return _job(config, "transfer", "transfer", dataset, seed,
+                transfer_dir(config, dataset, teacher, method, layers, seed), "train",
+                {"teacher": teacher, "method": method, "job": "transfer"}, transfer=tc,
+                shift=from_dict(ShiftConfig, section.get("shift") or {}, "transfer.shift"),
+                eval=from_dict(EvalConfig, section.get("eval") or {}, "transfer.eval"))
+
+
 RESOLVERS = {
     "architecture": architecture_job,
     "pretrain": pretrain_job,
     "pretext_eval": pretext_eval_job,
     "analysis": analysis_job,
+    "transfer": transfer_job,
 }
 
 
@@ -183,6 +273,15 @@ def check_config(config: dict) -> None:
         seeds = section.get("seeds", [])
         if len(set(seeds)) != len(seeds):
             raise ConfigError(f"{q}.seeds has duplicates: {seeds}")
+    for teacher, spec in ((config.get("transfer") or {}).get("teachers") or {}).items():
+        if spec.startswith("pretext:"):
+            name = spec[len("pretext:"):]
+            pretexts = (config.get("pretext") or {}).get("pretexts", [])
+            if name.split("_")[0] not in pretexts:
+                raise ConfigError(f"transfer.teachers.{teacher} is {spec!r}, but pretext.pretexts {pretexts} "
+                                  f"does not pre-train {name!r}; add it there or use file:<path> / timm:<name>")
+        elif not spec.startswith(("file:", "timm:")):
+            raise ConfigError(f"transfer.teachers.{teacher} is {spec!r}; use pretext:<name>, file:<path> or timm:<name>")
     for name, entry in datasets.items():
         variant = (entry.get("model") or {}).get("variant")
         if variant is not None and variant not in VARIANTS:
@@ -250,3 +349,14 @@ def run_pretext_report(smk) -> None:
                 aggregate._atomic_write(path, "no shape/texture labels in these datasets\n")
         print(table, rep, sep="\n", file=sys.stdout)
 
+
+
+def run_transfer_report(smk) -> None:
+    from . import aggregate
+
+    with logging_to(smk.log[0] if smk.log else None):
+        table = aggregate.transfer_table(aggregate.load_records(list(smk.input.records)))
+        aggregate.write_table(table, smk.output.csv, smk.output.md)
+        aggregate.plot_transfer(table, smk.output.png)
+        aggregate.plot_transfer_layers(table, smk.output.layers_png)
+        print(table, file=sys.stdout)

@@ -1,0 +1,46 @@
+# Q3 transfer: are attention patterns enough? A student trained from scratch receives a
+# teacher's attention (copied or distilled); compared with scratch and with fine-tuning the
+# teacher. Pretext teachers are the pretext question's encoders: the DAG waits for them.
+
+TRANSFER_DIR = f"{RESULTS}/transfer/{{dataset}}/{{teacher}}/{{method}}/{{layers}}/seed{{seed}}"
+
+
+rule transfer_train:
+    input:
+        lambda wc: vw.transfer_inputs(config, **dict(wc.items())),
+    output:
+        record=f"{TRANSFER_DIR}/record.json",
+    log:
+        f"{RESULTS}/logs/transfer/{{dataset}}/{{teacher}}/{{method}}/{{layers}}/seed{{seed}}.log",
+    params:
+        job=job_params("transfer"),
+        mlflow_uri=MLFLOW_URI,
+    threads: 1  # waits on Ray; the job's resources are execution.*
+    conda:
+        ENV
+    script:
+        "scripts/job.py"
+
+
+rule transfer_report:
+    input:
+        records=grid_paths("transfer", f"{TRANSFER_DIR}/record.json"),
+    output:
+        csv=report(f"{REPORTS}/tables/transfer.csv", category="Q3 transfer",
+                   caption="../reports/captions/transfer_table.rst"),
+        md=f"{REPORTS}/tables/transfer.md",
+        png=report(f"{REPORTS}/figures/transfer.png", category="Q3 transfer",
+                   caption="../reports/captions/transfer_figure.rst"),
+        layers_png=report(f"{REPORTS}/figures/transfer_layers.png", category="Q3 transfer",
+                          caption="../reports/captions/transfer_layers_figure.rst"),
+    log:
+        f"{RESULTS}/logs/transfer/report.log",
+    conda:
+        ENV
+    script:
+        "scripts/transfer_report.py"
+
+
+rule transfer:
+    input:
+        rules_targets("transfer"),
