@@ -176,13 +176,15 @@ def test_fourier_hf_checkerboard_vs_smooth():
 
     # Exact value in float64: on the 4x4 grid the outer ring is the 7 cells with
     # f_y = -2 or f_x = -2; only the (-2, -2) corner is non-zero (amplitude 0.5 * N
-    # times the channel-mean scale), DC is N times that scale.
+    # times the channel-mean scale), DC is N times that scale. The result must not
+    # depend on eps (it did when the ring's logs were averaged).
     eps = 1e-8
     scale = chans.double().mean()
     got = fourier_hf(checker.double() * chans.double(), GRID, eps=eps)
-    ring = (torch.log(0.5 * N * scale + eps) + 6 * math.log(eps)) / 7
+    ring = torch.log(0.5 * N * scale / 7 + eps)  # log of the ring's MEAN amplitude: eps plays no part
     expected = ring - torch.log(N * scale + eps)
     assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(got, fourier_hf(checker.double() * chans.double(), GRID, eps=1e-12), atol=1e-6)
 
 
 def test_fourier_hf_nonsquare_grid():

@@ -277,9 +277,8 @@ def fourier_hf(tokens: Tensor, grid_size: Any, eps: float = 1e-8) -> Tensor:
     """Relative high-frequency log amplitude of a token map ("delta log amplitude").
 
     Tokens are laid out as a (B, C, gh, gw) feature map; the 2-D FFT amplitude is
-    averaged over channels, then ``log(amp + eps)`` is taken on the fftshift-ed
-    spectrum. The high-frequency value is the mean log amplitude over the cells
-    of the outermost ring, i.e. where
+    averaged over channels (fftshift-ed). The high-frequency value is the log of
+    the mean amplitude over the cells of the outermost ring, i.e. where
     ``max(|f_y| / (gh // 2), |f_x| / (gw // 2)) == 1`` with f the integer
     frequency index (the Nyquist index for even sides); the zero-frequency value
     is the centre cell. Returns (high - zero) averaged over images: higher (less
@@ -304,19 +303,19 @@ def fourier_hf(tokens: Tensor, grid_size: Any, eps: float = 1e-8) -> Tensor:
         raise ValueError(f"eps must be positive to keep log finite, got {eps}")
     b, n, c = tokens.shape
     fmap = tokens.transpose(1, 2).reshape(b, c, gh, gw)  # (B, C, gh, gw)
-    amp = torch.fft.fft2(fmap).abs().mean(dim=1)  # (B, gh, gw) channel-mean amplitude
-    log_amp = torch.log(torch.fft.fftshift(amp, dim=(-2, -1)) + eps)  # (B, gh, gw)
+    amp = torch.fft.fftshift(torch.fft.fft2(fmap).abs().mean(dim=1), dim=(-2, -1))  # (B, gh, gw) channel mean
 
     # Integer frequency index per shifted cell; zero frequency sits at (gh//2, gw//2).
     fy = torch.arange(gh, device=tokens.device) - gh // 2  # (gh,)
     fx = torch.arange(gw, device=tokens.device) - gw // 2  # (gw,)
     radius = torch.maximum(
-        fy.abs()[:, None].to(log_amp.dtype) / (gh // 2),
-        fx.abs()[None, :].to(log_amp.dtype) / (gw // 2),
+        fy.abs()[:, None].to(amp.dtype) / (gh // 2),
+        fx.abs()[None, :].to(amp.dtype) / (gw // 2),
     )  # (gh, gw), 1 on the outermost (Nyquist) ring
     ring = radius >= radius.max()  # (gh, gw) bool
-    high = log_amp[:, ring].mean(dim=-1)  # (B,)
-    zero = log_amp[:, gh // 2, gw // 2]  # (B,)
+    # log of the ring's mean amplitude (not the mean of logs): empty bins then cannot let eps set the value
+    high = torch.log(amp[:, ring].mean(dim=-1) + eps)  # (B,)
+    zero = torch.log(amp[:, gh // 2, gw // 2] + eps)  # (B,)
     return (high - zero).mean()
 
 
