@@ -64,6 +64,8 @@ class ExecutionConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False  # torch.compile the model (GPU runs)
     data_on_device: bool = True  # hold in-memory datasets on the job's device
+    dry_jobs: bool = False  # jobs return at once without training: orchestration benchmarks, cluster smoke tests
+    dry_job_sleep_s: float = 0.0  # how long a dry job holds its resources (to observe packing)
 
 
 @dataclass

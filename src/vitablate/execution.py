@@ -12,8 +12,14 @@ Training code never imports Ray: only this module does.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 import traceback
 from typing import Optional
 
@@ -45,6 +51,7 @@ def connect(address: Optional[str] = None) -> None:
             "no Ray cluster to submit to: set RAY_ADDRESS to a cluster's address, "
             "or run through `snakemake`, which starts a private local cluster"
         )
+    _probe(address)
     try:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     except Exception as e:
@@ -54,40 +61,110 @@ def connect(address: Optional[str] = None) -> None:
         ) from e
 
 
-def start_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None) -> str:
-    """Connect to RAY_ADDRESS, or start a private local cluster; returns its address."""
-    ray = _ray()
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when nothing listens at host:port (ray.init retries for long)."""
+    host_port = address.split("://")[-1]
+    if host_port in ("auto", "local") or ":" not in host_port:
+        return
+    host, port = host_port.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise RuntimeError(
+            f"cannot reach the Ray cluster at RAY_ADDRESS={address!r} ({e}); check the head node's address "
+            "(`ray status` there) and that its GCS port is open, or unset RAY_ADDRESS to run locally"
+        ) from None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None, timeout_s: float = 90) -> str:
+    """Connect to RAY_ADDRESS, or start a private local cluster; returns its address.
+
+    The private cluster is a `ray start --head --block` child in its own process group,
+    with its own temp dir and port and token authentication on, so that Snakemake's own
+    process never becomes a Ray driver (its Ctrl-C handling stays Snakemake's) and
+    `stop_session` stops exactly this cluster.
+    """
     if os.environ.get("RAY_ADDRESS"):
-        connect()
+        _probe(os.environ["RAY_ADDRESS"])
         return os.environ["RAY_ADDRESS"]
+    ray_cli = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
     # short path: Ray's unix sockets live under the temp dir and must stay < 108 bytes
     temp_dir = tempfile.mkdtemp(prefix="vtr", dir="/tmp")
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-             _temp_dir=temp_dir, log_to_driver=False, logging_level="ERROR")
-    address = ray.get_runtime_context().gcs_address
-    os.environ["RAY_ADDRESS"] = address  # jobs in spawned processes join this cluster
-    os.environ[_PRIVATE_ENV] = temp_dir
+    port = _free_port()
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"] == "token":
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))  # inherited by every job
+    cmd = [ray_cli, "start", "--head", "--block", f"--port={port}", f"--temp-dir={temp_dir}",
+           "--include-dashboard=false", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+    if num_cpus:
+        cmd.append(f"--num-cpus={num_cpus}")
+    if num_gpus is not None:
+        cmd.append(f"--num-gpus={num_gpus}")
+    log = open(os.path.join(temp_dir, "ray_start.log"), "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _stop(proc.pid, temp_dir)
+                raise RuntimeError(f"the private Ray cluster did not start (see {temp_dir}/ray_start.log)") from None
+            time.sleep(0.2)
+    os.environ["RAY_ADDRESS"] = address  # jobs (spawned processes) join this cluster
+    os.environ[_PRIVATE_ENV] = f"{proc.pid}:{temp_dir}"
     return address
+
+
+def _stop(pid: int, temp_dir: str) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)  # `ray start --block` stops its Ray processes on SIGTERM
+        for _ in range(100):
+            os.killpg(pid, 0)
+            time.sleep(0.1)
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def stop_session() -> None:
     """Stop the private cluster started by `start_session` (an external one is left running)."""
     ray = _ray()
-    temp_dir = os.environ.pop(_PRIVATE_ENV, None)
     if ray.is_initialized():
         ray.shutdown()
-    if temp_dir:
+    private = os.environ.pop(_PRIVATE_ENV, None)
+    if private:
+        pid, temp_dir = private.split(":", 1)
         os.environ.pop("RAY_ADDRESS", None)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        _stop(int(pid), temp_dir)
 
 
-def _execute(cfg_dict: dict, uri: Optional[str], run_id: Optional[str]) -> dict:
-    """Body of the Ray task: rebuild the config, run the job, note where it ran."""
+def _execute(cfg_dict: dict, uri: Optional[str], run_name: str = "") -> dict:
+    """Body of the Ray task: one attempt of the job, tracked as its own MLflow run.
+
+    Tracking happens here, where the job runs, so that an attempt whose worker dies leaves a
+    RUNNING run that the next attempt (Ray's retry) marks KILLED before resuming.
+    """
     from . import jobs
 
     cfg = from_dict(JobConfig, cfg_dict)
-    on_epoch = tracking.EpochLogger(uri, run_id) if uri and run_id else None
-    record = jobs.run(cfg, on_epoch)
+    run_id = tracking.start_attempt(uri, cfg_dict, run_name) if uri else None
+    try:
+        record = jobs.run(cfg, tracking.EpochLogger(uri, run_id) if run_id else None)
+    except BaseException as e:
+        if run_id:
+            tracking.fail_run(uri, run_id, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        raise
+    record["mlflow_run_id"] = run_id
     try:
         import ray
 
@@ -96,6 +173,10 @@ def _execute(cfg_dict: dict, uri: Optional[str], run_id: Optional[str]) -> dict:
         record["ray_gpu_ids"] = [str(g) for g in ray.get_gpu_ids()]
     except Exception:  # running outside Ray (tests call _execute directly)
         pass
+    write_json(os.path.join(cfg.output_dir, "config.json"), cfg_dict)
+    if run_id:
+        files = tuple(record[k] for k in ("analysis_path",) if record.get(k))
+        tracking.finish_run(uri, run_id, record, artifacts=files)
     return record
 
 
@@ -107,47 +188,47 @@ def _unwrap(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def submit(cfg: JobConfig, uri: Optional[str], run_id: Optional[str]):
-    """Submit one job as a Ray task with the resources its config asks for; returns the ObjectRef."""
+def submit(cfg: JobConfig, uri: Optional[str]):
+    """Submit one job as a Ray task with the resources its config asks for; returns the ObjectRef.
+
+    max_retries re-runs the task when its worker process dies (a system failure); an
+    exception raised by the job itself is not retried: it would fail again the same way.
+    """
     ray = _ray()
     ex = cfg.execution
     task = ray.remote(_execute).options(
         num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_retries=ex.max_retries, retry_exceptions=False,
         name=f"{cfg.question}:{os.path.basename(cfg.output_dir.rstrip('/'))}",
     )
-    return task.remote(to_dict(cfg), uri, run_id)
+    return task.remote(to_dict(cfg), uri, _run_name(cfg))
 
 
 def run_job(cfg: JobConfig, record_path: str, uri: Optional[str] = None) -> dict:
-    """Run one job on the Ray cluster inside an MLflow run; write its record atomically.
+    """Run one job on the Ray cluster (tracked in MLflow when `uri` is given); write its record atomically.
 
-    uri: the MLflow tracking URI (None: no tracking). Raises JobFailed with the job's
-    own error; the MLflow run then ends FAILED and nothing another job finished is touched.
+    Raises JobFailed with the job's own error. Whatever happened, the job's MLflow run does
+    not stay RUNNING, and nothing another job finished is touched.
     """
     connect()
     ray = _ray()
-    cfg_dict = to_dict(cfg)
-    track = uri is not None
-    run_id = tracking.start_run(uri, cfg_dict, run_name=_run_name(cfg)) if track else None
     try:
-        record = ray.get(submit(cfg, uri, run_id))
+        record = ray.get(submit(cfg, uri))
     except BaseException as e:
         message = _unwrap(e)
-        if track:
+        latest = tracking.latest_run(cfg.output_dir) if uri else None
+        if latest:  # the worker died on its last attempt, or we were interrupted: end its run
             status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-            tracking.fail_run(uri, run_id, message + "\n" + traceback.format_exc(), status)
+            try:
+                tracking.end_if_running(uri, latest["run_id"], message, status)
+            except Exception:  # the store is unreachable: the error below still says what failed
+                pass
         if isinstance(e, KeyboardInterrupt):
             raise
         raise JobFailed(f"job {cfg.output_dir} failed: {message}") from None
-    record["mlflow_run_id"] = run_id
-    write_json(os.path.join(cfg.output_dir, "config.json"), cfg_dict)
     write_json(record_path, record)
-    if track:
-        files = tuple(record[k] for k in ("analysis_path",) if record.get(k))
-        tracking.finish_run(uri, run_id, record, artifacts=files)
     return record
 
 
 def _run_name(cfg: JobConfig) -> str:
-    parts = [cfg.data.name, cfg.mixer] + [str(v) for k, v in sorted(cfg.tags.items()) if k != "question"]
+    parts = [cfg.data.name] + [str(v) for k, v in sorted(cfg.tags.items()) if k not in ("question", "dataset", "job")]
     return "-".join(parts + [f"s{cfg.seed}"])

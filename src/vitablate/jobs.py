@@ -219,6 +219,11 @@ def load_encoder_into(model: torch.nn.Module, path: str) -> None:
         raise ValueError(f"encoder {path} ({kw}) does not fit this model: mismatched weights {bad[:5]}")
 
 
+def pretext_id(cfg: JobConfig) -> str:
+    """The grid's name for the pretext (hybrid_0.2 carries its lambda)."""
+    return cfg.tags.get("pretext", cfg.pretext.name)
+
+
 def encoder_kwargs(cfg: JobConfig, data: DatasetBundle) -> dict:
     return model_kwargs(cfg.model, data, "attention") | {"num_classes": 0}  # pooled features out
 
@@ -251,7 +256,7 @@ def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     torch.save({"model": encoder.state_dict(), "model_kwargs": kw, "config": to_dict(cfg)}, tmp)
     os.replace(tmp, path)
     return base_record(cfg) | {
-        "pretext": cfg.pretext.name, "params_m": count_params(encoder) / 1e6, "epochs": tc.epochs,
+        "pretext": pretext_id(cfg), "params_m": count_params(encoder) / 1e6, "epochs": tc.epochs,
         "final_loss": result.history[-1]["train_loss"], "device": str(device), "train_s": result.train_s,
         "resumed_from_epoch": result.resumed_from_epoch, "wall_s": time.perf_counter() - t0,
         "history": result.history,
@@ -278,7 +283,7 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional
 
     name = cfg.eval.name
     if name == "finetune":
-        return train_classifier(cfg, on_epoch) | {"eval": name, "pretext": cfg.pretext.name}
+        return train_classifier(cfg, on_epoch) | {"eval": name, "pretext": pretext_id(cfg)}
     if name not in ("linear_probe", "knn"):
         raise ValueError(f"unknown eval {name!r}; choose linear_probe, finetune or knn")
     t0 = time.perf_counter()
@@ -316,7 +321,7 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional
                 cc = data.extra_tests["cue_conflict"].extra
                 pred = probe(feats["shift_cue_conflict"][0]).argmax(-1)
                 out |= shape_bias(pred, cc["y_shape"].cpu(), cc["y_texture"].cpu())
-    return base_record(cfg) | {"eval": name, "pretext": cfg.pretext.name, "device": str(device),
+    return base_record(cfg) | {"eval": name, "pretext": pretext_id(cfg), "device": str(device),
                                "wall_s": time.perf_counter() - t0, "history": [], **out}
 
 
@@ -368,7 +373,7 @@ def analyse_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     table.write_parquet(path + ".tmp")
     os.replace(path + ".tmp", path)
     per_layer = table.group_by(["layer", "metric"]).agg(pl.col("value").mean()).sort(["metric", "layer"])
-    return base_record(cfg) | {"pretext": cfg.pretext.name, "analysis_path": path, "wall_s": time.perf_counter() - t0,
+    return base_record(cfg) | {"pretext": pretext_id(cfg), "analysis_path": path, "wall_s": time.perf_counter() - t0,
                                "n_images": int(x_fixed.shape[0]), "layers": per_layer.to_dicts(), "history": []}
 
 
@@ -445,10 +450,14 @@ def transfer(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
 
 
 def noop(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
-    """Trains nothing: measures the orchestration around a job (bench/)."""
+    """Trains nothing (execution.dry_jobs): measures the orchestration around a job, shows placement."""
+    start = time.time()
+    if cfg.execution.dry_job_sleep_s:
+        time.sleep(cfg.execution.dry_job_sleep_s)
     if on_epoch is not None:
-        on_epoch(1, {"epoch": 1})
-    return base_record(cfg) | {"history": [{"epoch": 1}], "top1_test": 0.0}
+        on_epoch(1, {"epoch": 1, "train_loss": 0.0})
+    return base_record(cfg) | {"history": [{"epoch": 1}], "top1_test": 0.0, "top1_val": 0.0, "params_m": 0.0,
+                               "start_time": start, "end_time": time.time(), "dry": True}
 
 
 JOBS: dict[str, Callable[[JobConfig, OnEpoch], dict]] = {
@@ -462,6 +471,8 @@ JOBS: dict[str, Callable[[JobConfig, OnEpoch], dict]] = {
 
 
 def run(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
+    if cfg.execution.dry_jobs:
+        return noop(cfg, on_epoch)
     if cfg.job not in JOBS:
         raise ValueError(f"unknown job {cfg.job!r}; choose one of {sorted(JOBS)}")
     return JOBS[cfg.job](cfg, on_epoch)

@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import random
+import socket
 import tempfile
 import threading
 import time
@@ -61,16 +62,35 @@ def client(uri: str):
     """An MlflowClient whose store exists and is migrated (once per process and URI)."""
     from mlflow import MlflowClient
 
-    c = MlflowClient(tracking_uri=uri)
-    if uri not in _ready:
-        with _store_lock(uri):
-            c.search_experiments(max_results=1)  # forces creation / migration of the store
-        _ready.add(uri)
+    if uri in _ready:
+        return MlflowClient(tracking_uri=uri)
+    with _store_lock(uri):  # constructing the client already creates / migrates a SQLite store
+        c = MlflowClient(tracking_uri=uri)
+        c.search_experiments(max_results=1)
+    _ready.add(uri)
     return c
 
 
+def probe(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds when a tracking server does not answer (MLflow's client retries for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    from urllib.parse import urlparse
+
+    u = urlparse(uri)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        socket.create_connection((u.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise RuntimeError(
+            f"cannot reach the MLflow tracking server at MLFLOW_TRACKING_URI={uri!r} ({e}); start it "
+            "(`mlflow server ...`), fix the URI, or unset MLFLOW_TRACKING_URI to log to results/mlflow.db"
+        ) from None
+
+
 def prepare(uri: str, experiments: list[str]) -> None:
-    """Create the store and the experiments before jobs start (called by the workflow's onstart)."""
+    """Check the store and create the experiments before any job starts (the workflow's onstart)."""
+    probe(uri)
     c = client(uri)
     with _store_lock(uri):
         for name in experiments:
@@ -122,13 +142,54 @@ def job_tags(cfg: dict) -> dict[str, str]:
     return {k: str(v) for k, v in tags.items() if v is not None and k in TAG_KEYS}
 
 
-def start_run(uri: str, cfg: dict, run_name: str | None = None) -> str:
+def start_attempt(uri: str, cfg: dict, run_name: str | None = None) -> str:
+    """One MLflow run per attempt of a job; called where the job runs (the Ray worker).
+
+    If the job's previous attempt left its run RUNNING (its worker was killed, or the whole
+    workflow was), that run is ended KILLED with a note, and the new run says which attempt
+    it is. The marker `<output_dir>/mlflow_run.json` remembers the latest run of the job.
+    """
+    marker = os.path.join(cfg["output_dir"], "mlflow_run.json")
+    attempt, previous = 1, None
+    if os.path.exists(marker):
+        with open(marker) as f:
+            previous = json.load(f)
+        c = client(uri)
+        try:
+            status = retry(lambda: c.get_run(previous["run_id"]).info.status, "read previous run")
+        except RuntimeError:
+            status = None  # another store, or the run was deleted
+        if status == "RUNNING":
+            attempt = previous.get("attempt", 1) + 1
+            note = (f"attempt {attempt - 1} was interrupted (its worker died or the workflow was stopped); "
+                    f"attempt {attempt} resumes from the last checkpoint")
+            retry(lambda: c.set_tag(previous["run_id"], "interrupted", note), "tag interrupted run")
+            retry(lambda: c.set_terminated(previous["run_id"], "KILLED"), "end interrupted run")
+    run_id = start_run(uri, cfg, run_name=run_name, extra_tags={"attempt": str(attempt)})
+    os.makedirs(cfg["output_dir"], exist_ok=True)
+    tmp = f"{marker}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"run_id": run_id, "attempt": attempt, "uri": uri}, f)
+    os.replace(tmp, marker)
+    return run_id
+
+
+def latest_run(output_dir: str) -> dict | None:
+    marker = os.path.join(output_dir, "mlflow_run.json")
+    if not os.path.exists(marker):
+        return None
+    with open(marker) as f:
+        return json.load(f)
+
+
+def start_run(uri: str, cfg: dict, run_name: str | None = None, extra_tags: dict | None = None) -> str:
     """Create the job's run (RUNNING) with its params and tags; returns the run id."""
     from mlflow.entities import Param
 
     c = client(uri)
     exp = retry(lambda: experiment_id(c, cfg["question"]), "experiment lookup")
-    run = retry(lambda: c.create_run(exp, tags=job_tags(cfg), run_name=run_name), "create_run")
+    tags = job_tags(cfg) | (extra_tags or {})
+    run = retry(lambda: c.create_run(exp, tags=tags, run_name=run_name), "create_run")
     params = [Param(k, str(v)[:6000]) for k, v in sorted(flatten(cfg).items())]
     for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
         retry(lambda: c.log_batch(run.info.run_id, params=params[i:i + 100]), "log params")
@@ -184,3 +245,10 @@ def fail_run(uri: str, run_id: str, error: str, status: str = "FAILED") -> None:
         _log_json_artifact(c, run_id, "error.json", {"error": error})
     finally:
         retry(lambda: c.set_terminated(run_id, status), "end run")
+
+
+def end_if_running(uri: str, run_id: str, error: str, status: str = "FAILED") -> None:
+    """End a run the job could not end itself (its worker died): FAILED with the error, or KILLED."""
+    c = client(uri)
+    if retry(lambda: c.get_run(run_id).info.status, "read run") == "RUNNING":
+        fail_run(uri, run_id, error, status)

@@ -153,7 +153,13 @@ class FolderSplit(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x, t = self.folder[int(self.indices[i])]
+        j = int(self.indices[i])
+        try:
+            x, t = self.folder[j]
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            path = self.folder.samples[j][0]
+            raise RuntimeError(f"image {path} cannot be read ({type(e).__name__}: {e}); "
+                               "replace or delete the file, then re-run") from e
         return x, int(self._remap[t])
 
     def to(self, device: torch.device | str) -> "FolderSplit":

@@ -1,0 +1,74 @@
+"""The multi-machine path on loopback: an existing two-node Ray cluster (RAY_ADDRESS), each node
+declaring 2 GPUs, token authentication on, jobs asking for half a GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+
+from conftest import read_config, snakemake, write_config
+from test_e2e_architecture import _private_ray_processes
+
+
+def _max_overlap(intervals):
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda t: (t[0], t[1]))
+    best = cur = 0
+    for _, d in events:
+        cur += d
+        best = max(best, cur)
+    return best
+
+
+@pytest.fixture
+def two_node_cluster(monkeypatch):
+    from ray.cluster_utils import Cluster
+
+    token = secrets.token_hex(16)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # every process of the cluster and every driver
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=4, num_gpus=2))
+    cluster.add_node(num_cpus=4, num_gpus=2)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    finally:
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_jobs_spread_over_two_gpu_nodes(workflow, two_node_cluster):
+    cluster, auth = two_node_cluster
+    config = read_config(workflow)
+    config = {k: v for k, v in config.items() if k not in ("pretext", "transfer")}
+    config["architecture"].update(mixers=["attention", "feedforward", "pooling", "identity"], seeds=[0, 1, 2, 3])
+    config["execution"].update(num_gpus=0.5, num_cpus=0.5, dry_jobs=True, dry_job_sleep_s=15)
+    write_config(workflow, config)
+    r = snakemake(workflow, "--cores", "16", "architecture", env={"RAY_ADDRESS": cluster.address, **auth})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    records = [json.loads(p.read_text()) for p in Path(workflow, "results/architecture").rglob("record.json")]
+    assert len(records) == 16
+    nodes = {rec["ray_node_id"] for rec in records}
+    assert len(nodes) == 2, "jobs should run on both nodes"
+    # each job saw the GPU Ray gave it: half of GPU 0 or 1 of its node
+    assert all(rec["cuda_visible_devices"] in ("0", "1") for rec in records), [r["cuda_visible_devices"] for r in records]
+    assert all(rec["ray_gpu_ids"] == [rec["cuda_visible_devices"]] for rec in records)
+    overlap = _max_overlap([(rec["start_time"], rec["end_time"]) for rec in records])
+    assert overlap == 8, f"4 declared GPUs / 0.5 per job allow 8 at once; saw {overlap}"
+    assert not _private_ray_processes(), "with RAY_ADDRESS set the workflow must not start its own Ray"
+
+
+@pytest.mark.slow
+def test_unreachable_ray_address_is_a_clear_error(workflow):
+    config = read_config(workflow)
+    config = {k: v for k, v in config.items() if k not in ("pretext", "transfer")}
+    config["architecture"].update(mixers=["identity"], seeds=[0])
+    config["execution"].update(dry_jobs=True)
+    write_config(workflow, config)
+    r = snakemake(workflow, "--cores", "1", "architecture", env={"RAY_ADDRESS": "127.0.0.1:1"}, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "RAY_ADDRESS" in out and "127.0.0.1:1" in out
