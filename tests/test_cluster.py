@@ -25,11 +25,10 @@ def _max_overlap(intervals):
 
 @pytest.fixture
 def two_node_cluster(monkeypatch):
-    from ray.cluster_utils import Cluster
-
     token = secrets.token_hex(16)
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # every process of the cluster and every driver
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    from ray.cluster_utils import Cluster  # after the env: Ray reads RAY_AUTH_MODE when imported
     cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=4, num_gpus=2))
     cluster.add_node(num_cpus=4, num_gpus=2)
     cluster.wait_for_nodes()
