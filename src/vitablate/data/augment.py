@@ -17,9 +17,14 @@ from torch import Tensor, nn
 
 
 def normalize(x: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
-    """(x - mean) / std per channel; x (B, C, H, W)."""
+    """(x - mean) / std per channel; x (B, C, H, W), mean/std one value per channel."""
     mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    if x.ndim != 4 or mean.shape[1] != x.shape[1] or std.shape[1] != x.shape[1]:
+        # Without this, 1-channel stats would silently broadcast over RGB images.
+        raise ValueError(f"normalize got {mean.shape[1]} means and {std.shape[1]} stds for x of shape "
+                         f"{tuple(x.shape)}; pass one value per channel of a (B, C, H, W) batch "
+                         "(e.g. bundle.mean, bundle.std)")
     return (x - mean) / std
 
 
