@@ -23,7 +23,7 @@ def test_tiny_transfer_run(workflow, tmp_path):
     config["pretext"]["pretrain"]["epochs"] = 1
     t = config["transfer"]
     t.update(teachers={"mae": "pretext:mae", "ext": f"file:{ext}"}, seeds=[0], layers=["all", "first:1"],
-             methods=["scratch", "finetune", "linear_probe", "attn_copy", "attn_distill", "ensemble", "copy_k"])
+             methods=["scratch", "finetune", "linear_probe", "attn_copy", "attn_distill", "ensemble"])
     t["train"]["epochs"] = 1
     write_config(workflow, config)
     r = snakemake(workflow, "--cores", "2", "transfer")
@@ -38,7 +38,7 @@ def test_tiny_transfer_run(workflow, tmp_path):
     for teacher in ("mae", "ext"):
         sub = table.filter(pl.col("teacher") == teacher)
         assert set(sub["method"]) == {"scratch", "finetune", "linear_probe", "attn_copy", "attn_distill",
-                                      "ensemble", "copy_k"}
+                                      "ensemble"}
         assert set(sub.filter(pl.col("method") == "attn_copy")["layers"]) == {"all", "first:1"}
         gap = {r["method"]: r["gap_closed"] for r in sub.filter(pl.col("layers") == "all").iter_rows(named=True)}
         assert gap["scratch"] == pytest.approx(0) and gap["finetune"] == pytest.approx(1)
@@ -47,7 +47,7 @@ def test_tiny_transfer_run(workflow, tmp_path):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workflow}/results/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("transfer").experiment_id])
-    assert len(runs) == 1 + 2 * 8 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len(runs) == 1 + 2 * 7 and {r.info.status for r in runs} == {"FINISHED"}
     assert {r.data.tags["teacher"] for r in runs} == {"none", "mae", "ext"}
     assert {r.data.tags["method"] for r in runs} >= {"attn_copy", "attn_distill", "ensemble"}
     assert all("top1_shift_gaussian_noise" in r.data.metrics for r in runs)

@@ -128,3 +128,32 @@ def test_precision_choice():
     assert pick_precision(torch.device("cuda"), "auto").dtype is torch.bfloat16
     with pytest.raises(ValueError, match="auto, fp32 or bf16"):
         pick_precision(torch.device("cpu"), "fp16")
+
+
+def test_checkpoint_of_another_config_is_not_resumed(tmp_path):
+    """A job whose settings changed (Snakemake re-runs it) must train afresh, not 'resume' a finished run."""
+    x, y = _problem()
+    cfg_long = TrainConfig(epochs=4, batch_size=16, lr=3e-3, warmup_epochs=1)
+    cfg_short = TrainConfig(epochs=2, batch_size=16, lr=3e-3, warmup_epochs=1)
+    prec = pick_precision(torch.device("cpu"), "fp32")
+    ck = Checkpoint(str(tmp_path / "c.pt"))
+
+    def model():
+        torch.manual_seed(0)
+        return create_model(mixer="attention", img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2,
+                            num_classes=2, in_chans=1)
+
+    def batches(epoch):
+        return [(x[i:i + 16], y[i:i + 16]) for i in range(0, len(x), 16)]
+
+    m = model()
+    fit(m, classification_loss(m, 0.1), batches, 6, cfg_long, prec, ck, 0, meta={"config": {"train": {"epochs": 4}}})
+    m2 = model()
+    short = fit(m2, classification_loss(m2, 0.1), batches, 6, cfg_short, prec, ck, 0,
+                meta={"config": {"train": {"epochs": 2}, "execution": {"num_cpus": 4}}})
+    assert short.resumed_from_epoch == 0 and len(short.history) == 2
+    # the same config (only resources differ) does resume
+    m3 = model()
+    again = fit(m3, classification_loss(m3, 0.1), batches, 6, cfg_short, prec, ck, 0,
+                meta={"config": {"train": {"epochs": 2}, "execution": {"num_cpus": 1}}})
+    assert again.resumed_from_epoch == 2

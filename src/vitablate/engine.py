@@ -138,6 +138,16 @@ class Checkpoint:
             ) from e
 
 
+def _same_job(saved: dict, current: dict) -> bool:
+    """Whether a checkpoint's meta describes the job now running (resources may differ on a retry)."""
+    def strip(meta: dict) -> dict:
+        cfg = dict(meta.get("config") or {})
+        cfg.pop("execution", None)
+        return {**meta, "config": cfg}
+
+    return strip(saved) == strip(current)
+
+
 @dataclass
 class FitResult:
     history: list[dict] = field(default_factory=list)  # one dict of metrics per epoch
@@ -183,6 +193,10 @@ def fit(
     result = FitResult()
     start_epoch = 0
     state = checkpoint.load()
+    if state is not None and not _same_job(state.get("meta", {}), meta or {}):
+        # a checkpoint of another config (the job's settings changed since): never resume it
+        print(f"[vitablate] {checkpoint.path} belongs to a different config; training from scratch", flush=True)
+        state = None
     if state is not None:
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
