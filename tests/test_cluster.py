@@ -4,7 +4,6 @@ declaring 2 GPUs, token authentication on, jobs asking for half a GPU."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from pathlib import Path
 
