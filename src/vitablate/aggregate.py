@@ -77,30 +77,28 @@ PALETTE = {
 }
 
 
+def _bars(ax, sub: pl.DataFrame, labels: list[str], colors: dict, title: str, xlabel: str, rotation: int) -> None:
+    """One panel: top-1 mean per label with std error bars over seeds."""
+    ax.bar(labels, sub["top1_mean"].to_list(), yerr=sub["top1_std"].to_list(), capsize=3,
+           color=[colors.get(v, "#333333") for v in labels])
+    ax.set_title(title)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_xlabel(xlabel)
+    ax.tick_params(axis="x", rotation=rotation)
+    ax.set_ylim(0, 100)
+
+
 def plot_architecture(table: pl.DataFrame, png_path: str) -> None:
     """Top-1 per mixer with error bars (std over seeds), one panel per dataset."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     datasets = table["dataset"].unique(maintain_order=True).to_list()
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
     for ax, name in zip(axes[0], datasets):
         sub = table.filter(pl.col("dataset") == name)
-        mixers = sub["mixer"].to_list()
-        ax.bar(mixers, sub["top1_mean"].to_list(), yerr=sub["top1_std"].to_list(), capsize=4,
-               color=[PALETTE.get(m, "#333333") for m in mixers])
-        n = sub["n_seeds"].max()
-        ax.set_title(f"{name} (mean ± std over {n} seeds)")
-        ax.set_ylabel("test top-1 (%)")
-        ax.set_xlabel("token mixer")
-        ax.tick_params(axis="x", rotation=30)
-        ax.set_ylim(0, 100)
+        _bars(ax, sub, sub["mixer"].to_list(), PALETTE, f"{name} (mean ± std over {sub['n_seeds'].max()} seeds)",
+              "token mixer", 30)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(png_path) or ".", exist_ok=True)
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
+    _save(fig, png_path)
 
 
 # --- Q2 pretext --------------------------------------------------------------------------
@@ -277,17 +275,11 @@ def plot_transfer(table: pl.DataFrame, png_path: str) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
     for ax, (dataset, teacher) in zip(axes[0], panels):
         sub = sub_all.filter((pl.col("dataset") == dataset) & (pl.col("teacher") == teacher))
-        methods = sub["method"].to_list()
-        ax.bar(methods, sub["top1_mean"].to_list(), yerr=sub["top1_std"].to_list(), capsize=3,
-               color=[METHOD_COLORS.get(m, "#333") for m in methods])
+        _bars(ax, sub, sub["method"].to_list(), METHOD_COLORS, f"{dataset}, teacher: {teacher}",
+              "method (all layers)", 40)
         scratch = sub.filter(pl.col("method") == "scratch")["top1_mean"].to_list()
         if scratch:
             ax.axhline(scratch[0], ls="--", color="#7f7f7f", lw=1)
-        ax.set_title(f"{dataset}, teacher: {teacher}")
-        ax.set_ylabel("test top-1 (%)")
-        ax.set_xlabel("method (all layers)")
-        ax.tick_params(axis="x", rotation=40)
-        ax.set_ylim(0, 100)
     fig.tight_layout()
     _save(fig, png_path)
 

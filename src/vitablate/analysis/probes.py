@@ -56,13 +56,6 @@ def fit_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: 
     return predict
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_sets: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                 num_classes: int, weight_decay: float = 1e-3) -> dict[str, float]:
-    """Top-1 (%) of a linear probe on each named (features, labels) test set."""
-    predict = fit_linear_probe(train_x, train_y, num_classes, weight_decay)
-    return {n: 100.0 * (predict(x).argmax(-1) == y).float().mean().item() for n, (x, y) in test_sets.items()}
-
-
 def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  num_classes: int, k: int = 20, temperature: float = 0.07) -> float:
     """Weighted k-NN on cosine similarity (weights exp(sim / T), as in DINO's evaluation); top-1 %."""
