@@ -20,9 +20,24 @@ class ConfigError(ValueError):
     """A config value is wrong; the message names the key and what is allowed."""
 
 
+# Named model sizes (timm's names where they exist). Config `model.variant` picks one; other
+# model keys override its fields.
+VARIANTS: dict[str, dict] = {
+    "vit_digits": dict(img_size=8, patch_size=2, embed_dim=64, depth=4, num_heads=4),
+    "vit_shapes": dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4),
+    "vit_tiny_patch4_32": dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch4_32": dict(img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=6),
+    "vit_tiny_patch16_224": dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16_224": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16_224": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16_224": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "vit_large_patch32_224": dict(img_size=224, patch_size=32, embed_dim=1024, depth=24, num_heads=16),
+}
+
+
 @dataclass
 class ModelConfig:
-    variant: Optional[str] = None  # a key of vitablate.models.VARIANTS; fields below override it
+    variant: Optional[str] = None  # a key of VARIANTS above; fields below override it
     img_size: Optional[int] = None  # pixels; None -> the dataset's native size
     patch_size: Optional[int] = None  # pixels
     embed_dim: Optional[int] = None  # width

@@ -11,6 +11,7 @@ Training code never imports Ray: only this module does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Optional
+from typing import Callable, Optional
 
 from . import tracking
 from .config import JobConfig, from_dict, to_dict
@@ -92,7 +93,14 @@ def start_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None
     """
     if os.environ.get("RAY_ADDRESS"):
         _probe(os.environ["RAY_ADDRESS"])
-        return os.environ["RAY_ADDRESS"]
+        address = os.environ["RAY_ADDRESS"]
+    else:
+        address = _start_private_cluster(num_cpus, num_gpus, timeout_s)
+    _start_dispatcher(timeout_s)
+    return address
+
+
+def _start_private_cluster(num_cpus: Optional[int], num_gpus: Optional[int], timeout_s: float) -> str:
     ray_cli = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
     # short path: Ray's unix sockets live under the temp dir and must stay < 108 bytes
     temp_dir = tempfile.mkdtemp(prefix="vtr", dir="/tmp")
@@ -124,20 +132,79 @@ def start_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None
     return address
 
 
+def _start_dispatcher(timeout_s: float) -> None:
+    """The run's single Ray driver (see dispatcher.py); job processes find it through $VITABLATE_DISPATCHER."""
+    from .dispatcher import ENV
+
+    temp_dir = tempfile.mkdtemp(prefix="vtd", dir="/tmp")
+    path = os.path.join(temp_dir, "d.sock")
+    log_path = os.path.join(temp_dir, "dispatcher.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "vitablate.dispatcher", "--socket", path],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            with open(log_path) as f:
+                cause = f.read().strip().splitlines()[-1:] or ["no output"]
+            _stop(proc.pid, temp_dir)
+            stop_session()
+            raise RuntimeError(f"the vitablate dispatcher did not start: {cause[0]}")
+        time.sleep(0.05)
+    os.environ[ENV] = f"{proc.pid}:{path}"
+
+
 def _stop(pid: int, temp_dir: str) -> None:
     try:
         os.killpg(pid, signal.SIGTERM)  # `ray start --block` stops its Ray processes on SIGTERM
         for _ in range(100):
-            os.killpg(pid, 0)
+            _reap(pid)
+            os.killpg(pid, 0)  # raises once no process of the group is left
             time.sleep(0.1)
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    _reap(pid)
+    _kill_stragglers(temp_dir)
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _kill_stragglers(temp_dir: str, timeout_s: float = 10.0) -> None:
+    """Wait for, then kill, processes still naming `temp_dir` (Ray daemons outside the process group)."""
+    import psutil
+
+    def left() -> list:
+        out = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if temp_dir in " ".join(p.info["cmdline"] or []):
+                    out.append(p)
+            except psutil.Error:
+                pass
+        return out
+
+    _, alive = psutil.wait_procs(left(), timeout=timeout_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status of our child `pid` if it has exited (a zombie still counts as alive)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child (started by another process) or already reaped
+        pass
 
 
 def stop_session() -> None:
     """Stop the private cluster started by `start_session` (an external one is left running)."""
+    from .dispatcher import ENV
+
+    dispatcher = os.environ.pop(ENV, None)
+    if dispatcher:
+        pid, path = dispatcher.split(":", 1)
+        _stop(int(pid), os.path.dirname(path))
     ray = _ray()
     if ray.is_initialized():
         ray.shutdown()
@@ -203,16 +270,29 @@ def submit(cfg: JobConfig, uri: Optional[str]):
     return task.remote(to_dict(cfg), uri, _run_name(cfg))
 
 
-def run_job(cfg: JobConfig, record_path: str, uri: Optional[str] = None) -> dict:
+def _wait(ref, cancelled: Optional[Callable[[], bool]]):
+    """ray.get, but give up (cancel the task, raise KeyboardInterrupt) once `cancelled()` is true."""
+    ray = _ray()
+    if cancelled is None:
+        return ray.get(ref)
+    while not ray.wait([ref], timeout=0.5)[0]:
+        if cancelled():
+            ray.cancel(ref, force=True)
+            raise KeyboardInterrupt("the job's Snakemake process went away")
+    return ray.get(ref)
+
+
+def run_job(cfg: JobConfig, record_path: str, uri: Optional[str] = None,
+            cancelled: Optional[Callable[[], bool]] = None) -> dict:
     """Run one job on the Ray cluster (tracked in MLflow when `uri` is given); write its record atomically.
 
     Raises JobFailed with the job's own error. Whatever happened, the job's MLflow run does
-    not stay RUNNING, and nothing another job finished is touched.
+    not stay RUNNING, and nothing another job finished is touched. `cancelled` (polled while
+    waiting) lets the dispatcher drop a job whose Snakemake process is gone.
     """
     connect()
-    ray = _ray()
     try:
-        record = ray.get(submit(cfg, uri))
+        record = _wait(submit(cfg, uri), cancelled)
     except BaseException as e:
         message = _unwrap(e)
         latest = tracking.latest_run(cfg.output_dir) if uri else None

@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from .config import (
+    VARIANTS,
     ConfigError,
     DataConfig,
     EvalConfig,
@@ -257,8 +258,6 @@ def check_config(config: dict) -> None:
 
     Also resolves one job of every kind, so that type errors surface before any job runs.
     """
-    from .models import VARIANTS
-
     datasets = config.get("datasets", {})
     for q in QUESTIONS:
         section = config.get(q)
@@ -306,13 +305,18 @@ def logging_to(path: str | None):
 
 def run_job_rule(smk) -> None:
     """Body of every job rule's script: run its job on Ray inside an MLflow run."""
-    from .execution import run_job
+    from . import dispatcher
 
     cfg = from_dict(JobConfig, smk.params.job)
     with logging_to(smk.log[0] if smk.log else None):
         print(f"[vitablate] {cfg.job} {cfg.output_dir} -> Ray (RAY_ADDRESS={os.environ.get('RAY_ADDRESS')})",
               flush=True)
-        record = run_job(cfg, smk.output.record, uri=smk.params.mlflow_uri)
+        if os.environ.get(dispatcher.ENV):  # the run's one Ray driver (started by the Snakefile's onstart)
+            record = dispatcher.submit(to_dict(cfg), smk.output.record, smk.params.mlflow_uri)
+        else:
+            from .execution import run_job
+
+            record = run_job(cfg, smk.output.record, uri=smk.params.mlflow_uri)
         print(f"[vitablate] done: top1_test={record.get('top1_test')} on {record.get('host')} "
               f"node={str(record.get('ray_node_id', ''))[:8]} wall={record.get('wall_s', 0):.1f}s", flush=True)
 

@@ -1,8 +1,8 @@
 """timm VisionTransformer factory, token mixers, attention capture and override."""
 
+from ..config import VARIANTS
 from .factory import (
     MIXERS,
-    VARIANTS,
     Geometry,
     attention_maps,
     attention_modules,

@@ -2,7 +2,8 @@
 
 Every model is timm's `VisionTransformer`; the mixer only picks the classes passed
 as `attn_layer` (token mixing) and `mlp_layer` (channel mixing). Config names map
-to classes through `MIXERS`; named sizes live in `VARIANTS`.
+to classes through `MIXERS`; named sizes live in
+`vitablate.config.VARIANTS` (checking a config needs no torch).
 """
 
 from __future__ import annotations
@@ -38,20 +39,6 @@ MIXERS: dict[str, Callable[[Geometry], tuple[type, Callable]]] = {
     "attention_only": lambda g: (MixingAttention, bind(FeatureAttention, num_tokens=g.num_tokens)),
     "pooling": lambda g: (bind(PoolingMixer, grid_size=g.grid_size, num_prefix_tokens=g.num_prefix_tokens), Mlp),
     "identity": lambda g: (IdentityMixer, Mlp),
-}
-
-# Named sizes (timm's names where they exist). Config `model.variant` picks one; other
-# model keys override its fields.
-VARIANTS: dict[str, dict] = {
-    "vit_digits": dict(img_size=8, patch_size=2, embed_dim=64, depth=4, num_heads=4),
-    "vit_shapes": dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4),
-    "vit_tiny_patch4_32": dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3),
-    "vit_small_patch4_32": dict(img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=6),
-    "vit_tiny_patch16_224": dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3),
-    "vit_small_patch16_224": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
-    "vit_base_patch16_224": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
-    "vit_large_patch16_224": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16),
-    "vit_large_patch32_224": dict(img_size=224, patch_size=32, embed_dim=1024, depth=24, num_heads=16),
 }
 
 
