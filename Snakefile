@@ -24,6 +24,7 @@ rule all:
 include: "rules/architecture.smk"
 include: "rules/pretext.smk"
 include: "rules/transfer.smk"
+include: "rules/report.smk"
 
 
 onstart:

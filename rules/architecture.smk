@@ -28,7 +28,11 @@ rule architecture_report:
             category="Q1 architecture",
             caption="../reports/captions/architecture_table.rst",
         ),
-        md=f"{REPORTS}/tables/architecture.md",
+        md=report(
+            f"{REPORTS}/tables/architecture.md",
+            category="Q1 architecture",
+            caption="../reports/captions/architecture_table.rst",
+        ),
         png=report(
             f"{REPORTS}/figures/architecture.png",
             category="Q1 architecture",

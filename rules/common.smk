@@ -33,7 +33,7 @@ def job_params(kind):
 
 
 def rules_targets(target):
-    """Files each target stands for; `all` is every question in the config."""
+    """Files each target stands for; `all` and `report` are every configured question plus the summary."""
     targets = {
         "architecture": [f"{REPORTS}/tables/architecture.csv", f"{REPORTS}/figures/architecture.png"],
         "pretext": [f"{REPORTS}/tables/pretext.csv", f"{REPORTS}/tables/representation.csv",
@@ -41,6 +41,9 @@ def rules_targets(target):
         "transfer": [f"{REPORTS}/tables/transfer.csv", f"{REPORTS}/figures/transfer.png",
                      f"{REPORTS}/figures/transfer_layers.png"],
     }
-    if target == "all":
-        return [f for q, files in targets.items() if config.get(q) for f in files]
+    outputs = [f for q, files in targets.items() if config.get(q) for f in files]  # the configured questions
+    if target == "questions":
+        return outputs
+    if target in ("all", "report"):
+        return outputs + [f"{REPORTS}/summary.md", f"{REPORTS}/summary.html"]
     return targets[target]

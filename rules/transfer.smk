@@ -28,7 +28,8 @@ rule transfer_report:
     output:
         csv=report(f"{REPORTS}/tables/transfer.csv", category="Q3 transfer",
                    caption="../reports/captions/transfer_table.rst"),
-        md=f"{REPORTS}/tables/transfer.md",
+        md=report(f"{REPORTS}/tables/transfer.md", category="Q3 transfer",
+                  caption="../reports/captions/transfer_table.rst"),
         png=report(f"{REPORTS}/figures/transfer.png", category="Q3 transfer",
                    caption="../reports/captions/transfer_figure.rst"),
         layers_png=report(f"{REPORTS}/figures/transfer_layers.png", category="Q3 transfer",

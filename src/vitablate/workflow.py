@@ -364,3 +364,14 @@ def run_transfer_report(smk) -> None:
         aggregate.plot_transfer(table, smk.output.png)
         aggregate.plot_transfer_layers(table, smk.output.layers_png)
         print(table, file=sys.stdout)
+
+
+def run_summary(smk) -> None:
+    """reports/summary.md (and .html) from the run records of every question in the config."""
+    from .summary import write_summary
+
+    with logging_to(smk.log[0] if smk.log else None):
+        text = write_summary(smk.output.md, smk.output.html, architecture=list(smk.input.architecture),
+                             pretext=list(smk.input.evals), analyses=list(smk.input.analyses),
+                             transfer=list(smk.input.transfer))
+        print(text, file=sys.stdout)

@@ -1,0 +1,205 @@
+"""summary.md from synthetic run records: answers follow the numbers, tests say what the seeds separate."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+from vitablate.summary import PAPER, build_summary, markdown_to_html, welch, write_summary
+
+
+def _records(tmp_path, name, rows):
+    paths = []
+    for i, r in enumerate(rows):
+        p = tmp_path / f"{name}{i}.json"
+        p.write_text(json.dumps(r | {"history": [], "config": {}}))
+        paths.append(str(p))
+    return paths
+
+
+def _arch(tmp_path, accs: dict[str, list[float]]):
+    return _records(tmp_path, "arch", [dict(question="architecture", dataset="digits", mixer=m, model="vit_digits",
+                                            seed=s, params_m=0.2, top1_test=a)
+                                       for m, values in accs.items() for s, a in enumerate(values)])
+
+
+# --- Welch's t-test ------------------------------------------------------------------------
+
+def test_separated_groups_give_small_p_and_say_which_is_above():
+    t = welch("attention", [90.0, 91.0, 92.0], "feedforward", [70.0, 71.5, 72.0])
+    assert t.p < 0.05 and t.separated and t.diff == pytest.approx(19.833, abs=1e-3)
+    s = t.sentence()
+    assert s.startswith("`attention` is above `feedforward` by 19.8 points") and "n = 3 vs 3" in s
+    # the printed t follows the printed order, whichever side was passed first
+    flipped = welch("feedforward", [70.0, 71.5, 72.0], "attention", [90.0, 91.0, 92.0])
+    assert flipped.sentence().split("(")[0] == s.split("(")[0]
+    assert f"t = {abs(t.t):.2f}" in flipped.sentence()
+
+
+def test_overlapping_groups_are_reported_as_not_separated():
+    t = welch("moco", [60.0, 64.0, 58.0], "mae", [61.0, 59.0, 63.0])
+    assert t.p >= 0.05 and not t.separated
+    assert t.sentence().startswith(f"the seeds do not separate `moco` and `mae` (p = {t.p:.2g}")
+    assert "neither confirms nor contradicts" in t.verdict(True)
+
+
+def test_scipy_agrees():
+    from scipy.stats import ttest_ind
+
+    a, b = [1.0, 2.0, 4.0, 3.5], [5.0, 6.5, 5.5]
+    assert welch("a", a, "b", b).p == pytest.approx(ttest_ind(a, b, equal_var=False).pvalue)
+
+
+@pytest.mark.parametrize("xa, xb, why", [
+    ([90.0], [80.0, 81.0], "needs 2 seeds per side"),
+    ([90.0, 90.0], [80.0, 80.0], "no spread across seeds"),
+    ([], [80.0, 81.0], "no runs"),
+])
+def test_untestable_comparisons_say_so_instead_of_failing(xa, xb, why):
+    t = welch("a", xa, "b", xb)
+    assert t.p is None and not t.separated
+    assert "not testable" in t.sentence() and why in t.sentence()
+
+
+def test_one_side_without_spread_is_still_testable():
+    t = welch("a", [90.0, 90.0, 90.0], "b", [70.0, 71.0, 72.0])
+    assert t.p is not None and t.separated
+
+
+# --- Q1 ------------------------------------------------------------------------------------
+
+def test_q1_answer_follows_the_numbers_and_cites_the_paper(tmp_path):
+    md = build_summary(architecture=_arch(tmp_path, {"attention": [90.0, 91.0, 92.0],
+                                                     "feedforward": [80.0, 81.0, 79.5],
+                                                     "identity": [60.0, 61.0, 62.0]}))
+    assert "## Q1 architecture" in md and "## Q2" not in md and "## Q3" not in md
+    assert "**Answer.** Attention is needed here: `attention` is above `feedforward` by 10.8 points" in md
+    assert "the same direction as the paper" in md
+    assert "| `attention` | 0.20 | 91.00 ± 1.00 | 3 | ViT-B/16: 77.9; tiny: 72.2; L/32: 71.2 |" in md
+    assert "ViT-B/16: 74.9; tiny: 61.4; L/32: 71.4" in md  # feedforward's reference numbers
+    assert "Melas-Kyriazi" in md
+
+
+def test_q1_disagreeing_with_the_paper_is_said_plainly(tmp_path):
+    md = build_summary(architecture=_arch(tmp_path, {"attention": [80.0, 81.0, 79.0],
+                                                     "feedforward": [95.0, 96.0, 95.5]}))
+    assert "Attention is not needed at this scale: `feedforward` is above `attention`" in md
+    assert "the opposite direction to the paper" in md
+
+
+def test_q1_seeds_that_do_not_separate(tmp_path):
+    md = build_summary(architecture=_arch(tmp_path, {"attention": [88.0, 92.0], "feedforward": [90.0, 89.0]}))
+    assert "the seeds do not separate `attention` and `feedforward`" in md
+    assert "this run does not show that attention is needed" in md
+    assert "neither confirms nor contradicts the paper" in md
+
+
+# --- Q2 ------------------------------------------------------------------------------------
+
+def _pretext(tmp_path, accs):
+    return _records(tmp_path, "eval", [dict(question="pretext", dataset="digits", pretext=p, eval=e, seed=s,
+                                            top1_test=a)
+                                       for (p, e), values in accs.items() for s, a in enumerate(values)])
+
+
+def _analyses(tmp_path, distance: dict[str, list[float]], nmi: dict[str, list[float]]):
+    """One analysis record per (pretext, seed): 4 layers x 2 heads; late layers (2, 3) carry the given value."""
+    paths = []
+    for pretext in distance:
+        for seed, (d, n) in enumerate(zip(distance[pretext], nmi[pretext], strict=True)):
+            rows = [(layer, head, metric, (v if layer >= 2 else 4.0) + 0.01 * head)
+                    for layer in range(4) for head in range(2) for metric, v in (("attention_distance", d),
+                                                                                 ("nmi", n))]
+            pq = tmp_path / f"{pretext}{seed}.parquet"
+            pl.DataFrame(rows, schema=["layer", "head", "metric", "value"], orient="row").write_parquet(pq)
+            paths += _records(tmp_path, f"an_{pretext}{seed}_", [dict(question="pretext", dataset="digits",
+                                                                      pretext=pretext, seed=seed,
+                                                                      analysis_path=str(pq))])
+    return paths
+
+
+def test_q2_cl_against_mim_per_evaluation_with_paper_numbers(tmp_path):
+    evals = _pretext(tmp_path, {
+        ("moco", "linear_probe"): [60.0, 61.0, 60.5], ("mae", "linear_probe"): [50.0, 51.0, 50.2],
+        ("moco", "finetune"): [90.0, 93.0, 91.0], ("mae", "finetune"): [91.0, 92.0, 90.5],
+    })
+    analyses = _analyses(tmp_path, distance={"moco": [6.0, 6.1, 6.05], "mae": [3.0, 3.1, 3.05]},
+                         nmi={"moco": [0.01, 0.012, 0.011], "mae": [0.02, 0.05, 0.01]})
+    md = build_summary(pretext=evals, analyses=analyses)
+    assert "## Q2 pretext" in md and "## Q1" not in md
+    assert "under `linear_probe` (paper: CL ahead) the seeds put CL above MIM in 1 of 1 comparisons" in md
+    assert "- `linear_probe`: the best encoder is `moco` (60.50 ± 0.50 %). CL against MIM: `moco` is above `mae`" in md
+    assert "the same direction as the paper" in md
+    assert "- `finetune`: the best encoder is `moco`" in md
+    assert "CL against MIM: the seeds do not separate `moco` and `mae`" in md
+    # paper numbers beside this run's: MoCo v3 76.7 / 83.2, MAE 68 / 83.6
+    assert "| `moco` | 60.50 ± 0.50 | 91.33 ± 1.53 | 3 | 76.7 | 83.2 |" in md
+    assert "| `mae` | 50.40 ± 0.53 | 91.17 ± 0.76 | 3 | 68.0 | 83.6 |" in md
+    # representations: late-layer attention distance from the numbers, NMI not separated
+    assert "Late-layer attention distance (blocks 2–3): `moco` is above `mae` by 3.000 px" in md
+    assert "CL is more global (larger distance) than MIM there, as the paper reports" in md
+    assert "Late-layer NMI (blocks 2–3): the seeds do not separate `moco` and `mae`" in md
+    assert "| `moco` | 4.005 ± 0.000 | 4.005 ± 0.000 | 6.055 ± 0.050 | 6.055 ± 0.050 | 3 |" in md
+
+
+def test_q2_without_a_cl_mim_pair_says_the_question_is_not_asked(tmp_path):
+    md = build_summary(pretext=_pretext(tmp_path, {("supervised", "knn"): [80.0, 81.0]}))
+    assert "the CL-versus-MIM question is not asked here" in md
+
+
+# --- Q3 ------------------------------------------------------------------------------------
+
+def test_q3_gap_closed_tests_and_paper_numbers(tmp_path):
+    accs = {("none", "scratch"): [70.0, 71.0, 70.5], ("mae", "finetune"): [80.0, 81.0, 80.5],
+            ("mae", "attn_copy"): [78.0, 79.0, 78.5], ("mae", "attn_distill"): [70.0, 72.0, 71.5]}
+    rows = [dict(question="transfer", dataset="digits", teacher=t, method=m, layers="all", seed=s, top1_test=a,
+                 top1_shift_noise=a - (10.0 if m != "finetune" else 2.0) + 0.3 * s)
+            for (t, m), values in accs.items() for s, a in enumerate(values)]
+    md = build_summary(transfer=_records(tmp_path, "tr", rows))
+    assert "## Q3 transfer" in md
+    assert "With the `mae` teacher, copying its attention maps is above scratch (p = " in md
+    assert "gap closed 80% (paper: 78%)" in md
+    assert "distilling its attention maps is not separated from scratch" in md
+    assert "gap closed 7% (paper: 100%)" in md  # (71.17 - 70.5) / (80.5 - 70.5)
+    assert "| `attn_copy` | all | 78.50 ± 0.50 | 3 | 0.80 | 9.7 | 85.1 |" in md
+    assert "| `scratch` | all | 70.50 ± 0.50 | 3 | 0.00 | 9.7 | 83.0 |" in md
+    assert "top-1 drops by 9.7 points for `attn_copy` and 1.7 for `finetune`" in md
+    assert "the paper finds transfer degrades more than fine-tuning; here: the same direction as the paper" in md
+    assert "Fine-tuning the teacher against scratch: `finetune` is above `scratch` by 10.0 points" in md
+
+
+# --- the document --------------------------------------------------------------------------
+
+def test_reference_numbers_are_those_of_design_md():
+    assert PAPER["architecture"]["ViT-B/16"] == {"attention": 77.9, "feedforward": 74.9}
+    assert PAPER["architecture"]["tiny"] == {"attention": 72.2, "feedforward": 61.4}
+    assert PAPER["pretext"]["simmim"] == {"linear_probe": 56.7, "finetune": 83.8}
+    assert PAPER["transfer"] == {"scratch": 83.0, "finetune": 85.7, "attn_copy": 85.1, "attn_distill": 85.7,
+                                 "ensemble": 86.3}
+    gap = (PAPER["transfer"]["attn_copy"] - 83.0) / (85.7 - 83.0)
+    assert PAPER["transfer_gap_closed"]["attn_copy"] == pytest.approx(gap, abs=1e-3)  # 77.8 %
+
+
+def test_no_records_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no run records"):
+        build_summary()
+
+
+def test_write_summary_writes_markdown_and_html(tmp_path):
+    md_path, html_path = tmp_path / "r" / "summary.md", tmp_path / "r" / "summary.html"
+    text = write_summary(str(md_path), str(html_path),
+                         architecture=_arch(tmp_path, {"attention": [90.0, 91.0], "feedforward": [80.0, 82.0]}))
+    assert md_path.read_text() == text
+    page = html_path.read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<h2>Q1 architecture: do you even need attention?</h2>" in page
+    assert "<th>top-1 % (mean ± std)</th>" in page and "<td>90.50 ± 0.71</td>" in page
+    assert "<strong>Answer.</strong>" in page and "<code>attention</code>" in page
+
+
+def test_markdown_to_html_escapes_and_keeps_structure():
+    page = markdown_to_html("# T\n\na <b> & `x<y`\n\n- one\n- two\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    assert "<p>a &lt;b&gt; &amp; <code>x&lt;y</code></p>" in page
+    assert "<ul><li>one</li><li>two</li></ul>" in page
+    assert "<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td><td>2</td></tr>" in page
