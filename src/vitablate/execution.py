@@ -94,6 +94,7 @@ def start_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None
     if os.environ.get("RAY_ADDRESS"):
         _probe(os.environ["RAY_ADDRESS"])
         address = os.environ["RAY_ADDRESS"]
+        os.environ.pop(_PRIVATE_ENV, None)  # inherited from a parent's session: not ours to stop
     else:
         address = _start_private_cluster(num_cpus, num_gpus, timeout_s)
     _start_dispatcher(timeout_s)
