@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -74,3 +75,35 @@ def test_no_config_value_is_interpolated_into_a_shell_command():
     assert "shell(" not in snakefile and not re.search(r"^\s*shell:", snakefile, re.M)
     src = "\n".join(p.read_text() for p in (REPO / "src/vitablate").rglob("*.py"))
     assert "shell=True" not in src and "os.system(" not in src
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_running_job_killed_and_a_rerun_finishes_it(workflow):
+    config = read_config(workflow)
+    config = {k: v for k, v in config.items() if k not in ("pretext", "transfer")}
+    config["architecture"].update(mixers=["identity"], seeds=[0])
+    config["execution"].update(dry_jobs=True, dry_job_sleep_s=120)
+    write_config(workflow, config)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "1", "architecture"]
+    # its own process group, as in a terminal: Ctrl-C reaches Snakemake and its job processes alike
+    proc = subprocess.Popen(cmd, cwd=workflow, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    marker = workflow / "results/architecture/digits/identity/seed0/mlflow_run.json"
+    deadline = time.time() + 240
+    while not marker.exists():  # the job's MLflow run exists: it is running in a Ray worker
+        assert proc.poll() is None and time.time() < deadline, "the job never started"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    run_id = json.loads(marker.read_text())["run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{workflow}/results/mlflow.db")
+    assert client.get_run(run_id).info.status == "KILLED", out[-3000:]
+    assert not (marker.parent / "record.json").exists()
+
+    config["execution"]["dry_job_sleep_s"] = 0
+    write_config(workflow, config)
+    r = subprocess.run(cmd, cwd=workflow, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert (marker.parent / "record.json").exists()

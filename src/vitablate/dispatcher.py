@@ -27,8 +27,10 @@ import signal
 import socket
 import socketserver
 import sys
+import threading
 
 ENV = "VITABLATE_DISPATCHER"  # "<pid>:<socket path>" while a dispatcher serves this run
+_inflight: dict[int, tuple[str | None, str]] = {}  # handler thread -> (tracking uri, job output_dir)
 
 
 class DispatcherGone(RuntimeError):
@@ -51,9 +53,11 @@ class _Handler(socketserver.StreamRequestHandler):
         from .config import JobConfig, from_dict
         from .execution import JobFailed, run_job
 
+        key = threading.get_ident()
         try:
             request = json.loads(self.rfile.readline())
             cfg = from_dict(JobConfig, request["cfg"])
+            _inflight[key] = (request.get("uri"), cfg.output_dir)
             record = run_job(cfg, request["record_path"], uri=request.get("uri"),
                              cancelled=lambda: _peer_closed(self.connection))
             reply = {"record": record}
@@ -63,6 +67,8 @@ class _Handler(socketserver.StreamRequestHandler):
             return
         except Exception as e:  # a bad request or a bug here: the client must hear it
             reply = {"error": f"dispatcher: {type(e).__name__}: {e}"}
+        finally:
+            _inflight.pop(key, None)
         try:
             self.wfile.write((json.dumps(reply) + "\n").encode())
         except OSError:
@@ -73,13 +79,30 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
 
+def _terminate(*_) -> None:
+    """stop_session's SIGTERM: end the MLflow runs of jobs still in flight KILLED, then exit at once.
+
+    Ray cancels the tasks of a driver that exits, so the jobs stop; their checkpoints stay and
+    the next run resumes them.
+    """
+    from . import tracking
+
+    for uri, output_dir in list(_inflight.values()):
+        latest = tracking.latest_run(output_dir) if uri else None
+        if latest:
+            try:
+                tracking.end_if_running(uri, latest["run_id"], "the workflow was stopped", "KILLED")
+            except Exception:  # the store is gone too: the next attempt marks the run KILLED
+                pass
+    os._exit(0)
+
+
 def serve(path: str) -> None:
     """Connect to RAY_ADDRESS, then answer jobs on the Unix socket `path` until terminated."""
     from .execution import connect
 
     connect()  # fail before binding: start_session waits for the socket, so it sees the error
-    # stop_session's SIGTERM ends the driver at once; Ray then cancels the tasks it still owned
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGTERM, _terminate)
     with _Server(path, _Handler) as server:
         server.serve_forever()
 

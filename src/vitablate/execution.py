@@ -176,16 +176,17 @@ def _kill_stragglers(temp_dir: str, timeout_s: float = 10.0) -> None:
 
     def left() -> list:
         out = []
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if temp_dir in " ".join(p.info["cmdline"] or []):
+        for p in psutil.process_iter(["cmdline", "status"]):
+            with contextlib.suppress(psutil.Error):
+                if (p.pid != os.getpid() and p.info["status"] != psutil.STATUS_ZOMBIE
+                        and temp_dir in " ".join(p.info["cmdline"] or [])):
                     out.append(p)
-            except psutil.Error:
-                pass
         return out
 
-    _, alive = psutil.wait_procs(left(), timeout=timeout_s)
-    for p in alive:
+    deadline = time.monotonic() + timeout_s
+    while (procs := left()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in procs:
         with contextlib.suppress(psutil.Error):
             p.kill()
 
