@@ -227,7 +227,7 @@ def test_curves_are_read_from_mlflow_and_averaged_over_seeds(tmp_path, caplog):
                 c.log_metric(run, "top1_val", offset + 10 * epoch + 2 * seed, step=epoch)
                 c.log_metric(run, "train_loss", 1.0 / epoch, step=epoch)
             c.log_metric(run, "top1_val", offset + 30 + 2 * seed, step=3)  # the final summary re-logs the last epoch
-            rec = dict(dataset="digits", mixer=mixer, seed=seed, mlflow_run_id=run)
+            rec = {"dataset": "digits", "mixer": mixer, "seed": seed, "mlflow_run_id": run}
             paths.append(tmp_path / f"{mixer}{seed}.json")
             paths[-1].write_text(json.dumps(rec))
     (tmp_path / "no_run.json").write_text(json.dumps(dict(dataset="digits", mixer="identity", seed=0)))

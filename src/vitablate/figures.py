@@ -226,17 +226,23 @@ CURVE_LABELS = {"train_loss": "training loss", "top1_val": "validation top-1 (%)
 def _curve_panel(ax, curves: pl.DataFrame, setting: str, metric: str, title: str, ylabel: str,
                  exclude: tuple[str, ...] = ()) -> bool:
     """One line per setting with a ±std band over seeds; False when nothing was drawn."""
+    from matplotlib.ticker import MaxNLocator
+
     sub = curves.filter(pl.col("metric") == metric)
     drawn = 0
     for name in sub[setting].unique(maintain_order=True).to_list():
         if name in exclude:
             continue
         s = sub.filter(pl.col(setting) == name).sort("epoch")
-        _band(ax, s["epoch"], s["value_mean"], s["value_std"], name, ls="--" if name == "scratch" else "-")
+        _band(ax, s["epoch"], s["value_mean"], s["value_std"], name, ls="--" if name == "scratch" else "-",
+              marker="o" if s.height <= 15 else None)  # a short run's points stay visible
         drawn += 1
     n = sub["n_seeds"].max() if sub.height else 0
-    ax.set_title(f"{title} (mean ± std, {n} seeds)" if n else title, fontsize=9)
+    ax.set_title(f"{title} (mean ± std, {n} seed{'s' * (n != 1)})" if n else title, fontsize=9)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if sub.height and sub["epoch"].max() - sub["epoch"].min() < 2:  # one or two epochs: room for integer ticks
+        ax.set_xlim(sub["epoch"].min() - 0.5, sub["epoch"].max() + 0.5)
     ax.set_ylabel(ylabel)
     if drawn > 1:
         ax.legend(fontsize=7)
