@@ -398,11 +398,16 @@ def _attention_grid(rows: list[tuple[str, str]], groups: list[str], cells: dict,
                     head = f"{group}\n" if group else ""
                     pax.set_title(f"{head}layer {layer}", fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    width = fig.get_size_inches()[0]
+    fig.tight_layout(rect=(0, 0, 1 - 1.1 / width, 1))  # 1.1 in on the right for the colour bar and its label
     if im is not None:
-        cax = fig.add_axes((0.915, 0.15, 0.012, 0.7))
-        bar = fig.colorbar(im, cax=cax)
-        bar.set_label("attention relative to uniform (weight × number of patches; white = 1, uniform)", fontsize=7)
+        cax = fig.add_axes((1 - 0.95 / width, 0.15, 0.12 / width, 0.7))
+        from matplotlib.ticker import MaxNLocator
+
+        top = norm.vmax
+        above = [t for t in MaxNLocator(4).tick_values(1.0, top) if 1.0 + 0.15 * (top - 1.0) < t <= top]
+        bar = fig.colorbar(im, cax=cax, ticks=[0.0, 0.5, 1.0, *above])  # the two halves of the diverging scale
+        bar.set_label("attention relative to uniform\n(weight × patches; 1 = uniform)", fontsize=7)
         cax.tick_params(labelsize=6)
     return _save(fig, png_path)
 
