@@ -38,8 +38,15 @@ rule architecture_report:
             category="Q1 architecture",
             caption="../reports/captions/architecture_figure.rst",
         ),
+        curves_png=report(
+            f"{REPORTS}/figures/architecture_curves.png",
+            category="Q1 architecture",
+            caption="../reports/captions/architecture_curves.rst",
+        ),
     log:
         f"{RESULTS}/logs/architecture/report.log",
+    params:
+        mlflow_uri=MLFLOW_URI,  # the per-epoch curves are read from the MLflow store
     conda:
         ENV
     script:

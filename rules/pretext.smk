@@ -60,6 +60,7 @@ rule pretext_report:
     input:
         evals=grid_paths("pretext_eval", f"{PRETEXT_DIR}/{{eval}}/record.json"),
         analyses=grid_paths("analysis", f"{PRETEXT_DIR}/analysis/record.json"),
+        pretrains=grid_paths("pretrain", f"{PRETEXT_DIR}/record.json"),
     output:
         csv=report(f"{REPORTS}/tables/pretext.csv", category="Q2 pretext",
                    caption="../reports/captions/pretext_table.rst"),
@@ -81,8 +82,14 @@ rule pretext_report:
                         caption="../reports/captions/shape_bias_table.rst"),
         bias_md=report(f"{REPORTS}/tables/shape_bias.md", category="Q2 pretext",
                        caption="../reports/captions/shape_bias_table.rst"),
+        curves_png=report(f"{REPORTS}/figures/pretext_curves.png", category="Q2 pretext",
+                          caption="../reports/captions/pretext_curves.rst"),
+        attention_png=report(f"{REPORTS}/figures/pretext_attention.png", category="Q2 pretext",
+                             caption="../reports/captions/pretext_attention.rst"),
     log:
         f"{RESULTS}/logs/pretext/report.log",
+    params:
+        mlflow_uri=MLFLOW_URI,  # the per-epoch curves are read from the MLflow store
     conda:
         ENV
     script:

@@ -34,8 +34,14 @@ rule transfer_report:
                    caption="../reports/captions/transfer_figure.rst"),
         layers_png=report(f"{REPORTS}/figures/transfer_layers.png", category="Q3 transfer",
                           caption="../reports/captions/transfer_layers_figure.rst"),
+        curves_png=report(f"{REPORTS}/figures/transfer_curves.png", category="Q3 transfer",
+                          caption="../reports/captions/transfer_curves.rst"),
+        attention_png=report(f"{REPORTS}/figures/transfer_attention.png", category="Q3 transfer",
+                             caption="../reports/captions/transfer_attention.rst"),
     log:
         f"{RESULTS}/logs/transfer/report.log",
+    params:
+        mlflow_uri=MLFLOW_URI,  # the per-epoch curves are read from the MLflow store
     conda:
         ENV
     script:

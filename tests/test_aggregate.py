@@ -5,7 +5,8 @@ import json
 import polars as pl
 import pytest
 
-from vitablate.aggregate import architecture_table, load_records, plot_architecture, to_markdown, write_table
+from vitablate.aggregate import architecture_table, load_records, to_markdown, write_table
+from vitablate.figures import plot_architecture
 
 
 def _records(tmp_path, rows):

@@ -41,7 +41,8 @@ def test_tiny_architecture_run_fills_table_and_mlflow(workflow):
     assert table["n_seeds"].to_list() == [1, 1]
     assert all(0 <= v <= 100 for v in table["top1_mean"].to_list())
     assert (workflow / "reports/tables/architecture.md").exists()
-    assert (workflow / "reports/figures/architecture.png").read_bytes()[:4] == b"\x89PNG"
+    for fig in ("architecture.png", "architecture_curves.png"):
+        assert (workflow / "reports/figures" / fig).read_bytes()[:4] == b"\x89PNG"
 
     # every job ran as a Ray task, and left its record, config, checkpoint and weights
     for mixer in ("attention", "feedforward"):
@@ -49,6 +50,8 @@ def test_tiny_architecture_run_fills_table_and_mlflow(workflow):
         record = json.loads((d / "record.json").read_text())
         assert record["ray_node_id"] and record["mixer"] == mixer and record["epochs"] == 1
         assert {"config.json", "checkpoint.pt", "model.pt"} <= {p.name for p in d.iterdir()}
+        # the centre query's attention maps, where the model has attention to show
+        assert ("attention_maps_path" in record) == (mixer == "attention")
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workflow}/results/mlflow.db")
     exp = client.get_experiment_by_name("architecture")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import polars as pl
 import pytest
 from mlflow import MlflowClient
@@ -38,11 +39,14 @@ def test_tiny_pretext_run(workflow):
     assert nmi.min() >= 0 and nmi.max() <= 1
     bias = pl.read_csv(workflow / "reports/tables/shape_bias.csv")
     assert set(bias["pretext"]) == {"moco", "mae"} and bias["shape_bias_mean"].is_between(0, 1).all()
-    for fig in ("pretext_eval.png", "representation.png"):
+    for fig in ("pretext_eval.png", "representation.png", "pretext_curves.png", "pretext_attention.png"):
         assert (workflow / "reports/figures" / fig).read_bytes()[:4] == b"\x89PNG"
     parquet = workflow / "results/pretext/shapes/mae/seed0/analysis/representation.parquet"
     per_head = pl.read_parquet(parquet).filter(pl.col("metric") == "attention_distance")
     assert per_head.height == depth * 4  # one value per layer and head
+    analysis = json.loads((workflow / "results/pretext/shapes/mae/seed0/analysis/record.json").read_text())
+    maps = np.load(workflow / analysis["attention_maps_path"])["maps"]  # (layers, grid, grid): 16 px / patch 4
+    assert maps.shape == (depth, 4, 4) and np.allclose(maps.sum(axis=(1, 2)), 1, atol=1e-5)
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workflow}/results/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("pretext").experiment_id])

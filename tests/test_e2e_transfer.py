@@ -42,7 +42,7 @@ def test_tiny_transfer_run(workflow, tmp_path):
         assert set(sub.filter(pl.col("method") == "attn_copy")["layers"]) == {"all", "first:1"}
         gap = {r["method"]: r["gap_closed"] for r in sub.filter(pl.col("layers") == "all").iter_rows(named=True)}
         assert gap["scratch"] == pytest.approx(0) and gap["finetune"] == pytest.approx(1)
-    for fig in ("transfer.png", "transfer_layers.png"):
+    for fig in ("transfer.png", "transfer_layers.png", "transfer_curves.png", "transfer_attention.png"):
         assert (workflow / "reports/figures" / fig).read_bytes()[:4] == b"\x89PNG"
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workflow}/results/mlflow.db")

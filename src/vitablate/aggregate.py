@@ -1,4 +1,5 @@
-"""Polars: run records -> comparison tables (csv + md) and figures.
+"""Polars: run records -> comparison tables (csv + md), training curves and attention maps
+ready to draw (figures.py draws them).
 
 A run record is the JSON a job returns (see jobs.py); tables report the mean and
 spread over seeds, never a single run.
@@ -7,12 +8,14 @@ spread over seeds, never a single run.
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Iterable
+from typing import Callable, Iterable
 
 import polars as pl
 
 SCALAR = (int, float, str, bool, type(None))
+log = logging.getLogger(__name__)
 
 
 def load_records(paths: Iterable[str]) -> pl.DataFrame:
@@ -70,50 +73,7 @@ def write_table(df: pl.DataFrame, csv_path: str, md_path: str) -> None:
     _atomic_write(md_path, to_markdown(df))
 
 
-# one colour per setting, shared by every figure
-PALETTE = {
-    "attention": "#1f77b4", "feedforward": "#ff7f0e", "attention_only": "#2ca02c",
-    "pooling": "#9467bd", "identity": "#7f7f7f",
-}
-
-
-def _bars(ax, sub: pl.DataFrame, labels: list[str], colors: dict, title: str, xlabel: str, rotation: int) -> None:
-    """One panel: top-1 mean per label with std error bars over seeds."""
-    ax.bar(labels, sub["top1_mean"].to_list(), yerr=sub["top1_std"].to_list(), capsize=3,
-           color=[colors.get(v, "#333333") for v in labels])
-    ax.set_title(title)
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_xlabel(xlabel)
-    ax.tick_params(axis="x", rotation=rotation)
-    ax.set_ylim(0, 100)
-
-
-def plot_architecture(table: pl.DataFrame, png_path: str) -> None:
-    """Top-1 per mixer with error bars (std over seeds), one panel per dataset."""
-    plt = _plt()
-    datasets = table["dataset"].unique(maintain_order=True).to_list()
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
-    for ax, name in zip(axes[0], datasets):
-        sub = table.filter(pl.col("dataset") == name)
-        _bars(ax, sub, sub["mixer"].to_list(), PALETTE, f"{name} (mean ± std over {sub['n_seeds'].max()} seeds)",
-              "token mixer", 30)
-    fig.tight_layout()
-    _save(fig, png_path)
-
-
 # --- Q2 pretext --------------------------------------------------------------------------
-
-PRETEXT_COLORS = {"supervised": "#444444", "moco": "#d62728", "simmim": "#1f77b4", "mae": "#17becf",
-                  "hybrid": "#9467bd"}
-REPRESENTATION_METRICS = ("attention_distance", "nmi", "token_cosine", "fourier_hf")
-METRIC_LABELS = {"attention_distance": "attention distance (px)", "nmi": "NMI(query; key)",
-                 "token_cosine": "token cosine similarity", "fourier_hf": "Δ log amplitude (high − zero freq.)",
-                 "layer_probe_top1": "linear probe top-1 (%)"}
-
-
-def pretext_color(pretext: str) -> str:
-    return PRETEXT_COLORS.get(pretext.split("_")[0], "#333333")
-
 
 def pretext_table(df: pl.DataFrame) -> pl.DataFrame:
     """dataset, pretext, eval, n_seeds, top1_mean, top1_std (DESIGN.md)."""
@@ -162,78 +122,9 @@ def layer_probe_table(rep: pl.DataFrame) -> pl.DataFrame:
         {"value_mean": "top1_mean", "value_std": "top1_std"})
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_pretext(table: pl.DataFrame, png_path: str) -> None:
-    """Linear probe vs fine-tune (and k-NN) top-1 per pretext, error bars over seeds."""
-    plt = _plt()
-    datasets = table["dataset"].unique(maintain_order=True).to_list()
-    evals = [e for e in ("linear_probe", "finetune", "knn") if e in table["eval"].to_list()]
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.8), squeeze=False)
-    for ax, name in zip(axes[0], datasets):
-        sub = table.filter(pl.col("dataset") == name)
-        pretexts = sub["pretext"].unique(maintain_order=True).to_list()
-        width = 0.8 / max(1, len(evals))
-        for j, ev in enumerate(evals):
-            rows = {r["pretext"]: r for r in sub.filter(pl.col("eval") == ev).iter_rows(named=True)}
-            xs = [i + (j - (len(evals) - 1) / 2) * width for i in range(len(pretexts))]
-            ax.bar(xs, [rows.get(p, {}).get("top1_mean", 0) for p in pretexts], width,
-                   yerr=[rows.get(p, {}).get("top1_std", 0) for p in pretexts], capsize=3, label=ev,
-                   color=["#1f77b4", "#ff7f0e", "#2ca02c"][j], edgecolor=[pretext_color(p) for p in pretexts])
-        ax.set_xticks(range(len(pretexts)), pretexts, rotation=20)
-        ax.set_ylabel("test top-1 (%)")
-        ax.set_xlabel("pre-training objective")
-        ax.set_title(f"{name}: evaluation of each pretext (mean ± std over seeds)")
-        ax.set_ylim(0, 100)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, png_path)
-
-
-def plot_representation(rep: pl.DataFrame, png_path: str) -> None:
-    """One panel per metric: value per layer, one line per pretext, bands over seeds."""
-    plt = _plt()
-    metrics = [m for m in (*REPRESENTATION_METRICS, "layer_probe_top1") if m in rep["metric"].to_list()]
-    datasets = rep["dataset"].unique(maintain_order=True).to_list()
-    fig, axes = plt.subplots(len(datasets), len(metrics), figsize=(3.6 * len(metrics), 3.2 * len(datasets)),
-                             squeeze=False)
-    for r, name in enumerate(datasets):
-        for c, metric in enumerate(metrics):
-            ax = axes[r][c]
-            sub = rep.filter((pl.col("dataset") == name) & (pl.col("metric") == metric))
-            for pretext in sub["pretext"].unique(maintain_order=True).to_list():
-                s = sub.filter(pl.col("pretext") == pretext).sort("layer")
-                x, m, sd = s["layer"].to_numpy(), s["value_mean"].to_numpy(), s["value_std"].to_numpy()
-                ax.plot(x, m, marker="o", label=pretext, color=pretext_color(pretext))
-                ax.fill_between(x, m - sd, m + sd, alpha=0.15, color=pretext_color(pretext))
-            ax.set_xlabel("layer (block index)")
-            ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-            ax.set_title(f"{name}: {metric}")
-        axes[r][0].legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, png_path)
-
-
-def _save(fig, png_path: str) -> None:
-    import matplotlib.pyplot as plt
-
-    os.makedirs(os.path.dirname(png_path) or ".", exist_ok=True)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-
-
 # --- Q3 transfer -------------------------------------------------------------------------
 
 METHOD_ORDER = ["scratch", "linear_probe", "attn_copy", "copy_q", "copy_k", "attn_distill", "finetune", "ensemble"]
-METHOD_COLORS = {"scratch": "#7f7f7f", "linear_probe": "#bcbd22", "attn_copy": "#1f77b4", "copy_q": "#aec7e8",
-                 "copy_k": "#9edae5", "attn_distill": "#2ca02c", "finetune": "#d62728", "ensemble": "#9467bd"}
 
 
 def transfer_table(df: pl.DataFrame) -> pl.DataFrame:
@@ -267,46 +158,97 @@ def transfer_table(df: pl.DataFrame) -> pl.DataFrame:
                         *extra)
 
 
-def plot_transfer(table: pl.DataFrame, png_path: str) -> None:
-    """Method against top-1, one panel per (dataset, teacher); error bars over seeds; scratch dashed."""
-    plt = _plt()
-    sub_all = table.filter(pl.col("layers") == "all")
-    panels = sub_all.select("dataset", "teacher").unique(maintain_order=True).rows()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
-    for ax, (dataset, teacher) in zip(axes[0], panels):
-        sub = sub_all.filter((pl.col("dataset") == dataset) & (pl.col("teacher") == teacher))
-        _bars(ax, sub, sub["method"].to_list(), METHOD_COLORS, f"{dataset}, teacher: {teacher}",
-              "method (all layers)", 40)
-        scratch = sub.filter(pl.col("method") == "scratch")["top1_mean"].to_list()
-        if scratch:
-            ax.axhline(scratch[0], ls="--", color="#7f7f7f", lw=1)
-    fig.tight_layout()
-    _save(fig, png_path)
+
+# --- training curves from the MLflow store -------------------------------------------------
+
+def _read_records(paths: Iterable[str], where: Callable[[dict], bool] | None = None) -> list[dict]:
+    out = []
+    for path in paths:
+        with open(path) as f:
+            rec = json.load(f)
+        if where is None or where(rec):
+            out.append(rec | {"_path": path})
+    return out
 
 
-def plot_transfer_layers(table: pl.DataFrame, png_path: str) -> None:
-    """Top-1 against the number of transferred layers K, first-K versus last-K (copy and distill)."""
-    plt = _plt()
-    sub = table.filter(pl.col("method").is_in(["attn_copy", "attn_distill"]))
-    teachers = sub["teacher"].unique(maintain_order=True).to_list()
-    fig, axes = plt.subplots(1, max(1, len(teachers)), figsize=(4.8 * max(1, len(teachers)), 3.6), squeeze=False)
-    for ax, teacher in zip(axes[0], teachers):
-        t = sub.filter(pl.col("teacher") == teacher)
-        for method, style in (("attn_copy", "-"), ("attn_distill", ":")):
-            for which, marker in (("first", "o"), ("last", "s")):
-                pts = []
-                for row in t.filter(pl.col("method") == method).iter_rows(named=True):
-                    spec = row["layers"]  # "first:K" | "last:K" | "all" | "i,j"
-                    if spec.startswith(which + ":"):
-                        pts.append((int(spec.split(":")[1]), row["top1_mean"], row["top1_std"]))
-                if pts:
-                    pts.sort()
-                    k, m, sd = zip(*pts)
-                    ax.errorbar(k, m, yerr=sd, ls=style, marker=marker, capsize=3, label=f"{method} {which}-K",
-                                color=METHOD_COLORS[method])
-        ax.set_title(f"teacher: {teacher}")
-        ax.set_xlabel("K (number of transferred layers)")
-        ax.set_ylabel("test top-1 (%)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, png_path)
+def load_curves(paths: Iterable[str], uri: str, by: list[str], metrics: list[str],
+                where: Callable[[dict], bool] | None = None) -> pl.DataFrame:
+    """Per-epoch metrics of the records' MLflow runs (record["mlflow_run_id"]), long:
+    [*by, seed, metric, epoch, value]. `where(record)` picks the records.
+
+    Never fails the report: an unreadable store, a record without a run id, or a run without
+    the metric leaves that curve out with a logged warning. A resumed job's record names its
+    last run, which holds the epochs after the resume only (said in the warning).
+    """
+    from . import tracking
+
+    schema = {**{k: pl.Utf8 for k in by}, "seed": pl.Int64, "metric": pl.Utf8, "epoch": pl.Int64,
+              "value": pl.Float64}
+    records = _read_records(paths, where)
+    if not records:
+        return pl.DataFrame(schema=schema)
+    why = tracking.readable_store(uri)
+    if why:
+        log.warning("training curves left out: %s", why)
+        return pl.DataFrame(schema=schema)
+    rows = []
+    for rec in records:
+        run_id = rec.get("mlflow_run_id")
+        if not run_id:
+            log.warning("%s has no mlflow_run_id; its curves are left out", rec["_path"])
+            continue
+        if rec.get("resumed_from_epoch"):
+            log.warning("%s resumed from epoch %s: its MLflow run %s holds the later epochs only",
+                        rec["_path"], rec["resumed_from_epoch"], run_id)
+        for metric in metrics:
+            try:
+                history = tracking.metric_history(uri, run_id, metric)
+            except Exception as e:  # a run from another store, deleted, ...
+                log.warning("%s of run %s (%s) left out: %s", metric, run_id, rec["_path"], e)
+                continue
+            if not history:
+                log.warning("run %s (%s) logged no %s", run_id, rec["_path"], metric)
+            key = {k: str(rec.get(k)) for k in by}
+            rows += [key | {"seed": int(rec["seed"]), "metric": metric, "epoch": int(step), "value": float(v)}
+                     for step, v in history]
+    return pl.DataFrame(rows, schema=schema)
+
+
+def curve_table(curves: pl.DataFrame, by: list[str]) -> pl.DataFrame:
+    """[*by, metric, epoch, n_seeds, value_mean, value_std]: mean and sample std over seeds per epoch.
+
+    Settings keep the order of the records (the config's), epochs ascend within each.
+    """
+    return curves.group_by([*by, "metric", "epoch"], maintain_order=True).agg(
+        pl.col("seed").n_unique().alias("n_seeds"), pl.col("value").mean().alias("value_mean"),
+        pl.col("value").std(ddof=1).fill_null(0.0).alias("value_std"))
+
+
+# --- attention maps of one image ---------------------------------------------------------
+
+def load_query_maps(record: dict) -> dict | None:
+    """The arrays of jobs.save_query_maps a record points to, or None (older record, file gone)."""
+    import numpy as np
+
+    path = record.get("attention_maps_path")
+    if not path:
+        return None
+    here = os.path.join(os.path.dirname(record.get("_path", "")), os.path.basename(path))
+    for candidate in (path, here):  # the path as the job wrote it, or beside the record
+        if os.path.exists(candidate):
+            with np.load(candidate) as z:
+                return {k: z[k] for k in z.files}
+    log.warning("attention maps %s of %s are missing", path, record.get("_path"))
+    return None
+
+
+def attention_cells(paths: Iterable[str], by: list[str], where: Callable[[dict], bool] | None = None) -> list[dict]:
+    """One entry per group of `by` (in record order), from the group's first seed:
+    {*by, seed, maps}; maps is None where the record has no attention maps."""
+    first: dict[tuple, dict] = {}
+    for rec in _read_records(paths, where):
+        key = tuple(rec.get(k) for k in by)
+        if key not in first or rec["seed"] < first[key]["seed"]:
+            first[key] = rec
+    return [{k: rec.get(k) for k in by} | {"seed": rec["seed"], "maps": load_query_maps(rec)}
+            for rec in first.values()]

@@ -244,7 +244,7 @@ def _execute(cfg_dict: dict, uri: Optional[str], run_name: str = "") -> dict:
         pass
     write_json(os.path.join(cfg.output_dir, "config.json"), cfg_dict)
     if run_id:
-        files = tuple(record[k] for k in ("analysis_path",) if record.get(k))
+        files = tuple(record[k] for k in ("analysis_path", "attention_maps_path") if record.get(k))
         tracking.finish_run(uri, run_id, record, artifacts=files)
     return record
 

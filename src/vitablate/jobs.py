@@ -129,6 +129,44 @@ def evaluate_splits(forward, data: DatasetBundle, batch_size: int, precision, tr
     return out
 
 
+def save_query_maps(model: torch.nn.Module, forward: Callable, data: DatasetBundle, transform,
+                    output_dir: str) -> dict:
+    """Centre-query attention of the first test image, as the evaluated model uses it.
+
+    `forward` is what evaluation calls (an AttentionCopy wrapper, say): the student's blocks
+    are captured inside it, so a copied layer shows the teacher's map the student really used.
+    Writes `attention_maps.npz` (image (H, W, C) in [0, 1]; maps (L, gh, gw), patch keys only,
+    rows renormalised, head mean; prefix_mass (L,); query (row, col); patch_size) and returns
+    {"attention_maps_path": path}, or {} for a model that does not mix tokens by attention.
+    """
+    import numpy as np
+
+    from .analysis.maps import centre_query, query_attention
+    from .models import capturing
+    from .models.mixers import MixingAttention
+
+    blocks = getattr(model, "blocks", None)
+    if not blocks or not all(isinstance(b.attn, MixingAttention) for b in blocks):
+        return {}
+    x, _ = next(iter(data.test.batches(1)))  # the first test image, unshuffled: the same for every job
+    grid = tuple(model.patch_embed.grid_size)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), capturing(model) as mods:
+        forward(transform(x.to(next(model.parameters()).device)))
+        maps = [m.last_map for m in mods]
+    model.train(was_training)
+    attn, prefix = query_attention(maps, grid, model.num_prefix_tokens)
+    path = os.path.join(output_dir, "attention_maps.npz")
+    os.makedirs(output_dir, exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, image=x[0].permute(1, 2, 0).float().cpu().numpy(),
+                 maps=attn.reshape(len(maps), *grid).cpu().numpy(), prefix_mass=prefix.cpu().numpy(),
+                 query=np.array(centre_query(grid)), patch_size=int(model.patch_embed.patch_size[0]))
+    os.replace(path + ".tmp", path)
+    return {"attention_maps_path": path}
+
+
 def base_record(cfg: JobConfig) -> dict:
     return {
         "question": cfg.question, "job": cfg.job, "dataset": cfg.data.name, "mixer": cfg.mixer,
@@ -152,6 +190,7 @@ def classifier_job(cfg: JobConfig, on_epoch: OnEpoch, build: Callable) -> dict:
     kw = model_kwargs(cfg.model, data, cfg.mixer)
     model = create_model(**kw)
     fit_module, loss_fn, forward = build(model, kw, device)
+    eager_forward = forward  # attention capture needs the eager modules
     if cfg.execution.compile:
         forward = torch.compile(forward)
     train_transform, eval_transform = make_transforms(cfg, data, device)
@@ -177,7 +216,8 @@ def classifier_job(cfg: JobConfig, on_epoch: OnEpoch, build: Callable) -> dict:
     path = os.path.join(cfg.output_dir, "model.pt")
     torch.save({"model": model.state_dict(), "model_kwargs": kw, "config": to_dict(cfg)}, path + ".tmp")
     os.replace(path + ".tmp", path)
-    return base_record(cfg) | {
+    maps = save_query_maps(model, eager_forward, data, eval_transform, cfg.output_dir)
+    return base_record(cfg) | maps | {
         "params_m": count_params(model) / 1e6, "epochs": tc.epochs, "device": str(device),
         "precision": str(precision.dtype or "float32"), "resumed_from_epoch": result.resumed_from_epoch,
         "train_s": result.train_s, "wall_s": time.perf_counter() - t0, "history": result.history, **final,
@@ -298,6 +338,7 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional
     encoder = encoder.to(device)
     _, eval_transform = make_transforms(cfg, data, device)
     feats = _features(encoder, data, cfg, device, eval_transform)
+    maps = save_query_maps(encoder, encoder, data, eval_transform, cfg.output_dir)
     (tx, ty), k = feats["train"], data.num_classes
     out: dict = {}
     if name == "knn":
@@ -321,8 +362,8 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional
                 cc = data.extra_tests["cue_conflict"].extra
                 pred = probe(feats["shift_cue_conflict"][0]).argmax(-1)
                 out |= shape_bias(pred, cc["y_shape"].cpu(), cc["y_texture"].cpu())
-    return base_record(cfg) | {"eval": name, "pretext": pretext_id(cfg), "device": str(device),
-                               "wall_s": time.perf_counter() - t0, "history": [], **out}
+    return base_record(cfg) | maps | {"eval": name, "pretext": pretext_id(cfg), "device": str(device),
+                                      "wall_s": time.perf_counter() - t0, "history": [], **out}
 
 
 def analyse_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
@@ -373,8 +414,10 @@ def analyse_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     table.write_parquet(path + ".tmp")
     os.replace(path + ".tmp", path)
     per_layer = table.group_by(["layer", "metric"]).agg(pl.col("value").mean()).sort(["metric", "layer"])
-    return base_record(cfg) | {"pretext": pretext_id(cfg), "analysis_path": path, "wall_s": time.perf_counter() - t0,
-                               "n_images": int(x_fixed.shape[0]), "layers": per_layer.to_dicts(), "history": []}
+    maps = save_query_maps(encoder, encoder, data, eval_transform, cfg.output_dir)
+    return base_record(cfg) | maps | {"pretext": pretext_id(cfg), "analysis_path": path,
+                                      "wall_s": time.perf_counter() - t0, "n_images": int(x_fixed.shape[0]),
+                                      "layers": per_layer.to_dicts(), "history": []}
 
 
 def load_classifier(path: str) -> torch.nn.Module:

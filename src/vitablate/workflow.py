@@ -322,47 +322,65 @@ def run_job_rule(smk) -> None:
 
 
 def run_architecture_report(smk) -> None:
-    from . import aggregate
+    from . import aggregate, figures
 
     with logging_to(smk.log[0] if smk.log else None):
         records = aggregate.load_records(list(smk.input.records))
         table = aggregate.architecture_table(records)
         aggregate.write_table(table, smk.output.csv, smk.output.md)
-        aggregate.plot_architecture(table, smk.output.png)
+        figures.plot_architecture(table, smk.output.png)
+        by = ["dataset", "mixer"]
+        curves = aggregate.load_curves(list(smk.input.records), smk.params.mlflow_uri, by, ["train_loss", "top1_val"])
+        figures.plot_architecture_curves(aggregate.curve_table(curves, by), smk.output.curves_png)
         print(table, file=sys.stdout)
 
 
 def run_pretext_report(smk) -> None:
-    from . import aggregate
+    from . import aggregate, figures
 
     with logging_to(smk.log[0] if smk.log else None):
         evals = aggregate.load_records(list(smk.input.evals))
         table = aggregate.pretext_table(evals)
         aggregate.write_table(table, smk.output.csv, smk.output.md)
-        aggregate.plot_pretext(table, smk.output.png)
+        figures.plot_pretext(table, smk.output.png)
         rep = aggregate.representation_table(list(smk.input.analyses))
         aggregate.write_table(rep.filter(~rep["metric"].is_in(["layer_probe_top1"])), smk.output.rep_csv,
                               smk.output.rep_md)
         aggregate.write_table(aggregate.layer_probe_table(rep), smk.output.probe_csv, smk.output.probe_md)
-        aggregate.plot_representation(rep, smk.output.rep_png)
+        figures.plot_representation(rep, smk.output.rep_png)
         bias = aggregate.shape_bias_table(evals)
         if bias is not None:
             aggregate.write_table(bias, smk.output.bias_csv, smk.output.bias_md)
         else:
             for path in (smk.output.bias_csv, smk.output.bias_md):
                 aggregate._atomic_write(path, "no shape/texture labels in these datasets\n")
+        by, uri = ["dataset", "pretext"], smk.params.mlflow_uri
+        pretrain = aggregate.load_curves(list(smk.input.pretrains), uri, by, ["train_loss"])
+        finetune = aggregate.load_curves(list(smk.input.evals), uri, by, ["top1_val"],
+                                         where=lambda r: r.get("eval") == "finetune")
+        figures.plot_pretext_curves(aggregate.curve_table(pretrain, by), aggregate.curve_table(finetune, by),
+                                    smk.output.curves_png)
+        figures.plot_pretext_attention(aggregate.attention_cells(list(smk.input.analyses), by),
+                                       smk.output.attention_png)
         print(table, rep, sep="\n", file=sys.stdout)
 
 
-
 def run_transfer_report(smk) -> None:
-    from . import aggregate
+    from . import aggregate, figures
 
     with logging_to(smk.log[0] if smk.log else None):
         table = aggregate.transfer_table(aggregate.load_records(list(smk.input.records)))
         aggregate.write_table(table, smk.output.csv, smk.output.md)
-        aggregate.plot_transfer(table, smk.output.png)
-        aggregate.plot_transfer_layers(table, smk.output.layers_png)
+        figures.plot_transfer(table, smk.output.png)
+        figures.plot_transfer_layers(table, smk.output.layers_png)
+        by = ["dataset", "teacher", "method"]
+        # the student's curves: jobs trained by epochs (not linear_probe, ensemble), all layers transferred
+        curves = aggregate.load_curves(list(smk.input.records), smk.params.mlflow_uri, by, ["top1_val"],
+                                       where=lambda r: r.get("layers") == "all" and bool(r.get("history")))
+        figures.plot_transfer_curves(aggregate.curve_table(curves, by), smk.output.curves_png)
+        cells = aggregate.attention_cells(list(smk.input.records), by,
+                                          where=lambda r: r.get("layers") == "all" and r.get("method") != "ensemble")
+        figures.plot_transfer_attention(cells, smk.output.attention_png)
         print(table, file=sys.stdout)
 
 
