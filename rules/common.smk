@@ -8,6 +8,7 @@ vw.check_config(config)  # cross-field checks, before any job is scheduled
 RESULTS = vw.results_dir(config)
 REPORTS = vw.reports_dir(config)
 MLFLOW_URI = default_uri(RESULTS)
+vw.check_tracking(config, MLFLOW_URI)  # execution.shared_fs false needs a tracking server every node reaches
 ENV = "../envs/vitablate.yaml"
 
 
@@ -25,6 +26,17 @@ wildcard_constraints:
 def grid_paths(kind, pattern):
     """Expand `pattern` over the grid of a rule kind (a list of wildcard dicts)."""
     return [pattern.format(**wc) for wc in vw.grid(config, kind)]
+
+
+def checkpoint_output(**files):
+    """Checkpoints a job leaves for other jobs: declared outputs only where every node sees them
+    (execution.shared_fs); otherwise they stay on the job's node and travel as MLflow artifacts."""
+    return files if vw.shared_fs(config) else {}
+
+
+def checkpoint_input(pattern):
+    """A consumer's input: the checkpoint, or (no shared filesystem) its producer's record."""
+    return vw.checkpoint_input(config, pattern)
 
 
 def job_params(kind):

@@ -9,7 +9,7 @@ PRETEXT_LOGS = f"{RESULTS}/logs/pretext/{{dataset}}/{{pretext}}/seed{{seed}}"
 rule pretrain:
     output:
         record=f"{PRETEXT_DIR}/record.json",
-        encoder=f"{PRETEXT_DIR}/encoder.pt",
+        **checkpoint_output(encoder=f"{PRETEXT_DIR}/encoder.pt"),
     log:
         f"{PRETEXT_LOGS}/pretrain.log",
     params:
@@ -24,7 +24,7 @@ rule pretrain:
 
 rule pretext_eval:
     input:
-        encoder=f"{PRETEXT_DIR}/encoder.pt",
+        encoder=checkpoint_input(f"{PRETEXT_DIR}/encoder.pt"),
     output:
         record=f"{PRETEXT_DIR}/{{eval}}/record.json",
     log:
@@ -41,7 +41,7 @@ rule pretext_eval:
 
 rule pretext_analysis:
     input:
-        encoder=f"{PRETEXT_DIR}/encoder.pt",
+        encoder=checkpoint_input(f"{PRETEXT_DIR}/encoder.pt"),
     output:
         record=f"{PRETEXT_DIR}/analysis/record.json",
     log:

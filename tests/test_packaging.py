@@ -34,6 +34,22 @@ def test_conda_envs_agree_with_pyproject():
         assert _pins(pip) == pyproject, f"{env_file.name} pins differ from pyproject.toml"
 
 
+def test_extras_pin_one_version():
+    """psycopg2-binary (the MLflow server's PostgreSQL driver) is in `server` and in `dev` (the tests start a
+    server), at one version; and installed at that version where the tests run."""
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    seen: dict[str, str] = {}
+    for name, reqs in extras.items():
+        for pkg, version in _pins(reqs).items():
+            assert seen.setdefault(pkg, version) == version, f"{pkg} pinned at {seen[pkg]} and {version} ({name})"
+    assert "psycopg2-binary" in _pins(extras["server"]) and "psycopg2-binary" in _pins(extras["dev"])
+    try:
+        installed = metadata.version("psycopg2-binary")
+    except metadata.PackageNotFoundError:
+        return  # not installed with .[dev]: the server test says so
+    assert installed == seen["psycopg2-binary"]
+
+
 def test_every_rule_env_exists():
     for smk in (REPO / "rules").glob("*.smk"):
         for rel in re.findall(r'ENV\s*=\s*"([^"]+)"', smk.read_text()):

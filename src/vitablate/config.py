@@ -81,6 +81,8 @@ class ExecutionConfig:
     data_on_device: bool = True  # hold in-memory datasets on the job's device
     dry_jobs: bool = False  # jobs return at once without training: orchestration benchmarks, cluster smoke tests
     dry_job_sleep_s: float = 0.0  # how long a dry job holds its resources (to observe packing)
+    shared_fs: bool = True  # every node sees results/; false: checkpoints one job hands another travel
+    # through the MLflow artifact store (needs MLFLOW_TRACKING_URI=http://<server with --serve-artifacts>)
 
 
 @dataclass
@@ -162,6 +164,27 @@ class JobConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     shift: ShiftConfig = field(default_factory=ShiftConfig)  # distribution-shift test sets
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (question, dataset, ...)
+
+
+def consumed_checkpoints(cfg: JobConfig) -> list[str]:
+    """The checkpoint files a job reads: its encoder (init_from), a file: teacher (an ensemble averages its
+    members and never runs the teacher), ensemble members."""
+    paths = [cfg.init_from] if cfg.init_from else []
+    if cfg.transfer.teacher.startswith("file:") and cfg.transfer.method not in ("scratch", "ensemble"):
+        paths.append(cfg.transfer.teacher[len("file:"):])
+    return paths + list(cfg.transfer.ensemble_members)
+
+
+def replace_checkpoints(cfg: JobConfig, local: dict[str, str]) -> JobConfig:
+    """A copy of `cfg` reading each consumed checkpoint from `local[path]` (a downloaded copy) instead."""
+    t = cfg.transfer
+    teacher = t.teacher
+    if teacher.startswith("file:"):
+        teacher = "file:" + local.get(teacher[len("file:"):], teacher[len("file:"):])
+    return dataclasses.replace(
+        cfg, init_from=local.get(cfg.init_from, cfg.init_from) if cfg.init_from else cfg.init_from,
+        transfer=dataclasses.replace(t, teacher=teacher,
+                                     ensemble_members=[local.get(p, p) for p in t.ensemble_members]))
 
 
 def _check(value: Any, tp: Any, key: str) -> Any:

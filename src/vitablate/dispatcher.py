@@ -8,7 +8,8 @@ job are reused by the next, and a Snakemake job process only imports the standar
 and sends one line of JSON.
 
 Protocol (a Unix socket, one connection per job): the client sends one JSON line
-``{"cfg": <resolved JobConfig dict>, "record_path": str, "uri": str | null}``; the server
+``{"cfg": <resolved JobConfig dict>, "record_path": str, "uri": str | null, "sources": {...} | null}``
+(sources: checkpoints to fetch from the artifact store, see `workflow.checkpoint_sources`); the server
 runs the job with `execution.run_job` and answers one JSON line ``{"record": {...}}`` or
 ``{"error": str}``. If the client goes away (Snakemake cancelled the job, Ctrl-C), its Ray
 task is cancelled and its MLflow run ends KILLED.
@@ -58,7 +59,7 @@ class _Handler(socketserver.StreamRequestHandler):
             request = json.loads(self.rfile.readline())
             cfg = from_dict(JobConfig, request["cfg"])
             _inflight[key] = (request.get("uri"), cfg.output_dir)
-            record = run_job(cfg, request["record_path"], uri=request.get("uri"),
+            record = run_job(cfg, request["record_path"], uri=request.get("uri"), sources=request.get("sources"),
                              cancelled=lambda: _peer_closed(self.connection))
             reply = {"record": record}
         except JobFailed as e:
@@ -107,7 +108,8 @@ def serve(path: str) -> None:
         server.serve_forever()
 
 
-def submit(cfg_dict: dict, record_path: str, uri: str | None, path: str | None = None) -> dict:
+def submit(cfg_dict: dict, record_path: str, uri: str | None, sources: dict | None = None,
+           path: str | None = None) -> dict:
     """Client side: send one job to the dispatcher at `path` (default: $VITABLATE_DISPATCHER) and wait.
 
     Returns the job's record, or raises `execution.JobFailed` with the job's own error.
@@ -122,7 +124,8 @@ def submit(cfg_dict: dict, record_path: str, uri: str | None, path: str | None =
             raise DispatcherGone(
                 f"the vitablate dispatcher at {path} is not answering ({e}); it runs while `snakemake` runs: "
                 "re-run snakemake (finished jobs are kept)") from None
-        sock.sendall((json.dumps({"cfg": cfg_dict, "record_path": record_path, "uri": uri}) + "\n").encode())
+        request = {"cfg": cfg_dict, "record_path": record_path, "uri": uri, "sources": sources}
+        sock.sendall((json.dumps(request) + "\n").encode())
         with sock.makefile("r") as reply_file:
             line = reply_file.readline()
     if not line:

@@ -25,10 +25,11 @@ import traceback
 from typing import Callable, Optional
 
 from . import tracking
-from .config import JobConfig, from_dict, to_dict
+from .config import JobConfig, from_dict, replace_checkpoints, to_dict
 from .io import write_json
 
 _PRIVATE_ENV = "VITABLATE_PRIVATE_RAY"  # set while a private cluster started by this run is up
+CHECKPOINTS = ("encoder.pt", "model.pt")  # what a job leaves in its output_dir for other jobs to read
 
 
 class JobFailed(RuntimeError):
@@ -217,18 +218,59 @@ def stop_session() -> None:
         _stop(int(pid), temp_dir)
 
 
-def _execute(cfg_dict: dict, uri: Optional[str], run_name: str = "") -> dict:
+def _fetch_checkpoints(uri: Optional[str], cfg: JobConfig, sources: dict[str, str]) -> tuple[JobConfig, dict]:
+    """No shared filesystem: download each checkpoint the job reads from the MLflow run that uploaded it.
+
+    sources: {checkpoint path as the config names it: producing run id}. Returns the config
+    rewritten to read the downloaded copies (under output_dir/inputs/<run id>/) and
+    {path: the artifact it came from}, which the record keeps.
+    """
+    if not uri:
+        raise RuntimeError("execution.shared_fs is false, so checkpoints come from the MLflow artifact store, "
+                           "but this job has no tracking URI; set MLFLOW_TRACKING_URI to an http(s) MLflow server")
+    local, fetched = {}, {}
+    for path, run_id in sources.items():
+        name = os.path.basename(path)
+        artifact = f"{tracking.CHECKPOINT_DIR}/{name}"
+        try:
+            local[path] = tracking.fetch_artifact(uri, run_id, artifact, os.path.join(cfg.output_dir, "inputs", run_id,
+                                                                                      name))
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"cannot download {artifact} of MLflow run {run_id} (the job that wrote {path}) from {uri}: {e}. "
+                "If that job ran with execution.shared_fs true, its checkpoint was never uploaded: re-run it "
+                "(snakemake --forcerun <its rule>)") from e
+        fetched[path] = f"runs:/{run_id}/{artifact}"
+    return replace_checkpoints(cfg, local), fetched
+
+
+def _execute(cfg_dict: dict, uri: Optional[str], run_name: str = "", sources: Optional[dict] = None) -> dict:
     """Body of the Ray task: one attempt of the job, tracked as its own MLflow run.
 
     Tracking happens here, where the job runs, so that an attempt whose worker dies leaves a
     RUNNING run that the next attempt (Ray's retry) marks KILLED before resuming.
+    With execution.shared_fs false, the checkpoints the job reads are downloaded first (`sources`),
+    and those it leaves for other jobs are uploaded before its run ends FINISHED.
     """
     from . import jobs
 
     cfg = from_dict(JobConfig, cfg_dict)
     run_id = tracking.start_attempt(uri, cfg_dict, run_name) if uri else None
     try:
+        fetched: dict = {}
+        if sources:
+            cfg, fetched = _fetch_checkpoints(uri, cfg, sources)
+        elif not cfg.execution.shared_fs and not uri:
+            raise RuntimeError("execution.shared_fs is false, but this job has no MLflow tracking URI to upload its "
+                               "checkpoints to; set MLFLOW_TRACKING_URI to an http(s) MLflow server")
         record = jobs.run(cfg, tracking.EpochLogger(uri, run_id) if run_id else None)
+        if fetched:
+            record["checkpoint_sources"] = fetched
+        if run_id and not cfg.execution.shared_fs:
+            produced = [os.path.join(cfg.output_dir, n) for n in CHECKPOINTS
+                        if os.path.exists(os.path.join(cfg.output_dir, n))]
+            if produced:
+                record["checkpoint_artifacts"] = tracking.log_checkpoints(uri, run_id, produced)
     except BaseException as e:
         if run_id:
             tracking.fail_run(uri, run_id, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
@@ -257,8 +299,10 @@ def _unwrap(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def submit(cfg: JobConfig, uri: Optional[str]):
+def submit(cfg: JobConfig, uri: Optional[str], sources: Optional[dict] = None):
     """Submit one job as a Ray task with the resources its config asks for; returns the ObjectRef.
+
+    sources: {checkpoint path: producing MLflow run id} to download first (execution.shared_fs false).
 
     max_retries re-runs the task when its worker process dies (a system failure); an
     exception raised by the job itself is not retried: it would fail again the same way.
@@ -269,7 +313,7 @@ def submit(cfg: JobConfig, uri: Optional[str]):
         num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_retries=ex.max_retries, retry_exceptions=False,
         name=f"{cfg.question}:{os.path.basename(cfg.output_dir.rstrip('/'))}",
     )
-    return task.remote(to_dict(cfg), uri, _run_name(cfg))
+    return task.remote(to_dict(cfg), uri, _run_name(cfg), sources)
 
 
 def _wait(ref, cancelled: Optional[Callable[[], bool]]):
@@ -284,7 +328,7 @@ def _wait(ref, cancelled: Optional[Callable[[], bool]]):
     return ray.get(ref)
 
 
-def run_job(cfg: JobConfig, record_path: str, uri: Optional[str] = None,
+def run_job(cfg: JobConfig, record_path: str, uri: Optional[str] = None, sources: Optional[dict] = None,
             cancelled: Optional[Callable[[], bool]] = None) -> dict:
     """Run one job on the Ray cluster (tracked in MLflow when `uri` is given); write its record atomically.
 
@@ -294,7 +338,7 @@ def run_job(cfg: JobConfig, record_path: str, uri: Optional[str] = None,
     """
     connect()
     try:
-        record = _wait(submit(cfg, uri), cancelled)
+        record = _wait(submit(cfg, uri, sources), cancelled)
     except BaseException as e:
         message = _unwrap(e)
         latest = tracking.latest_run(cfg.output_dir) if uri else None

@@ -25,6 +25,7 @@ from typing import Any, Callable, TypeVar
 
 from .config import flatten
 
+CHECKPOINT_DIR = "checkpoints"  # artifact folder of the checkpoints a run hands to other jobs
 TAG_KEYS = ("question", "dataset", "mixer", "pretext", "method", "teacher", "seed", "job")
 _lock = threading.Lock()  # one writer per process: SQLite serialises writers anyway
 T = TypeVar("T")
@@ -235,6 +236,26 @@ def finish_run(uri: str, run_id: str, record: dict, artifacts: tuple[str, ...] =
         if os.path.exists(path):
             retry(lambda: c.log_artifact(run_id, path), f"log artifact {path}")
     retry(lambda: c.set_terminated(run_id, "FINISHED"), "end run")
+
+
+def log_checkpoints(uri: str, run_id: str, paths: list[str]) -> dict[str, str]:
+    """Upload checkpoints other jobs read (execution.shared_fs false) under checkpoints/;
+    returns {file name: artifact URI}."""
+    c = client(uri)
+    for path in paths:
+        retry(lambda p=path: c.log_artifact(run_id, p, CHECKPOINT_DIR), f"upload checkpoint {path}")
+    base = retry(lambda: c.get_run(run_id).info.artifact_uri, "read run")
+    return {os.path.basename(p): f"{base}/{CHECKPOINT_DIR}/{os.path.basename(p)}" for p in paths}
+
+
+def fetch_artifact(uri: str, run_id: str, artifact_path: str, dest: str) -> str:
+    """Download one artifact of a run to the file `dest`, atomically (a retry never sees half a file)."""
+    c = client(uri)
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(dest) or ".") as d:
+        got = retry(lambda: c.download_artifacts(run_id, artifact_path, d), f"download {artifact_path} of run {run_id}")
+        os.replace(got, dest)
+    return dest
 
 
 def fail_run(uri: str, run_id: str, error: str, status: str = "FAILED") -> None:

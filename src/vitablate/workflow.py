@@ -12,8 +12,10 @@ only the evaluation jobs' params and Snakemake re-runs only those.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
+import traceback
 from typing import Any
 
 from .config import (
@@ -28,6 +30,7 @@ from .config import (
     ShiftConfig,
     TrainConfig,
     TransferConfig,
+    consumed_checkpoints,
     deep_merge,
     from_dict,
     to_dict,
@@ -48,6 +51,71 @@ def results_dir(config: dict) -> str:
 
 def reports_dir(config: dict) -> str:
     return config.get("reports_dir", "reports")
+
+
+# --- checkpoints handed between jobs ------------------------------------------------------
+# With a shared filesystem (execution.shared_fs, the default) a consumer reads the producer's
+# checkpoint file, which is a declared output and input. Without one, the checkpoint stays on
+# the producer's node and is uploaded to the MLflow artifact store; the consumer's input is the
+# producer's record.json (which names its MLflow run), and the job downloads the checkpoint.
+
+def shared_fs(config: dict) -> bool:
+    return bool((config.get("execution") or {}).get("shared_fs", True))
+
+
+def producer_record(checkpoint: str) -> str:
+    """The record of the job that writes `checkpoint` (encoder.pt, model.pt): beside it in its output_dir."""
+    return os.path.join(os.path.dirname(checkpoint), "record.json")
+
+
+def checkpoint_input(config: dict, checkpoint: str) -> str:
+    """What a consumer of `checkpoint` (a path or a wildcard pattern) declares as its input."""
+    return checkpoint if shared_fs(config) else producer_record(checkpoint)
+
+
+def checkpoint_sources(cfg: JobConfig) -> dict[str, str]:
+    """Without a shared filesystem: {checkpoint path: id of the MLflow run that uploaded it}.
+
+    Read from the producers' records, which are this rule's inputs (so present on the Snakemake
+    host). A checkpoint with no record beside it (a file: teacher from outside the workflow) is
+    read from its path, which every node must then see. Empty with a shared filesystem.
+    """
+    if cfg.execution.shared_fs:
+        return {}
+    out = {}
+    for path in consumed_checkpoints(cfg):
+        record = producer_record(path)
+        if not os.path.exists(record):
+            continue
+        with open(record) as f:
+            run_id = json.load(f).get("mlflow_run_id")
+        if not run_id:
+            raise RuntimeError(f"{record} names no MLflow run, so {path} cannot be downloaded (execution.shared_fs is "
+                               "false): that job ran untracked; re-run it with MLFLOW_TRACKING_URI set")
+        out[path] = run_id
+    return out
+
+
+def check_tracking(config: dict, uri: str) -> None:
+    """Without a shared filesystem, every node must reach the tracking server and its artifact store."""
+    if shared_fs(config) or uri.startswith(("http://", "https://")):
+        return
+    raise ConfigError(
+        f"execution.shared_fs is false, so checkpoints travel through the MLflow artifact store, which every node "
+        f"must reach, but MLflow logs to {uri}, a store on this machine only. Start a tracking server that serves "
+        "artifacts (tools/mlflow-server.sh start <dir> <port>) and set MLFLOW_TRACKING_URI=http://<host>:<port>, "
+        "or set execution.shared_fs: true if every node sees the results directory"
+    )
+
+
+def fetch_host_outputs(record: dict, uri: str) -> None:
+    """Without a shared filesystem: bring back the files the report rules read on this host (the
+    analysis table), from the job's run; checkpoints stay in the artifact store."""
+    path = record.get("analysis_path")
+    if path and not os.path.exists(path):
+        from .tracking import fetch_artifact
+
+        fetch_artifact(uri, record["mlflow_run_id"], os.path.basename(path), path)
 
 
 # --- grids --------------------------------------------------------------------------------
@@ -149,7 +217,9 @@ def transfer_inputs(config: dict, dataset: str, teacher: str, method: str, layer
         return [os.path.join(transfer_dir(config, dataset, teacher, m, "all", seed), "record.json")
                 for m in ("attn_distill", "finetune")]
     path = teacher_checkpoint(config, dataset, teacher, seed)
-    return [path] if path else []
+    if path and config["transfer"]["teachers"][teacher].startswith("pretext:"):
+        return [checkpoint_input(config, path)]  # produced in this workflow
+    return [path] if path else []  # file: teachers are the user's; timm: ones are downloaded
 
 
 # --- resolved job configs -----------------------------------------------------------------
@@ -281,6 +351,13 @@ def check_config(config: dict) -> None:
                                   f"does not pre-train {name!r}; add it there or use file:<path> / timm:<name>")
         elif not spec.startswith(("file:", "timm:")):
             raise ConfigError(f"transfer.teachers.{teacher} is {spec!r}; use pretext:<name>, file:<path> or timm:<name>")
+    for where, section in [(q, config.get(q) or {}) for q in QUESTIONS] + \
+            [(f"datasets.{n}", e) for n, e in datasets.items()]:
+        value = (section.get("execution") or {}).get("shared_fs")
+        if value is not None and value != shared_fs(config):
+            raise ConfigError(f"{where}.execution.shared_fs is {value} but execution.shared_fs is {shared_fs(config)}; "
+                              "whether the nodes share a filesystem is workflow-wide: set it only under the "
+                              "top-level `execution`")
     for name, entry in datasets.items():
         variant = (entry.get("model") or {}).get("variant")
         if variant is not None and variant not in VARIANTS:
@@ -294,13 +371,17 @@ def check_config(config: dict) -> None:
 
 @contextlib.contextmanager
 def logging_to(path: str | None):
-    """Send this process's stdout and stderr to the rule's log file."""
+    """Send this process's stdout and stderr to the rule's log file, a failure's traceback included."""
     if not path:
         yield
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        yield
+        try:
+            yield
+        except BaseException:
+            traceback.print_exc()  # into the log; Snakemake's own output shows it again
+            raise
 
 
 def run_job_rule(smk) -> None:
@@ -311,12 +392,15 @@ def run_job_rule(smk) -> None:
     with logging_to(smk.log[0] if smk.log else None):
         print(f"[vitablate] {cfg.job} {cfg.output_dir} -> Ray (RAY_ADDRESS={os.environ.get('RAY_ADDRESS')})",
               flush=True)
+        sources = checkpoint_sources(cfg)
         if os.environ.get(dispatcher.ENV):  # the run's one Ray driver (started by the Snakefile's onstart)
-            record = dispatcher.submit(to_dict(cfg), smk.output.record, smk.params.mlflow_uri)
+            record = dispatcher.submit(to_dict(cfg), smk.output.record, smk.params.mlflow_uri, sources)
         else:
             from .execution import run_job
 
-            record = run_job(cfg, smk.output.record, uri=smk.params.mlflow_uri)
+            record = run_job(cfg, smk.output.record, uri=smk.params.mlflow_uri, sources=sources)
+        if not cfg.execution.shared_fs:
+            fetch_host_outputs(record, smk.params.mlflow_uri)
         print(f"[vitablate] done: top1_test={record.get('top1_test')} on {record.get('host')} "
               f"node={str(record.get('ray_node_id', ''))[:8]} wall={record.get('wall_s', 0):.1f}s", flush=True)
 
