@@ -432,7 +432,10 @@ def transfer(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
         teacher = load_teacher(t.teacher, kw)
         if t.method == "finetune":
             missing, unexpected = model.load_state_dict(teacher.state_dict(), strict=False)
-            bad = [k for k in missing if not k.startswith("head")] + list(unexpected)
+            # a teacher pooled otherwise (MAE's encoders end in `norm`, an avg-pooled student in `fc_norm`)
+            # leaves the student's final LayerNorm freshly initialised, as MAE's own fine-tuning does
+            bad = [k for k in missing if not k.startswith(("head", "fc_norm.", "norm."))]
+            bad += [k for k in unexpected if not k.startswith(("fc_norm.", "norm."))]
             if bad:
                 raise ValueError(f"teacher {t.teacher} does not fit the student for fine-tuning: {bad[:5]}")
             model.to(device)
