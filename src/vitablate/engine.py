@@ -204,6 +204,10 @@ def fit(
         start_epoch = state["epoch"]
         result.history = state["history"]
         result.resumed_from_epoch = start_epoch
+    accum = cfg.accum_steps
+    if accum < 1 or cfg.batch_size % accum:
+        raise ValueError(f"train.accum_steps {accum} must be >= 1 and divide train.batch_size {cfg.batch_size}; "
+                         "pick a divisor (batch_size / accum_steps images go through the model at once)")
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
     # non-finite check: every step on CPU (cheap), every 25 on GPU (a host sync each time)
@@ -224,24 +228,26 @@ def fit(
                 x = transform(x, gen)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
-            with precision.autocast():
-                loss, logs = loss_fn(x, y)
-            if (i + 1) % check_every == 0 and not torch.isfinite(loss).item():
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at epoch {epoch + 1}, step {i + 1}; the last good checkpoint "
-                    f"({checkpoint.path}, epoch {epoch}) is kept. Lower train.lr (now {cfg.lr}) or set "
-                    "train.grad_clip, then re-run to resume."
-                )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # gradient accumulation: the mean loss over the batch, one micro-batch's share at a time
+            for xm, ym in zip(x.chunk(accum), y.chunk(accum)):
+                with precision.autocast():
+                    loss, logs = loss_fn(xm, ym)
+                if (i + 1) % check_every == 0 and not torch.isfinite(loss).item():
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at epoch {epoch + 1}, step {i + 1}; the last good checkpoint "
+                        f"({checkpoint.path}, epoch {epoch}) is kept. Lower train.lr (now {cfg.lr}) or set "
+                        "train.grad_clip, then re-run to resume."
+                    )
+                (loss * (xm.shape[0] / x.shape[0]) if accum > 1 else loss).backward()
+                loss_sum += loss.detach().float() * xm.shape[0]
+                for k, v in logs.items():
+                    logs_sum[k] = logs_sum.get(k, 0.0) + float(v) * xm.shape[0]
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
             optimizer.step()
             if after_step is not None:
                 after_step(step, total_steps)
-            loss_sum += loss.detach().float() * x.shape[0]
-            for k, v in logs.items():
-                logs_sum[k] = logs_sum.get(k, 0.0) + float(v) * x.shape[0]
             n_images += x.shape[0]
             step += 1
         train_loss = (loss_sum / max(1, n_images)).item()

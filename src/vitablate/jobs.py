@@ -65,7 +65,7 @@ def setup(cfg: JobConfig) -> tuple[torch.device, object]:
 def load_data(cfg: JobConfig, device: torch.device) -> DatasetBundle:
     d = cfg.data
     bundle = load_dataset(d.name, root=d.root, img_size=cfg.model.img_size, label_by=d.label_by,
-                          extra_test_dirs=d.extra_test_dirs or None)
+                          extra_test_dirs=d.extra_test_dirs or None, num_workers=d.num_workers)
     if cfg.execution.data_on_device and device.type == "cuda":
         for name in ("train", "val", "test"):
             split = getattr(bundle, name)
