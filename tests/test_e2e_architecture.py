@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import polars as pl
 import psutil
@@ -49,6 +50,12 @@ def test_tiny_architecture_run_fills_table_and_mlflow(workflow):
         record = json.loads((d / "record.json").read_text())
         assert record["ray_node_id"] and record["mixer"] == mixer and record["epochs"] == 1
         assert {"config.json", "checkpoint.pt", "model.pt"} <= {p.name for p in d.iterdir()}
+        # the rule's log: the worker's start line (where it runs) and its progress, then the result;
+        # the console: where each job ran
+        log = (workflow / "results/logs/architecture/digits" / f"{mixer}/seed0.log").read_text()
+        assert re.search(rf"train_classifier \S+/{mixer}/seed0 on node [0-9.]+ \(\w{{8}}\) gpus \[\]", log), log
+        assert re.search(r"epoch 1/1 loss \S+ top1_val \S+ lr \S+ \d+ img/s eta 0:00:00", log), log
+        assert f"[vitablate] done results/architecture/digits/{mixer}/seed0 on node" in r.stdout + r.stderr
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workflow}/results/mlflow.db")
     exp = client.get_experiment_by_name("architecture")
@@ -61,7 +68,7 @@ def test_tiny_architecture_run_fills_table_and_mlflow(workflow):
                                                                             "train_classifier"}
         assert tags["mixer"] in ("attention", "feedforward")
         assert run.data.params["train.epochs"] == "1" and run.data.params["data.name"] == "digits"
-        assert {"top1_test", "top1_val", "train_loss", "params_m"} <= set(run.data.metrics)
+        assert {"top1_test", "top1_val", "train_loss", "params_m", "images_per_s", "eta_s"} <= set(run.data.metrics)
         assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 1  # one per epoch
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"record.json", "config.json"} <= artifacts

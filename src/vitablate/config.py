@@ -131,6 +131,15 @@ class ShiftConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """The workflow's `tracking:` section: observability only, so not part of any job's params
+    (switching it never re-runs a job)."""
+
+    system_metrics: bool = False  # MLflow system metrics (CPU, memory, disk, network, GPU) in every job's run
+    system_metrics_interval_s: float = 10.0  # seconds between samples; a job shorter than this logs none
+
+
+@dataclass
 class JobConfig:
     """Everything one job needs; saved with its outputs and logged as MLflow params."""
 

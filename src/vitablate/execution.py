@@ -11,6 +11,8 @@ Training code never imports Ray: only this module does.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -148,31 +150,78 @@ def stop_session() -> None:
         _stop(int(pid), temp_dir)
 
 
-def _execute(cfg_dict: dict, uri: Optional[str], run_name: str = "") -> dict:
+def placement() -> dict:
+    """Where this process runs: Ray node id and IP and the GPU ids Ray gave the task ({} outside Ray)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return {}
+        return {"ray_node_id": ray.get_runtime_context().get_node_id(),
+                "ray_node_ip": ray.util.get_node_ip_address(),
+                "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+    except Exception:  # running outside Ray (tests call _execute directly)
+        return {}
+
+
+def where(record: dict) -> str:
+    """'on node 10.0.0.5 (1a2b3c4d) gpus [0]' from a placement or a run record."""
+    if not record.get("ray_node_id"):
+        return f"on {record.get('host') or socket.gethostname()} (not in Ray)"
+    return (f"on node {record.get('ray_node_ip')} ({str(record['ray_node_id'])[:8]}) "
+            f"gpus [{', '.join(record.get('ray_gpu_ids') or [])}]")
+
+
+@contextlib.contextmanager
+def job_log(path: Optional[str]):
+    """Append this job's `vitablate` log records (its start, its per-epoch progress) to `path`, the
+    rule's log file; the worker writes it directly, so results_dir must be on a shared filesystem."""
+    if not path:
+        yield
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger = logging.getLogger("vitablate")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:  # Ray reuses worker processes: the next task must not write into this log
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
+
+
+def _execute(cfg_dict: dict, uri: Optional[str], run_name: str = "", log_path: Optional[str] = None,
+             system_metrics_s: Optional[float] = None) -> dict:
     """Body of the Ray task: one attempt of the job, tracked as its own MLflow run.
 
     Tracking happens here, where the job runs, so that an attempt whose worker dies leaves a
     RUNNING run that the next attempt (Ray's retry) marks KILLED before resuming.
+    log_path: the rule's log file, where the job's start and per-epoch progress lines go.
+    system_metrics_s: sample MLflow system metrics into the run at this interval (None: off).
     """
     from . import jobs
 
     cfg = from_dict(JobConfig, cfg_dict)
-    run_id = tracking.start_attempt(uri, cfg_dict, run_name) if uri else None
-    try:
-        record = jobs.run(cfg, tracking.EpochLogger(uri, run_id) if run_id else None)
-    except BaseException as e:
-        if run_id:
-            tracking.fail_run(uri, run_id, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
-        raise
+    placed = placement() | {"host": socket.gethostname()}
+    with job_log(log_path):
+        logging.getLogger("vitablate.jobs").info(f"[vitablate] {cfg.job} {cfg.output_dir} {where(placed)} "
+                                                 f"pid {os.getpid()}")
+        run_id = tracking.start_attempt(uri, cfg_dict, run_name) if uri else None
+        try:
+            monitor = (tracking.system_metrics(uri, run_id, system_metrics_s) if run_id and system_metrics_s
+                       else contextlib.nullcontext())
+            with monitor:
+                record = jobs.run(cfg, tracking.EpochLogger(uri, run_id) if run_id else None)
+        except BaseException as e:
+            if run_id:
+                tracking.fail_run(uri, run_id, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+            raise
     record["mlflow_run_id"] = run_id
-    try:
-        import ray
-
-        ctx = ray.get_runtime_context()
-        record["ray_node_id"] = ctx.get_node_id()
-        record["ray_gpu_ids"] = [str(g) for g in ray.get_gpu_ids()]
-    except Exception:  # running outside Ray (tests call _execute directly)
-        pass
+    record |= {k: v for k, v in placed.items() if k != "host"}
     write_json(os.path.join(cfg.output_dir, "config.json"), cfg_dict)
     if run_id:
         files = tuple(record[k] for k in ("analysis_path",) if record.get(k))
@@ -188,7 +237,8 @@ def _unwrap(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def submit(cfg: JobConfig, uri: Optional[str]):
+def submit(cfg: JobConfig, uri: Optional[str], log_path: Optional[str] = None,
+           system_metrics_s: Optional[float] = None):
     """Submit one job as a Ray task with the resources its config asks for; returns the ObjectRef.
 
     max_retries re-runs the task when its worker process dies (a system failure); an
@@ -200,19 +250,22 @@ def submit(cfg: JobConfig, uri: Optional[str]):
         num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_retries=ex.max_retries, retry_exceptions=False,
         name=f"{cfg.question}:{os.path.basename(cfg.output_dir.rstrip('/'))}",
     )
-    return task.remote(to_dict(cfg), uri, _run_name(cfg))
+    return task.remote(to_dict(cfg), uri, _run_name(cfg), log_path, system_metrics_s)
 
 
-def run_job(cfg: JobConfig, record_path: str, uri: Optional[str] = None) -> dict:
+def run_job(cfg: JobConfig, record_path: str, uri: Optional[str] = None, log_path: Optional[str] = None,
+            system_metrics_s: Optional[float] = None) -> dict:
     """Run one job on the Ray cluster (tracked in MLflow when `uri` is given); write its record atomically.
 
+    log_path: a file the job appends its start (node, GPUs) and per-epoch progress to.
+    system_metrics_s: log MLflow system metrics into the job's run at this interval (None: off).
     Raises JobFailed with the job's own error. Whatever happened, the job's MLflow run does
     not stay RUNNING, and nothing another job finished is touched.
     """
     connect()
     ray = _ray()
     try:
-        record = ray.get(submit(cfg, uri))
+        record = ray.get(submit(cfg, uri, log_path and os.path.abspath(log_path), system_metrics_s))
     except BaseException as e:
         message = _unwrap(e)
         latest = tracking.latest_run(cfg.output_dir) if uri else None

@@ -26,6 +26,7 @@ from .config import (
     ModelConfig,
     PretextConfig,
     ShiftConfig,
+    TrackingConfig,
     TrainConfig,
     TransferConfig,
     deep_merge,
@@ -175,7 +176,8 @@ def _job(config: dict, question: str, job: str, dataset: str, seed, output_dir: 
     section = config.get(question) or {}
     entry = (config.get("datasets") or {}).get(dataset, {})
     data = deep_merge({"name": dataset, "root": config.get("data_root", "data")}, entry.get("data") or {})
-    train = from_dict(TrainConfig, _layer(section.get(train_key), recipe, entry.get("train")), f"{question}.{train_key}")
+    train = from_dict(TrainConfig, _layer(section.get(train_key), recipe, entry.get("train")),
+                      f"{question}.{train_key}")
     if train.batch_size % train.accum_steps:
         raise ConfigError(f"{question}.{train_key}: accum_steps {train.accum_steps} does not divide batch_size "
                           f"{train.batch_size} (dataset {dataset}); pick a divisor")
@@ -356,16 +358,26 @@ def logging_to(path: str | None):
 
 
 def run_job_rule(smk) -> None:
-    """Body of every job rule's script: run its job on Ray inside an MLflow run."""
-    from .execution import run_job
+    """Body of every job rule's script: run its job on Ray inside an MLflow run.
+
+    The rule's log gets, in order: the submission, the job's own start line (node, GPUs) and one
+    progress line per epoch (written by the Ray worker), and the result; the Snakemake console
+    gets one line saying where the job ran.
+    """
+    from .execution import run_job, where
 
     cfg = from_dict(JobConfig, smk.params.job)
-    with logging_to(smk.log[0] if smk.log else None):
+    tracking = from_dict(TrackingConfig, dict(smk.config.get("tracking") or {}), "tracking")
+    log = smk.log[0] if smk.log else None
+    with logging_to(log):
         print(f"[vitablate] {cfg.job} {cfg.output_dir} -> Ray (RAY_ADDRESS={os.environ.get('RAY_ADDRESS')})",
               flush=True)
-        record = run_job(cfg, smk.output.record, uri=smk.params.mlflow_uri)
-        print(f"[vitablate] done: top1_test={record.get('top1_test')} on {record.get('host')} "
-              f"node={str(record.get('ray_node_id', ''))[:8]} wall={record.get('wall_s', 0):.1f}s", flush=True)
+        record = run_job(cfg, smk.output.record, uri=smk.params.mlflow_uri, log_path=log,
+                         system_metrics_s=tracking.system_metrics_interval_s if tracking.system_metrics else None)
+        line = (f"[vitablate] done {cfg.output_dir} {where(record)} top1_test={record.get('top1_test')} "
+                f"wall={record.get('wall_s', 0):.1f}s")
+        print(line, flush=True)
+    print(line, flush=True)  # the console too: which job ran where
 
 
 def run_architecture_report(smk) -> None:
