@@ -32,7 +32,9 @@ def _private_ray_processes() -> list[str]:
 
 @pytest.mark.slow
 def test_tiny_architecture_run_fills_table_and_mlflow(workflow):
-    _tiny(workflow, ["attention", "feedforward"])
+    config = _tiny(workflow, ["attention", "feedforward"])
+    config["tracking"] = {"system_metrics": True, "system_metrics_interval_s": 0.2}  # a job lasts seconds
+    write_config(workflow, config)
     r = snakemake(workflow, "--cores", "2", "architecture")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
 
@@ -69,6 +71,7 @@ def test_tiny_architecture_run_fills_table_and_mlflow(workflow):
         assert tags["mixer"] in ("attention", "feedforward")
         assert run.data.params["train.epochs"] == "1" and run.data.params["data.name"] == "digits"
         assert {"top1_test", "top1_val", "train_loss", "params_m", "images_per_s", "eta_s"} <= set(run.data.metrics)
+        assert "system/cpu_utilization_percentage" in run.data.metrics  # tracking.system_metrics reached the job
         assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 1  # one per epoch
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"record.json", "config.json"} <= artifacts
