@@ -7,7 +7,12 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The default grid, unless config files are given on the command line: a --configfile (such as
+# config/presets/*.yaml) is then the whole config, so none of the default's digits grid (its
+# datasets, teachers, recipe keys) is merged into it. --config key=value still overrides keys.
+if not workflow.config_settings.configfiles:
+
+    configfile: "config/config.yaml"
 
 
 validate(config, "config/schema.yaml")
@@ -29,9 +34,13 @@ include: "rules/report.smk"
 
 onstart:
     # Without RAY_ADDRESS: a private local Ray cluster for this run only.
+    import os
+
     from vitablate.execution import start_session
     from vitablate.tracking import prepare
 
+    for missing in vw.check_data(config, remote=bool(os.environ.get("RAY_ADDRESS"))):
+        print(f"[vitablate] warning: {missing} is not on this machine; the Ray cluster's nodes must have it")
     prepare(MLFLOW_URI, vw.active_questions(config))
     address = start_session(num_cpus=workflow._cores)
     print(f"[vitablate] Ray cluster {address}; MLflow {MLFLOW_URI}")

@@ -54,6 +54,11 @@ def test_jobs_spread_over_two_gpu_nodes(workflow, two_node_cluster):
     # each job saw the GPU Ray gave it: half of GPU 0 or 1 of its node
     assert all(rec["cuda_visible_devices"] in ("0", "1") for rec in records), [r["cuda_visible_devices"] for r in records]
     assert all(rec["ray_gpu_ids"] == [rec["cuda_visible_devices"]] for rec in records)
+    # each job's log and the console say where it ran: node IP and id, and the GPU it got
+    for rec in records:
+        line = f"on node {rec['ray_node_ip']} ({rec['ray_node_id'][:8]}) gpus [{rec['cuda_visible_devices']}]"
+        log = Path(workflow, "results/logs/architecture/digits", rec["mixer"], f"seed{rec['seed']}.log").read_text()
+        assert line in log and line in r.stdout + r.stderr, (line, log)
     overlap = _max_overlap([(rec["start_time"], rec["end_time"]) for rec in records])
     assert overlap == 8, f"4 declared GPUs / 0.5 per job allow 8 at once; saw {overlap}"
     assert not _private_ray_processes(), "with RAY_ADDRESS set the workflow must not start its own Ray"

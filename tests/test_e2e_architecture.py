@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import polars as pl
 import psutil
@@ -31,7 +32,9 @@ def _private_ray_processes() -> list[str]:
 
 @pytest.mark.slow
 def test_tiny_architecture_run_fills_table_and_mlflow(workflow):
-    _tiny(workflow, ["attention", "feedforward"])
+    config = _tiny(workflow, ["attention", "feedforward"])
+    config["tracking"] = {"system_metrics": True, "system_metrics_interval_s": 0.2}  # a job lasts seconds
+    write_config(workflow, config)
     r = snakemake(workflow, "--cores", "2", "architecture")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
 
@@ -52,6 +55,12 @@ def test_tiny_architecture_run_fills_table_and_mlflow(workflow):
         assert {"config.json", "checkpoint.pt", "model.pt"} <= {p.name for p in d.iterdir()}
         # the centre query's attention maps, where the model has attention to show
         assert ("attention_maps_path" in record) == (mixer == "attention")
+        # the rule's log: the worker's start line (where it runs) and its progress, then the result;
+        # the console: where each job ran
+        log = (workflow / "results/logs/architecture/digits" / f"{mixer}/seed0.log").read_text()
+        assert re.search(rf"train_classifier \S+/{mixer}/seed0 on node [0-9.]+ \(\w{{8}}\) gpus \[\]", log), log
+        assert re.search(r"epoch 1/1 loss \S+ top1_val \S+ lr \S+ \d+ img/s eta 0:00:00", log), log
+        assert f"[vitablate] done results/architecture/digits/{mixer}/seed0 on node" in r.stdout + r.stderr
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workflow}/results/mlflow.db")
     exp = client.get_experiment_by_name("architecture")
@@ -64,7 +73,8 @@ def test_tiny_architecture_run_fills_table_and_mlflow(workflow):
                                                                             "train_classifier"}
         assert tags["mixer"] in ("attention", "feedforward")
         assert run.data.params["train.epochs"] == "1" and run.data.params["data.name"] == "digits"
-        assert {"top1_test", "top1_val", "train_loss", "params_m"} <= set(run.data.metrics)
+        assert {"top1_test", "top1_val", "train_loss", "params_m", "images_per_s", "eta_s"} <= set(run.data.metrics)
+        assert "system/cpu_utilization_percentage" in run.data.metrics  # tracking.system_metrics reached the job
         assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 1  # one per epoch
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"record.json", "config.json"} <= artifacts

@@ -157,3 +157,37 @@ def test_checkpoint_of_another_config_is_not_resumed(tmp_path):
     again = fit(m3, classification_loss(m3, 0.1), batches, 6, cfg_short, prec, ck, 0,
                 meta={"config": {"train": {"epochs": 2}, "execution": {"num_cpus": 1}}})
     assert again.resumed_from_epoch == 2
+
+
+def test_gradient_accumulation_matches_the_whole_batch(tmp_path):
+    """accum_steps splits each batch into micro-batches: the same updates, up to float rounding."""
+    x, y = _problem()
+    prec = pick_precision(torch.device("cpu"), "fp32")
+
+    def run(accum, name):
+        torch.manual_seed(0)
+        model = create_model(mixer="attention", img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2,
+                             num_classes=2, in_chans=1)
+        cfg = TrainConfig(epochs=2, batch_size=32, accum_steps=accum, lr=3e-3, warmup_epochs=1)
+        seen = []
+
+        def loss_fn(xb, yb):
+            seen.append(len(xb))
+            return classification_loss(model, 0.1)(xb, yb)
+
+        def batches(epoch):
+            return [(x[i:i + 32], y[i:i + 32]) for i in range(0, len(x), 32)]
+
+        result = fit(model, loss_fn, batches, 3, cfg, prec, Checkpoint(str(tmp_path / name)), 0)
+        return model, result, seen
+
+    m1, r1, seen1 = run(1, "a.pt")
+    m4, r4, seen4 = run(4, "b.pt")
+    assert set(seen1) == {32} and set(seen4) == {8} and len(seen4) == 4 * len(seen1)
+    for h1, h4 in zip(r1.history, r4.history):
+        assert h4["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-5)
+    for p, q in zip(m1.parameters(), m4.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="accum_steps 3 .*divide train.batch_size 32"):
+        fit(m1, classification_loss(m1, 0.1), lambda e: [], 1,
+            TrainConfig(epochs=1, batch_size=32, accum_steps=3), prec, Checkpoint(str(tmp_path / "c.pt")), 0)

@@ -79,3 +79,16 @@ def test_truncated_teacher_file_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(RuntimeError, match="truncated"):
         jobs.run(_cfg(tmp_path, "attn_copy", path))
+
+
+@pytest.mark.parametrize("method", ["finetune", "attn_copy"])
+def test_token_pooled_teacher_fits_an_avg_pooled_student(tmp_path, method):
+    """timm's MAE encoders (timm:vit_large_patch16_224.mae) end in `norm` and pool the CLS token; the
+    student pools by average through `fc_norm`. Fine-tuning starts that final LayerNorm fresh, as MAE does."""
+    path, original = _teacher_file(tmp_path, global_pool="token")
+    assert "norm.weight" in original and "fc_norm.weight" not in original
+    rec = jobs.run(_cfg(tmp_path, method, path))
+    assert rec["method"] == method and 0 <= rec["top1_test"] <= 100
+    if method == "finetune":
+        tuned = torch.load(tmp_path / method / "model.pt", weights_only=False)["model"]
+        assert "fc_norm.weight" in tuned and "norm.weight" not in tuned

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import job_counts, read_config, snakemake, write_config
+from conftest import REPO, job_counts, read_config, snakemake, write_config
 
 
 def grid_size(config: dict) -> int:
@@ -182,3 +184,38 @@ def test_unknown_pretext_teacher_is_refused(workflow):
     write_config(workflow, config)
     r = snakemake(workflow, "-n", "--cores", "2", "transfer")
     assert r.returncode != 0 and "dino" in r.stdout + r.stderr and "pretext.pretexts" in r.stdout + r.stderr
+
+
+def test_recipe_layers_by_pretext_and_by_method():
+    """pretext.by_pretext / transfer.by_method change one pretext's or method's recipe only; the
+    dataset's own entry still wins; frozen evaluations do not read by_pretext (they train nothing)."""
+    from vitablate import workflow as vw
+    from vitablate.config import ConfigError
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["pretext"]["by_pretext"] = {"mae": {"pretrain": {"epochs": 7, "lr": 1e-4}, "finetune": {"epochs": 3}}}
+    config["transfer"]["by_method"] = {"attn_copy": {"train": {"epochs": 5}}}
+    config["datasets"]["digits"]["train"]["warmup_epochs"] = 0.5
+
+    def train(kind, **wc):
+        return vw.job_params(config, kind, dict(dataset="digits", seed=0, **wc))["train"]
+
+    assert (train("pretrain", pretext="mae")["epochs"], train("pretrain", pretext="mae")["lr"]) == (7, 1e-4)
+    assert train("pretrain", pretext="moco")["epochs"] == config["pretext"]["pretrain"]["epochs"]
+    assert train("pretrain", pretext="mae")["warmup_epochs"] == 0.5  # the dataset's entry
+    assert train("pretext_eval", pretext="mae", eval="finetune")["epochs"] == 3
+    assert train("pretext_eval", pretext="mae", eval="knn") == train("pretext_eval", pretext="moco", eval="knn")
+    assert train("transfer", teacher="moco", method="attn_copy", layers="all")["epochs"] == 5
+    assert train("transfer", teacher="moco", method="attn_distill", layers="all")["epochs"] == 12
+    config["pretext"]["by_pretext"]["mae"]["pretrain"]["accum_steps"] = 3
+    with pytest.raises(ConfigError, match="accum_steps 3 does not divide batch_size 128"):
+        train("pretrain", pretext="mae")
+
+
+def test_ensemble_averages_the_student_distilled_over_the_first_layers_value():
+    from vitablate import workflow as vw
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["transfer"]["layers"] = ["first:2", "all"]
+    inputs = vw.transfer_inputs(config, "digits", "moco", "ensemble", "all", 0)
+    assert [Path(p).parts[-4:-2] for p in inputs] == [("attn_distill", "first2"), ("finetune", "all")]

@@ -59,7 +59,8 @@ class AugmentConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 30
-    batch_size: int = 128  # images per step
+    batch_size: int = 128  # images per optimiser step
+    accum_steps: int = 1  # micro-batches per step, one backward each: 1/accum_steps the activation memory
     eval_batch_size: int = 512
     lr: float = 1e-3  # peak AdamW learning rate for this batch size
     min_lr: float = 1e-5  # end of the cosine decay
@@ -90,6 +91,7 @@ class DataConfig:
     name: str = "digits"  # a key of vitablate.data.DATASETS
     root: str = "data"  # where real-scale datasets live (cifar10, cifar100, imagefolder)
     label_by: str = "shape"  # shapes only: shape | texture
+    num_workers: int = 0  # DataLoader processes decoding on-disk images (imagefolder, extra_test_dirs); 0 = in the job
     extra_test_dirs: dict[str, str] = field(default_factory=dict)  # name -> ImageFolder dir (distribution shift)
 
 
@@ -143,6 +145,15 @@ class TransferConfig:
 class ShiftConfig:
     corruptions: list[str] = field(default_factory=list)  # names in vitablate.data.CORRUPTIONS, applied to test
     severity: int = 3  # 1..5
+
+
+@dataclass
+class TrackingConfig:
+    """The workflow's `tracking:` section: observability only, so not part of any job's params
+    (switching it never re-runs a job)."""
+
+    system_metrics: bool = False  # MLflow system metrics (CPU, memory, disk, network, GPU) in every job's run
+    system_metrics_interval_s: float = 10.0  # seconds between samples; a job shorter than this logs none
 
 
 @dataclass

@@ -8,8 +8,8 @@ job are reused by the next, and a Snakemake job process only imports the standar
 and sends one line of JSON.
 
 Protocol (a Unix socket, one connection per job): the client sends one JSON line
-``{"cfg": <resolved JobConfig dict>, "record_path": str, "uri": str | null, "sources": {...} | null}``
-(sources: checkpoints to fetch from the artifact store, see `workflow.checkpoint_sources`); the server
+``{"cfg": <resolved JobConfig dict>, "record_path": str, "uri": str | null, ...}`` (plus the other
+keyword arguments of `execution.run_job`: sources, log_path, system_metrics_s); the server
 runs the job with `execution.run_job` and answers one JSON line ``{"record": {...}}`` or
 ``{"error": str}``. If the client goes away (Snakemake cancelled the job, Ctrl-C), its Ray
 task is cancelled and its MLflow run ends KILLED.
@@ -60,6 +60,7 @@ class _Handler(socketserver.StreamRequestHandler):
             cfg = from_dict(JobConfig, request["cfg"])
             _inflight[key] = (request.get("uri"), cfg.output_dir)
             record = run_job(cfg, request["record_path"], uri=request.get("uri"), sources=request.get("sources"),
+                             log_path=request.get("log_path"), system_metrics_s=request.get("system_metrics_s"),
                              cancelled=lambda: _peer_closed(self.connection))
             reply = {"record": record}
         except JobFailed as e:
@@ -109,7 +110,7 @@ def serve(path: str) -> None:
 
 
 def submit(cfg_dict: dict, record_path: str, uri: str | None, sources: dict | None = None,
-           path: str | None = None) -> dict:
+           log_path: str | None = None, system_metrics_s: float | None = None, path: str | None = None) -> dict:
     """Client side: send one job to the dispatcher at `path` (default: $VITABLATE_DISPATCHER) and wait.
 
     Returns the job's record, or raises `execution.JobFailed` with the job's own error.
@@ -124,7 +125,8 @@ def submit(cfg_dict: dict, record_path: str, uri: str | None, sources: dict | No
             raise DispatcherGone(
                 f"the vitablate dispatcher at {path} is not answering ({e}); it runs while `snakemake` runs: "
                 "re-run snakemake (finished jobs are kept)") from None
-        request = {"cfg": cfg_dict, "record_path": record_path, "uri": uri, "sources": sources}
+        request = {"cfg": cfg_dict, "record_path": record_path, "uri": uri, "sources": sources,
+                   "log_path": log_path, "system_metrics_s": system_metrics_s}
         sock.sendall((json.dumps(request) + "\n").encode())
         with sock.makefile("r") as reply_file:
             line = reply_file.readline()

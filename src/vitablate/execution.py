@@ -12,6 +12,7 @@ Training code never imports Ray: only this module does.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -244,46 +245,93 @@ def _fetch_checkpoints(uri: Optional[str], cfg: JobConfig, sources: dict[str, st
     return replace_checkpoints(cfg, local), fetched
 
 
-def _execute(cfg_dict: dict, uri: Optional[str], run_name: str = "", sources: Optional[dict] = None) -> dict:
+def placement() -> dict:
+    """Where this process runs: Ray node id and IP and the GPU ids Ray gave the task ({} outside Ray)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return {}
+        return {"ray_node_id": ray.get_runtime_context().get_node_id(),
+                "ray_node_ip": ray.util.get_node_ip_address(),
+                "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+    except Exception:  # running outside Ray (tests call _execute directly)
+        return {}
+
+
+def where(record: dict) -> str:
+    """'on node 10.0.0.5 (1a2b3c4d) gpus [0]' from a placement or a run record."""
+    if not record.get("ray_node_id"):
+        return f"on {record.get('host') or socket.gethostname()} (not in Ray)"
+    return (f"on node {record.get('ray_node_ip')} ({str(record['ray_node_id'])[:8]}) "
+            f"gpus [{', '.join(record.get('ray_gpu_ids') or [])}]")
+
+
+@contextlib.contextmanager
+def job_log(path: Optional[str]):
+    """Append this job's `vitablate` log records (its start, its per-epoch progress) to `path`, the
+    rule's log file; the worker writes it directly, so results_dir must be on a shared filesystem."""
+    if not path:
+        yield
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger = logging.getLogger("vitablate")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:  # Ray reuses worker processes: the next task must not write into this log
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
+
+
+def _execute(cfg_dict: dict, uri: Optional[str], run_name: str = "", sources: Optional[dict] = None,
+             log_path: Optional[str] = None, system_metrics_s: Optional[float] = None) -> dict:
     """Body of the Ray task: one attempt of the job, tracked as its own MLflow run.
 
     Tracking happens here, where the job runs, so that an attempt whose worker dies leaves a
     RUNNING run that the next attempt (Ray's retry) marks KILLED before resuming.
     With execution.shared_fs false, the checkpoints the job reads are downloaded first (`sources`),
     and those it leaves for other jobs are uploaded before its run ends FINISHED.
+    log_path: the rule's log file, where the job's start and per-epoch progress lines go.
+    system_metrics_s: sample MLflow system metrics into the run at this interval (None: off).
     """
     from . import jobs
 
     cfg = from_dict(JobConfig, cfg_dict)
-    run_id = tracking.start_attempt(uri, cfg_dict, run_name) if uri else None
-    try:
-        fetched: dict = {}
-        if sources:
-            cfg, fetched = _fetch_checkpoints(uri, cfg, sources)
-        elif not cfg.execution.shared_fs and not uri:
-            raise RuntimeError("execution.shared_fs is false, but this job has no MLflow tracking URI to upload its "
-                               "checkpoints to; set MLFLOW_TRACKING_URI to an http(s) MLflow server")
-        record = jobs.run(cfg, tracking.EpochLogger(uri, run_id) if run_id else None)
-        if fetched:
-            record["checkpoint_sources"] = fetched
-        if run_id and not cfg.execution.shared_fs:
-            produced = [os.path.join(cfg.output_dir, n) for n in CHECKPOINTS
-                        if os.path.exists(os.path.join(cfg.output_dir, n))]
-            if produced:
-                record["checkpoint_artifacts"] = tracking.log_checkpoints(uri, run_id, produced)
-    except BaseException as e:
-        if run_id:
-            tracking.fail_run(uri, run_id, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
-        raise
+    placed = placement() | {"host": socket.gethostname()}
+    with job_log(log_path):
+        logging.getLogger("vitablate.jobs").info(f"[vitablate] {cfg.job} {cfg.output_dir} {where(placed)} "
+                                                 f"pid {os.getpid()}")
+        run_id = tracking.start_attempt(uri, cfg_dict, run_name) if uri else None
+        try:
+            fetched: dict = {}
+            if sources:
+                cfg, fetched = _fetch_checkpoints(uri, cfg, sources)
+            elif not cfg.execution.shared_fs and not uri:
+                raise RuntimeError("execution.shared_fs is false, but this job has no MLflow tracking URI to upload "
+                                   "its checkpoints to; set MLFLOW_TRACKING_URI to an http(s) MLflow server")
+            monitor = (tracking.system_metrics(uri, run_id, system_metrics_s) if run_id and system_metrics_s
+                       else contextlib.nullcontext())
+            with monitor:
+                record = jobs.run(cfg, tracking.EpochLogger(uri, run_id) if run_id else None)
+            if fetched:
+                record["checkpoint_sources"] = fetched
+            if run_id and not cfg.execution.shared_fs:
+                produced = [os.path.join(cfg.output_dir, n) for n in CHECKPOINTS
+                            if os.path.exists(os.path.join(cfg.output_dir, n))]
+                if produced:
+                    record["checkpoint_artifacts"] = tracking.log_checkpoints(uri, run_id, produced)
+        except BaseException as e:
+            if run_id:
+                tracking.fail_run(uri, run_id, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+            raise
     record["mlflow_run_id"] = run_id
-    try:
-        import ray
-
-        ctx = ray.get_runtime_context()
-        record["ray_node_id"] = ctx.get_node_id()
-        record["ray_gpu_ids"] = [str(g) for g in ray.get_gpu_ids()]
-    except Exception:  # running outside Ray (tests call _execute directly)
-        pass
+    record |= {k: v for k, v in placed.items() if k != "host"}
     write_json(os.path.join(cfg.output_dir, "config.json"), cfg_dict)
     if run_id:
         files = tuple(record[k] for k in ("analysis_path", "attention_maps_path") if record.get(k))
@@ -299,7 +347,8 @@ def _unwrap(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def submit(cfg: JobConfig, uri: Optional[str], sources: Optional[dict] = None):
+def submit(cfg: JobConfig, uri: Optional[str], sources: Optional[dict] = None, log_path: Optional[str] = None,
+           system_metrics_s: Optional[float] = None):
     """Submit one job as a Ray task with the resources its config asks for; returns the ObjectRef.
 
     sources: {checkpoint path: producing MLflow run id} to download first (execution.shared_fs false).
@@ -313,7 +362,7 @@ def submit(cfg: JobConfig, uri: Optional[str], sources: Optional[dict] = None):
         num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_retries=ex.max_retries, retry_exceptions=False,
         name=f"{cfg.question}:{os.path.basename(cfg.output_dir.rstrip('/'))}",
     )
-    return task.remote(to_dict(cfg), uri, _run_name(cfg), sources)
+    return task.remote(to_dict(cfg), uri, _run_name(cfg), sources, log_path, system_metrics_s)
 
 
 def _wait(ref, cancelled: Optional[Callable[[], bool]]):
@@ -329,16 +378,19 @@ def _wait(ref, cancelled: Optional[Callable[[], bool]]):
 
 
 def run_job(cfg: JobConfig, record_path: str, uri: Optional[str] = None, sources: Optional[dict] = None,
+            log_path: Optional[str] = None, system_metrics_s: Optional[float] = None,
             cancelled: Optional[Callable[[], bool]] = None) -> dict:
     """Run one job on the Ray cluster (tracked in MLflow when `uri` is given); write its record atomically.
 
+    log_path: a file the job appends its start (node, GPUs) and per-epoch progress to.
+    system_metrics_s: log MLflow system metrics into the job's run at this interval (None: off).
     Raises JobFailed with the job's own error. Whatever happened, the job's MLflow run does
     not stay RUNNING, and nothing another job finished is touched. `cancelled` (polled while
     waiting) lets the dispatcher drop a job whose Snakemake process is gone.
     """
     connect()
     try:
-        record = _wait(submit(cfg, uri, sources), cancelled)
+        record = _wait(submit(cfg, uri, sources, log_path and os.path.abspath(log_path), system_metrics_s), cancelled)
     except BaseException as e:
         message = _unwrap(e)
         latest = tracking.latest_run(cfg.output_dir) if uri else None

@@ -65,7 +65,7 @@ def setup(cfg: JobConfig) -> tuple[torch.device, object]:
 def load_data(cfg: JobConfig, device: torch.device) -> DatasetBundle:
     d = cfg.data
     bundle = load_dataset(d.name, root=d.root, img_size=cfg.model.img_size, label_by=d.label_by,
-                          extra_test_dirs=d.extra_test_dirs or None)
+                          extra_test_dirs=d.extra_test_dirs or None, num_workers=d.num_workers)
     if cfg.execution.data_on_device and device.type == "cuda":
         for name in ("train", "val", "test"):
             split = getattr(bundle, name)
@@ -475,7 +475,10 @@ def transfer(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
         teacher = load_teacher(t.teacher, kw)
         if t.method == "finetune":
             missing, unexpected = model.load_state_dict(teacher.state_dict(), strict=False)
-            bad = [k for k in missing if not k.startswith("head")] + list(unexpected)
+            # a teacher pooled otherwise (MAE's encoders end in `norm`, an avg-pooled student in `fc_norm`)
+            # leaves the student's final LayerNorm freshly initialised, as MAE's own fine-tuning does
+            bad = [k for k in missing if not k.startswith(("head", "fc_norm.", "norm."))]
+            bad += [k for k in unexpected if not k.startswith(("fc_norm.", "norm."))]
             if bad:
                 raise ValueError(f"teacher {t.teacher} does not fit the student for fine-tuning: {bad[:5]}")
             model.to(device)

@@ -216,6 +216,22 @@ class EpochLogger:
         retry(lambda: c.log_batch(self.run_id, metrics=_metrics(metrics, epoch)), "log epoch metrics")
 
 
+@contextlib.contextmanager
+def system_metrics(uri: str, run_id: str, interval_s: float):
+    """While the block runs, MLflow samples this machine every `interval_s` seconds into the run
+    (system/cpu_utilization_percentage, system/system_memory_usage_megabytes, disk, network, and
+    system/gpu_* where nvidia-ml-py is installed; NVML reports every GPU of the node, not only the
+    job's). The monitor is stopped and flushed before the block returns, so before the run ends."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=uri)
+    monitor.start()
+    try:
+        yield monitor
+    finally:
+        monitor.finish()
+
+
 def _log_json_artifact(c, run_id: str, name: str, obj: Any) -> None:
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, name)

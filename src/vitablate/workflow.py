@@ -4,7 +4,8 @@ Kept here, not in rules/*.smk, so it is plain Python that tests can import.
 
 A job's config is resolved in layers, later winning:
 JobConfig defaults <- global `execution` <- the question's section (its `model`, the
-stage's `train` recipe, `execution`) <- the dataset's own entry under `datasets:`.
+stage's `train` recipe, `execution`; then the recipe changes for this pretext or method
+under `pretext.by_pretext` / `transfer.by_method`) <- the dataset's own entry under `datasets:`.
 Each stage only reads the settings it uses, so changing an evaluation setting changes
 only the evaluation jobs' params and Snakemake re-runs only those.
 """
@@ -28,6 +29,7 @@ from .config import (
     ModelConfig,
     PretextConfig,
     ShiftConfig,
+    TrackingConfig,
     TrainConfig,
     TransferConfig,
     consumed_checkpoints,
@@ -209,13 +211,20 @@ def teacher_checkpoint(config: dict, dataset: str, teacher: str, seed) -> str | 
     return None
 
 
+def ensemble_members(config: dict, dataset: str, teacher: str, seed) -> list[str]:
+    """Output dirs of an ensemble's members: the student distilled over the first `layers` value of the
+    grid (the reference distils all but the last layers) and the fine-tuned teacher."""
+    first = layers_id(((config.get("transfer") or {}).get("layers") or ["all"])[0])
+    return [transfer_dir(config, dataset, teacher, "attn_distill", first, seed),
+            transfer_dir(config, dataset, teacher, "finetune", "all", seed)]
+
+
 def transfer_inputs(config: dict, dataset: str, teacher: str, method: str, layers: str, seed) -> list[str]:
     """What a transfer job reads: its teacher's checkpoint; an ensemble, its two members' models."""
     if method == "scratch":
         return []
     if method == "ensemble":
-        return [os.path.join(transfer_dir(config, dataset, teacher, m, "all", seed), "record.json")
-                for m in ("attn_distill", "finetune")]
+        return [os.path.join(d, "record.json") for d in ensemble_members(config, dataset, teacher, seed)]
     path = teacher_checkpoint(config, dataset, teacher, seed)
     if path and config["transfer"]["teachers"][teacher].startswith("pretext:"):
         return [checkpoint_input(config, path)]  # produced in this workflow
@@ -232,21 +241,32 @@ def _layer(*parts: dict | None) -> dict:
 
 
 def _job(config: dict, question: str, job: str, dataset: str, seed, output_dir: str, train_key: str,
-         tags: dict, **fields) -> JobConfig:
-    """Shared layering of data/model/train/execution; `train_key` names the section's recipe."""
+         tags: dict, recipe: dict | None = None, **fields) -> JobConfig:
+    """Shared layering of data/model/train/execution; `train_key` names the section's recipe and
+    `recipe` holds this job's changes to it (from by_pretext / by_method)."""
     section = config.get(question) or {}
     entry = (config.get("datasets") or {}).get(dataset, {})
     data = deep_merge({"name": dataset, "root": config.get("data_root", "data")}, entry.get("data") or {})
+    train = from_dict(TrainConfig, _layer(section.get(train_key), recipe, entry.get("train")),
+                      f"{question}.{train_key}")
+    if train.batch_size % train.accum_steps:
+        raise ConfigError(f"{question}.{train_key}: accum_steps {train.accum_steps} does not divide batch_size "
+                          f"{train.batch_size} (dataset {dataset}); pick a divisor")
     return JobConfig(
         question=question, job=job, seed=int(seed), output_dir=output_dir,
         data=from_dict(DataConfig, data, f"datasets.{dataset}.data"),
         model=from_dict(ModelConfig, _layer(section.get("model"), entry.get("model")), f"{question}.model"),
-        train=from_dict(TrainConfig, _layer(section.get(train_key), entry.get("train")), f"{question}.{train_key}"),
+        train=train,
         execution=from_dict(ExecutionConfig, _layer(config.get("execution"), section.get("execution"),
                                                     entry.get("execution")), "execution"),
         tags={k: str(v) for k, v in dict(question=question, dataset=dataset, **tags).items()},
         **fields,
     )
+
+
+def _by(config: dict, question: str, axis: str, name: str, train_key: str) -> dict:
+    """The recipe changes `<question>.<axis>.<name>.<train_key>` (e.g. pretext.by_pretext.mae.pretrain)."""
+    return (((config.get(question) or {}).get(axis) or {}).get(name) or {}).get(train_key) or {}
 
 
 def architecture_job(config: dict, dataset: str, mixer: str, seed) -> JobConfig:
@@ -266,16 +286,21 @@ def _pretext_config(config: dict, pretext: str) -> PretextConfig:
 
 
 def pretrain_job(config: dict, dataset: str, pretext: str, seed) -> JobConfig:
+    name = parse_pretext(pretext)[0]
     return _job(config, "pretext", "pretrain", dataset, seed, pretext_dir(config, dataset, pretext, seed),
-                "pretrain", {"pretext": pretext, "job": "pretrain"}, pretext=_pretext_config(config, pretext))
+                "pretrain", {"pretext": pretext, "job": "pretrain"},
+                recipe=_by(config, "pretext", "by_pretext", name, "pretrain"), pretext=_pretext_config(config, pretext))
 
 
 def pretext_eval_job(config: dict, dataset: str, pretext: str, seed, eval: str) -> JobConfig:
     section = config.get("pretext") or {}
     encoder = os.path.join(pretext_dir(config, dataset, pretext, seed), "encoder.pt")
     job = "evaluate_encoder"
+    train_key = "finetune" if eval == "finetune" else "pretrain"
+    # only fine-tuning trains; the frozen evaluations read nothing of a pretext's own pre-training recipe
+    recipe = _by(config, "pretext", "by_pretext", parse_pretext(pretext)[0], "finetune") if eval == "finetune" else {}
     return _job(config, "pretext", job, dataset, seed, os.path.join(pretext_dir(config, dataset, pretext, seed), eval),
-                "finetune" if eval == "finetune" else "pretrain", {"pretext": pretext, "job": f"eval_{eval}"},
+                train_key, {"pretext": pretext, "job": f"eval_{eval}"}, recipe=recipe,
                 pretext=_pretext_config(config, pretext), init_from=encoder,
                 eval=from_dict(EvalConfig, _layer(section.get("eval"), {"name": eval}), "pretext.eval"))
 
@@ -297,14 +322,15 @@ def transfer_job(config: dict, dataset: str, teacher: str, method: str, layers: 
         spec = section["teachers"][teacher]
         path = teacher_checkpoint(config, dataset, teacher, seed)
         spec = f"file:{path}" if path else spec
-    members = [os.path.join(transfer_dir(config, dataset, teacher, m, "all", seed), "model.pt")
-               for m in ("attn_distill", "finetune")] if method == "ensemble" else []
+    members = [os.path.join(d, "model.pt") for d in ensemble_members(config, dataset, teacher, seed)
+               ] if method == "ensemble" else []
     tc = from_dict(TransferConfig, dict(
         method=method, teacher=spec, teacher_name=teacher, layers=layers_spec(layers), ensemble_members=members,
         **{k: section[k] for k in ("distill_weight", "distill_temperature") if k in section}), "transfer")
     return _job(config, "transfer", "transfer", dataset, seed,
                 transfer_dir(config, dataset, teacher, method, layers, seed), "train",
-                {"teacher": teacher, "method": method, "job": "transfer"}, transfer=tc,
+                {"teacher": teacher, "method": method, "job": "transfer"},
+                recipe=_by(config, "transfer", "by_method", method, "train"), transfer=tc,
                 shift=from_dict(ShiftConfig, section.get("shift") or {}, "transfer.shift"),
                 eval=from_dict(EvalConfig, section.get("eval") or {}, "transfer.eval"))
 
@@ -367,6 +393,33 @@ def check_config(config: dict) -> None:
             RESOLVERS[kind](config, **wc)
 
 
+def data_paths(config: dict) -> dict[str, list[str]]:
+    """The on-disk paths each dataset of an active question reads (bundled datasets read none)."""
+    from .data.datasets import FOLDER_LAYOUTS
+
+    used = {d for q in active_questions(config) for d in config[q].get("datasets", [])}
+    out: dict[str, list[str]] = {}
+    for name in sorted(used):
+        entry = (config.get("datasets") or {}).get(name) or {}
+        data = deep_merge({"name": name, "root": config.get("data_root", "data")}, entry.get("data") or {})
+        paths = [os.path.join(data["root"], sub) for sub in FOLDER_LAYOUTS.get(name, ())]
+        out[name] = paths + list((data.get("extra_test_dirs") or {}).values())
+    return out
+
+
+def check_data(config: dict, remote: bool = False) -> list[str]:
+    """Before the first job: every dataset path must exist here, or the jobs would each fail on it.
+
+    With `remote` (jobs run on a Ray cluster at RAY_ADDRESS, which may mount the data where this
+    machine does not) missing paths are returned as warnings instead of raising.
+    """
+    missing = [f"{name}: {p}" for name, paths in data_paths(config).items() for p in paths if not os.path.isdir(p)]
+    if missing and not remote:
+        raise ConfigError(f"dataset paths not found: {missing}; put the data there (see README, Datasets) or "
+                          "point data_root / datasets.<name>.data.root / extra_test_dirs at it")
+    return missing
+
+
 # --- rule bodies --------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -385,24 +438,37 @@ def logging_to(path: str | None):
 
 
 def run_job_rule(smk) -> None:
-    """Body of every job rule's script: run its job on Ray inside an MLflow run."""
+    """Body of every job rule's script: run its job on Ray inside an MLflow run.
+
+    The rule's log gets, in order: the submission, the job's own start line (node, GPUs) and one
+    progress line per epoch (written by the Ray worker), and the result; the Snakemake console
+    gets one line saying where the job ran.
+    """
     from . import dispatcher
+    from .execution import where
 
     cfg = from_dict(JobConfig, smk.params.job)
-    with logging_to(smk.log[0] if smk.log else None):
+    tracking = from_dict(TrackingConfig, dict(smk.config.get("tracking") or {}), "tracking")
+    log = smk.log[0] if smk.log else None
+    with logging_to(log):
         print(f"[vitablate] {cfg.job} {cfg.output_dir} -> Ray (RAY_ADDRESS={os.environ.get('RAY_ADDRESS')})",
               flush=True)
         sources = checkpoint_sources(cfg)
+        system_metrics_s = tracking.system_metrics_interval_s if tracking.system_metrics else None
         if os.environ.get(dispatcher.ENV):  # the run's one Ray driver (started by the Snakefile's onstart)
-            record = dispatcher.submit(to_dict(cfg), smk.output.record, smk.params.mlflow_uri, sources)
+            record = dispatcher.submit(to_dict(cfg), smk.output.record, smk.params.mlflow_uri, sources=sources,
+                                       log_path=log and os.path.abspath(log), system_metrics_s=system_metrics_s)
         else:
             from .execution import run_job
 
-            record = run_job(cfg, smk.output.record, uri=smk.params.mlflow_uri, sources=sources)
+            record = run_job(cfg, smk.output.record, uri=smk.params.mlflow_uri, sources=sources, log_path=log,
+                             system_metrics_s=system_metrics_s)
         if not cfg.execution.shared_fs:
             fetch_host_outputs(record, smk.params.mlflow_uri)
-        print(f"[vitablate] done: top1_test={record.get('top1_test')} on {record.get('host')} "
-              f"node={str(record.get('ray_node_id', ''))[:8]} wall={record.get('wall_s', 0):.1f}s", flush=True)
+        line = (f"[vitablate] done {cfg.output_dir} {where(record)} top1_test={record.get('top1_test')} "
+                f"wall={record.get('wall_s', 0):.1f}s")
+        print(line, flush=True)
+    print(line, flush=True)  # the console too: which job ran where
 
 
 def run_architecture_report(smk) -> None:

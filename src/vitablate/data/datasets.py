@@ -586,6 +586,15 @@ DATASETS: dict[str, Callable[..., DatasetBundle]] = {
 }
 
 
+# What each on-disk dataset reads under its root (torchvision's CIFAR base_folder; ImageFolder splits),
+# so the workflow can name a missing path before any job starts.
+FOLDER_LAYOUTS: dict[str, tuple[str, ...]] = {
+    "cifar10": ("cifar-10-batches-py",),
+    "cifar100": ("cifar-100-python",),
+    "imagefolder": ("train", "val"),
+}
+
+
 def _add_extra_test_dir(bundle: DatasetBundle, name: str, path: str, num_workers: int) -> None:
     """Load an ImageFolder test set whose class folders are a subset of bundle.class_names."""
     if name in bundle.extra_tests:

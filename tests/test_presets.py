@@ -1,0 +1,125 @@
+"""Presets (config/presets/*.yaml): each passes the schema and builds its DAG in a dry run with
+the job counts its own grid implies, nothing of the default digits grid, and the GPUs it asks for."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+from conftest import REPO, copy_workflow, job_counts, snakemake
+from vitablate import workflow as vw
+
+PRESETS = sorted((REPO / "config" / "presets").glob("*.yaml"))
+# what each preset is for: small runs packed four to a GPU, paper-scale runs on whole GPUs
+GPUS_PER_JOB = {"cifar100-gpu": 0.25, "imagenet-paper": 1}
+JOB_RULES = {"train_architecture": "architecture", "pretrain": "pretrain", "pretext_eval": "pretext_eval",
+             "pretext_analysis": "analysis", "transfer_train": "transfer"}
+LAYERED = ("attn_copy", "attn_distill")
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def expected_counts(c: dict) -> dict[str, int]:
+    """Jobs per rule, counted from the preset's own grid (written out here, not taken from vitablate)."""
+    out: dict[str, int] = {"all": 1}
+    if "architecture" in c:
+        a = c["architecture"]
+        out["train_architecture"] = len(a["datasets"]) * len(a["mixers"]) * len(a["seeds"])
+        out["architecture_report"] = 1
+    if "pretext" in c:
+        p = c["pretext"]
+        n_pretexts = sum(len(p.get("hybrid_lambdas", [0.2])) if name == "hybrid" else 1 for name in p["pretexts"])
+        n = len(p["datasets"]) * n_pretexts * len(p["seeds"])
+        out |= {"pretrain": n, "pretext_eval": n * len(p["evals"]), "pretext_analysis": n, "pretext_report": 1}
+    if "transfer" in c:
+        t = c["transfer"]
+        per_teacher = sum(len(t["layers"]) if m in LAYERED else 1 for m in t["methods"] if m != "scratch")
+        per_seed = ("scratch" in t["methods"]) + len(t["teachers"]) * per_teacher
+        out |= {"transfer_train": len(t["datasets"]) * len(t["seeds"]) * per_seed, "transfer_report": 1}
+    return out
+
+
+def dry_run_jobs(output: str) -> list[tuple[str, dict]]:
+    """(rule, wildcards) of every job a `snakemake -n` listed."""
+    jobs, rule = [], None
+    for line in output.splitlines():
+        if m := re.match(r"^(?:local)?rule (\w+):", line):
+            rule = m.group(1)
+        elif (m := re.match(r"^\s+wildcards: (.*)$", line)) and rule:
+            jobs.append((rule, dict(kv.split("=", 1) for kv in m.group(1).split(", "))))
+    return jobs
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_preset_passes_the_schema_and_the_cross_checks(path):
+    config = load(path)
+    validate(config, str(REPO / "config" / "schema.yaml"))
+    vw.check_config(config)
+    assert path.stem in GPUS_PER_JOB, f"say how many GPUs a job of {path.name} should ask for"
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_preset_dag_and_gpu_requests(tmp_path, path):
+    """`snakemake -n --configfile <preset>` schedules exactly the preset's grid: nothing of the default
+    config (its digits datasets, its three pretext teachers) is merged in, and every job asks for the
+    preset's GPUs. Its data paths do not exist here: a dry run needs none."""
+    config = load(path)
+    wf = copy_workflow(tmp_path / "wf")
+    r = snakemake(wf, "-n", "--cores", "8", "--configfile", f"config/presets/{path.name}")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert job_counts(out) == expected_counts(config)
+    assert "digits" not in out
+    jobs = dry_run_jobs(out)
+    training = [(rule, wc) for rule, wc in jobs if rule in JOB_RULES]
+    assert len(training) == sum(n for rule, n in expected_counts(config).items() if rule in JOB_RULES)
+    for rule, wc in training:
+        # the params Snakemake hands the job: the rule's `params.job` is exactly this call
+        params = vw.job_params(config, JOB_RULES[rule], wc)
+        assert params["execution"]["num_gpus"] == GPUS_PER_JOB[path.stem], (rule, wc)
+        assert params["train"]["batch_size"] % params["train"]["accum_steps"] == 0
+        assert params["output_dir"].startswith(config["results_dir"] + "/")
+
+
+def test_imagenet_preset_resolves_each_papers_recipe():
+    config = load(REPO / "config" / "presets" / "imagenet-paper.yaml")
+
+    def train(kind, **wc):
+        return vw.job_params(config, kind, wc)["train"]
+
+    base = dict(dataset="imagefolder", seed=0)
+    epochs = {p: train("pretrain", pretext=p, **base)["epochs"] for p in ("supervised", "moco", "simmim", "mae")}
+    assert epochs == {"supervised": 300, "moco": 300, "simmim": 800, "mae": 1600}
+    assert train("pretrain", pretext="mae", **base)["batch_size"] == 4096
+    assert train("pretrain", pretext="mae", **base)["betas"] == [0.9, 0.95]
+    assert train("pretrain", pretext="hybrid_0.2", **base)["epochs"] == 300
+    assert train("pretext_eval", pretext="moco", eval="finetune", **base)["epochs"] == 150
+    assert train("pretext_eval", pretext="mae", eval="finetune", **base)["epochs"] == 100
+    # frozen evaluations train nothing: they read the shared recipe, so by_pretext cannot re-run them
+    assert train("pretext_eval", pretext="moco", eval="knn", **base) == train("pretext_eval", pretext="mae",
+                                                                              eval="knn", **base)
+    t = dict(dataset="imagefolder", teacher="mae_large", seed=0)
+    assert train("transfer", method="attn_copy", layers="first21", **t)["epochs"] == 100
+    assert train("transfer", method="attn_distill", layers="first18", **t)["epochs"] == 200
+    assert train("transfer", method="finetune", layers="all", **t)["epochs"] == 50
+    job = vw.job_params(config, "transfer", dict(method="attn_copy", layers="first21", **t))
+    assert job["transfer"]["teacher"] == "timm:vit_large_patch16_224.mae"
+    assert job["transfer"]["layers"] == "first:21" and job["model"]["variant"] == "vit_large_patch16_224"
+    ensemble = vw.job_params(config, "transfer", dict(method="ensemble", layers="all", **t))
+    assert [Path(p).parts[-4:-2] for p in ensemble["transfer"]["ensemble_members"]] == [
+        ("attn_distill", "first18"), ("finetune", "all")]
+
+
+def test_a_real_run_without_the_data_stops_before_any_job_naming_the_path(tmp_path):
+    wf = copy_workflow(tmp_path / "wf")
+    r = snakemake(wf, "--cores", "2", "--configfile", "config/presets/cifar100-gpu.yaml", timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "data/cifar-100-python" in out and "not found" in out, out[-3000:]
+    assert not (wf / "results" / "cifar100-gpu" / "cifar100").exists()
