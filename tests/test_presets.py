@@ -27,7 +27,7 @@ def load(path: Path) -> dict:
 
 def expected_counts(c: dict) -> dict[str, int]:
     """Jobs per rule, counted from the preset's own grid (written out here, not taken from vitablate)."""
-    out: dict[str, int] = {"all": 1}
+    out: dict[str, int] = {"all": 1, "summary": 1}  # `all` includes the summary (reports/summary.md)
     if "architecture" in c:
         a = c["architecture"]
         out["train_architecture"] = len(a["datasets"]) * len(a["mixers"]) * len(a["seeds"])
