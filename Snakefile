@@ -36,14 +36,16 @@ onstart:
     # Without RAY_ADDRESS: a private local Ray cluster for this run only.
     import os
 
-    from vitablate.execution import start_session
+    from vitablate.execution import private_cluster_dir, start_session
     from vitablate.tracking import prepare
 
     for missing in vw.check_data(config, remote=bool(os.environ.get("RAY_ADDRESS"))):
         print(f"[vitablate] warning: {missing} is not on this machine; the Ray cluster's nodes must have it")
     prepare(MLFLOW_URI, vw.active_questions(config))
     address = start_session(num_cpus=workflow._cores)
-    print(f"[vitablate] Ray cluster {address}; MLflow {MLFLOW_URI}")
+    private = private_cluster_dir()
+    print(f"[vitablate] Ray cluster {address}" + (f" (private, {private})" if private else " (RAY_ADDRESS)")
+          + f"; MLflow {MLFLOW_URI}")
 
 
 onsuccess:

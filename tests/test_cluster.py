@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from conftest import read_config, snakemake, write_config
-from test_e2e_architecture import _private_ray_processes
 
 
 def _max_overlap(intervals):
@@ -61,7 +60,9 @@ def test_jobs_spread_over_two_gpu_nodes(workflow, two_node_cluster):
         assert line in log and line in r.stdout + r.stderr, (line, log)
     overlap = _max_overlap([(rec["start_time"], rec["end_time"]) for rec in records])
     assert overlap == 8, f"4 declared GPUs / 0.5 per job allow 8 at once; saw {overlap}"
-    assert not _private_ray_processes(), "with RAY_ADDRESS set the workflow must not start its own Ray"
+    out = r.stdout + r.stderr
+    assert f"Ray cluster {cluster.address} (RAY_ADDRESS)" in out and "(private," not in out, \
+        "with RAY_ADDRESS set the workflow must not start its own Ray"
 
 
 @pytest.mark.slow

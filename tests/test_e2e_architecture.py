@@ -21,11 +21,14 @@ def _tiny(workflow, mixers, seeds=(0,), epochs=1, **train):
     return config
 
 
-def _private_ray_processes() -> list[str]:
+def _private_ray_processes(output: str) -> list[str]:
+    """Processes of the private Ray cluster the run in `output` started (the Snakefile prints its temp dir)."""
+    started = re.findall(r"\[vitablate\] Ray cluster \S+ \(private, (/tmp/vtr\w+)\)", output)
+    assert started, "the run did not say which private Ray cluster it started"
     out = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "/tmp/vtr" in cmd:
+        if any(d in cmd for d in started):
             out.append(cmd[:120])
     return out
 
@@ -78,7 +81,7 @@ def test_tiny_architecture_run_fills_table_and_mlflow(workflow):
         assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 1  # one per epoch
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"record.json", "config.json"} <= artifacts
-    assert not _private_ray_processes(), "the private Ray cluster outlived the run"
+    assert not _private_ray_processes(r.stdout + r.stderr), "the private Ray cluster outlived the run"
 
 
 @pytest.mark.slow
@@ -110,4 +113,4 @@ def test_failed_job_ends_its_mlflow_run_failed_and_loses_nothing(workflow):
     assert status["shapes"].info.status == "FAILED"
     assert "batch_size 5000" in status["shapes"].data.tags["error"]
     assert "lower it" in status["shapes"].data.tags["error"]
-    assert not _private_ray_processes()
+    assert not _private_ray_processes(out)

@@ -135,6 +135,12 @@ def _start_private_cluster(num_cpus: Optional[int], num_gpus: Optional[int], tim
     return address
 
 
+def private_cluster_dir() -> Optional[str]:
+    """The temp dir of the private cluster this process's session started (None under RAY_ADDRESS)."""
+    private = os.environ.get(_PRIVATE_ENV)
+    return private.split(":", 1)[1] if private else None
+
+
 def _start_dispatcher(timeout_s: float) -> None:
     """The run's single Ray driver (see dispatcher.py); job processes find it through $VITABLATE_DISPATCHER."""
     from .dispatcher import ENV
