@@ -17,19 +17,19 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import yaml
 
 from bench_orchestration import timed, workflow_copy
-from common import save
+from common import interleaved, save
 
 MIXERS = ["attention", "feedforward", "attention_only", "pooling", "identity"]
 
 
-def grid_config(wf: Path, jobs: int, epochs: int, num_gpus: float, num_cpus: float) -> None:
+def grid_config(wf: Path, jobs: int, epochs: int, num_gpus: float, num_cpus: float) -> int:
+    """Write the grid into the workflow copy `wf`; returns its number of jobs."""
     cfg = yaml.safe_load((wf / "config/config.yaml").read_text())
     cfg = {k: v for k, v in cfg.items() if k not in ("pretext", "transfer")}
     seeds = -(-jobs // len(MIXERS))
@@ -37,15 +37,16 @@ def grid_config(wf: Path, jobs: int, epochs: int, num_gpus: float, num_cpus: flo
     cfg["architecture"]["train"]["epochs"] = epochs
     cfg["execution"].update(num_gpus=num_gpus, num_cpus=num_cpus)
     (wf / "config/config.yaml").write_text(yaml.safe_dump(cfg))
+    return seeds * len(MIXERS)
 
 
-def run_grid(jobs: int, epochs: int, num_gpus: float, num_cpus: float, cores: int) -> dict:
+def run_grid(jobs: int, epochs: int, num_gpus: float, num_cpus: float, cores: int) -> int:
+    """The whole workflow over the grid, in a fresh copy; returns the number of runs."""
     with tempfile.TemporaryDirectory() as d:
         wf = workflow_copy(Path(d))
-        grid_config(wf, jobs, epochs, num_gpus, num_cpus)
-        n = len(list(yaml.safe_load((wf / "config/config.yaml").read_text())["architecture"]["seeds"])) * len(MIXERS)
-        wall = timed([sys.executable, "-m", "snakemake", "--cores", str(cores), "architecture"], wf)
-    return {"num_gpus": num_gpus, "jobs": n, "wall_s": wall, "runs_per_hour": n / wall * 3600}
+        n = grid_config(wf, jobs, epochs, num_gpus, num_cpus)
+        timed([sys.executable, "-m", "snakemake", "--cores", str(cores), "architecture"], wf)
+    return n
 
 
 def main() -> None:
@@ -63,24 +64,26 @@ def main() -> None:
     # One Ray cluster for both settings with exactly one GPU, so that 0.25 means 4 per GPU.
     os.environ.pop("RAY_ADDRESS", None)
     cpus = os.cpu_count() or 4
-    start_session(num_cpus=cpus, num_gpus=1)
-    results = []
+    start_session(num_cpus=cpus, num_gpus=1, dispatcher=False)  # each snakemake run starts its own
+    settings = {"1": dict(num_gpus=1.0, num_cpus=1), "0.25": dict(num_gpus=0.25, num_cpus=max(1, cpus // 4))}
+    runs: dict[str, int] = {}
+
+    def grid(name: str):
+        def go() -> None:
+            runs[name] = run_grid(args.jobs, args.epochs, cores=cpus, **settings[name])
+        return go
+
     try:
-        for r in range(args.rounds):
-            order = [1.0, 0.25] if r % 2 == 0 else [0.25, 1.0]
-            for g in order:
-                res = run_grid(args.jobs, args.epochs, g, num_cpus=max(1, cpus // 4) if g < 1 else 1, cores=cpus)
-                print(f"num_gpus={g}: {res['jobs']} runs in {res['wall_s']:.1f} s = {res['runs_per_hour']:.0f} runs/h",
-                      flush=True)
-                results.append(res)
+        timing = interleaved({name: grid(name) for name in settings}, args.rounds)  # alternating order
     finally:
         stop_session()
-    rate = {g: sum(r["runs_per_hour"] for r in results if r["num_gpus"] == g) / args.rounds for g in (1.0, 0.25)}
-    ratio = rate[0.25] / rate[1.0]
+    rate = {name: runs[name] / timing[name]["median_s"] * 3600 for name in settings}
+    for name in settings:
+        print(f"num_gpus={name}: {runs[name]} runs in {timing[name]['median_s']:.1f} s = {rate[name]:.0f} runs/h")
+    ratio = rate["0.25"] / rate["1"]
     print(f"packing 0.25 vs 1: {ratio:.2f}x more runs per hour (goal >= 3x)")
     save("gpu_packing" if torch.cuda.is_available() else "gpu_packing_cpu_check",
-         {"runs": results, "runs_per_hour": {str(k): v for k, v in rate.items()}, "ratio": ratio, "goal": 3.0,
-          "epochs": args.epochs, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+         {"runs": runs, "wall_s": timing, "runs_per_hour": rate, "ratio": ratio, "goal": 3.0, "epochs": args.epochs})
 
 
 if __name__ == "__main__":

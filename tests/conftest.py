@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ["Snakefile", "rules", "config", "envs", "reports/captions", "profiles"]
+WORKFLOW_FILES = ["Snakefile", "rules", "config", "envs", "reports/captions"]
 
 
 def copy_workflow(dest: Path) -> Path:

@@ -66,7 +66,7 @@ CASES = {
     "bad teacher spec": (lambda t: jobs.run(_cfg(t, job="transfer", transfer=TransferConfig(
         method="attn_distill", teacher="hub:vit"))), ValueError, ["hub:vit", "file:<checkpoint>"]),
     "missing pre-trained encoder": (lambda t: jobs.run(_cfg(t, job="evaluate_encoder", init_from=f"{t}/enc.pt")),
-                                    FileNotFoundError, ["enc.pt", "pre-training job"]),
+                                    FileNotFoundError, ["enc.pt", "pre-training"]),
     "unknown corruption": (lambda t: corrupt(torch.rand(1, 1, 8, 8), "fog", 1), ValueError, ["fog", "contrast"]),
     "bad layer spec": (lambda t: jobs.run(_cfg(t, job="transfer", transfer=TransferConfig(
         method="attn_copy", teacher=f"file:{_teacher(t)}", layers="first:9"))), ValueError, ["first:9", "1..4"]),

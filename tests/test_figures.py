@@ -214,8 +214,6 @@ def test_a_setting_has_one_colour_in_every_figure(tmp_path):
 # --- training curves from a real MLflow store ----------------------------------------------
 
 def test_curves_are_read_from_mlflow_and_averaged_over_seeds(tmp_path, caplog):
-    from mlflow import MlflowClient
-
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     c = tracking.client(uri)
     exp = c.create_experiment("architecture")
@@ -226,7 +224,8 @@ def test_curves_are_read_from_mlflow_and_averaged_over_seeds(tmp_path, caplog):
             for epoch in (1, 2, 3):
                 c.log_metric(run, "top1_val", offset + 10 * epoch + 2 * seed, step=epoch)
                 c.log_metric(run, "train_loss", 1.0 / epoch, step=epoch)
-            c.log_metric(run, "top1_val", offset + 30 + 2 * seed, step=3)  # the final summary re-logs the last epoch
+            # the final summary re-logs the last epoch (here with another value): the later one counts
+            c.log_metric(run, "top1_val", offset + 30.5 + 2 * seed, step=3)
             rec = {"dataset": "digits", "mixer": mixer, "seed": seed, "mlflow_run_id": run}
             paths.append(tmp_path / f"{mixer}{seed}.json")
             paths[-1].write_text(json.dumps(rec))
@@ -247,8 +246,7 @@ def test_curves_are_read_from_mlflow_and_averaged_over_seeds(tmp_path, caplog):
     fig = figures.plot_architecture_curves(table, str(tmp_path / "curves.png"))
     assert _png(tmp_path / "curves.png")
     line = next(ln for ln in fig.axes[1].lines if ln.get_label() == "attention")
-    assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == pytest.approx([11.0, 21.0, 31.0])
-    assert MlflowClient(tracking_uri=uri).get_experiment_by_name("architecture") is not None
+    assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == pytest.approx([11.0, 21.0, 31.5])
 
 
 def test_an_unreadable_store_leaves_curves_out_without_failing(tmp_path, caplog):

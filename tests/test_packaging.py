@@ -1,6 +1,7 @@
 """Packaging: the conda env the rules use pins what pyproject.toml pins; the CLI is installed;
 what vitablate reaches inside of timm is still there (fails first when timm moves)."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -88,3 +89,18 @@ def test_timm_internals_vitablate_relies_on():
     for cls in (Block, VisionTransformer):
         params = inspect.signature(cls.__init__).parameters
         assert "attn_layer" in params and "mlp_layer" in params
+
+
+def test_cli_runs_one_job_in_process(tmp_path):
+    """`vitablate job <config.json>` (no --ray): the job runs here and its record is written."""
+    from vitablate import workflow as vw
+    from vitablate.cli import main
+    from vitablate.config import to_dict
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["results_dir"] = str(tmp_path / "results")
+    config["execution"]["dry_jobs"] = True
+    cfg_path, record = tmp_path / "config.json", tmp_path / "record.json"
+    cfg_path.write_text(json.dumps(to_dict(vw.architecture_job(config, "digits", "identity", 0))))
+    assert main(["job", str(cfg_path), "--record", str(record)]) == 0
+    assert json.loads(record.read_text())["mixer"] == "identity"

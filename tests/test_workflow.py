@@ -186,6 +186,18 @@ def test_unknown_pretext_teacher_is_refused(workflow):
     assert r.returncode != 0 and "dino" in r.stdout + r.stderr and "pretext.pretexts" in r.stdout + r.stderr
 
 
+def test_pretext_teacher_must_name_a_pretrained_hybrid_lambda():
+    from vitablate import workflow as vw
+    from vitablate.config import ConfigError
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["transfer"]["teachers"] = {"h": "pretext:hybrid_0.2"}  # the default grid pre-trains hybrid_0.2
+    vw.check_config(config)
+    config["transfer"]["teachers"] = {"h": "pretext:hybrid_0.5"}
+    with pytest.raises(ConfigError, match=r"hybrid_0\.5.*hybrid_lambdas"):
+        vw.check_config(config)
+
+
 def test_recipe_layers_by_pretext_and_by_method():
     """pretext.by_pretext / transfer.by_method change one pretext's or method's recipe only; the
     dataset's own entry still wins; frozen evaluations do not read by_pretext (they train nothing)."""

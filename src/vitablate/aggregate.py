@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import polars as pl
+
+from .io import write_text
 
 SCALAR = (int, float, str, bool, type(None))
 log = logging.getLogger(__name__)
@@ -30,13 +32,15 @@ def load_records(paths: Iterable[str]) -> pl.DataFrame:
     return pl.DataFrame(rows, infer_schema_length=None)
 
 
+def mean_std(col: str, prefix: str) -> list[pl.Expr]:
+    """<prefix>_mean and <prefix>_std (sample std; 0 for a single seed) of `col` within a group."""
+    return [pl.col(col).mean().alias(f"{prefix}_mean"), pl.col(col).std(ddof=1).fill_null(0.0).alias(f"{prefix}_std")]
+
+
 def summarise(df: pl.DataFrame, by: list[str], value: str = "top1_test", extra: dict | None = None) -> pl.DataFrame:
     """Mean and sample std of `value` over seeds within each group of `by`."""
     aggs = [
-        pl.col("seed").n_unique().alias("n_seeds"),
-        pl.col(value).mean().alias("top1_mean"),
-        pl.col(value).std(ddof=1).fill_null(0.0).alias("top1_std"),
-    ]
+        pl.col("seed").n_unique().alias("n_seeds"), *mean_std(value, "top1")]
     aggs += [expr.alias(name) for name, expr in (extra or {}).items()]
     return df.group_by(by, maintain_order=True).agg(aggs)
 
@@ -52,17 +56,14 @@ def to_markdown(df: pl.DataFrame, digits: int = 2) -> str:
     def fmt(v) -> str:
         return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.iter_rows()]
+    return md_table(df.columns, ([fmt(v) for v in row] for row in df.iter_rows()))
+
+
+def md_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+    """A markdown table (cells as given)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def _atomic_write(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def write_table(df: pl.DataFrame, csv_path: str, md_path: str) -> None:
@@ -70,7 +71,7 @@ def write_table(df: pl.DataFrame, csv_path: str, md_path: str) -> None:
     tmp = f"{csv_path}.tmp{os.getpid()}"
     df.write_csv(tmp, float_precision=4)
     os.replace(tmp, csv_path)
-    _atomic_write(md_path, to_markdown(df))
+    write_text(md_path, to_markdown(df))
 
 
 # --- Q2 pretext --------------------------------------------------------------------------
@@ -89,7 +90,7 @@ def shape_bias_table(df: pl.DataFrame) -> pl.DataFrame | None:
     sub = df.filter(pl.col("eval") == "linear_probe").drop_nulls(cols)
     aggs = [pl.col("seed").n_unique().alias("n_seeds")]
     for c in cols:
-        aggs += [pl.col(c).mean().alias(f"{c}_mean"), pl.col(c).std(ddof=1).fill_null(0.0).alias(f"{c}_std")]
+        aggs += mean_std(c, c)
     return sub.group_by(["dataset", "pretext"], maintain_order=True).agg(aggs).sort(["dataset", "pretext"])
 
 
@@ -111,9 +112,7 @@ def representation_table(paths: Iterable[str]) -> pl.DataFrame:
     """dataset, pretext, layer, metric, value_mean, value_std: heads averaged, then mean/std over seeds."""
     per_seed = load_analyses(paths).group_by(["dataset", "pretext", "seed", "layer", "metric"]).agg(
         pl.col("value").mean())
-    return per_seed.group_by(["dataset", "pretext", "layer", "metric"]).agg(
-        pl.col("value").mean().alias("value_mean"), pl.col("value").std(ddof=1).fill_null(0.0).alias("value_std"),
-    ).sort(["dataset", "metric", "pretext", "layer"]).select(
+    return per_seed.group_by(["dataset", "pretext", "layer", "metric"]).agg(*mean_std("value", "value")).sort(["dataset", "metric", "pretext", "layer"]).select(
         "dataset", "pretext", "layer", "metric", "value_mean", "value_std")
 
 
@@ -127,6 +126,22 @@ def layer_probe_table(rep: pl.DataFrame) -> pl.DataFrame:
 METHOD_ORDER = ["scratch", "linear_probe", "attn_copy", "copy_q", "copy_k", "attn_distill", "finetune", "ensemble"]
 
 
+def method_rank(method: str) -> int:
+    """Position of a transfer method in tables and figures (unknown methods last)."""
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def scratch_per_teacher(df: pl.DataFrame) -> pl.DataFrame:
+    """`scratch` has no teacher (teacher "none"): repeat its rows under every teacher, so that each
+    teacher's block of a table or figure reads on its own."""
+    teachers = [t for t in df["teacher"].unique(maintain_order=True).to_list() if t != "none"]
+    scratch = df.filter(pl.col("method") == "scratch")
+    if not teachers or not scratch.height:
+        return df
+    return pl.concat([df.filter(pl.col("method") != "scratch")]
+                     + [scratch.with_columns(pl.lit(t).alias("teacher")) for t in teachers], how="diagonal_relaxed")
+
+
 def transfer_table(df: pl.DataFrame) -> pl.DataFrame:
     """dataset, teacher, method, layers, n_seeds, top1_mean, top1_std, gap_closed, shift_<name>_top1_mean.
 
@@ -134,14 +149,7 @@ def transfer_table(df: pl.DataFrame) -> pl.DataFrame:
     reads on its own. gap_closed = (method - scratch) / (finetune - scratch), on the means.
     """
     shift_cols = sorted(c for c in df.columns if c.startswith("top1_shift_"))
-    teachers = [t for t in df["teacher"].unique(maintain_order=True).to_list() if t != "none"]
-    scratch = df.filter(pl.col("method") == "scratch")
-    rows = df.filter(pl.col("method") != "scratch")
-    if teachers and scratch.height:
-        rows = pl.concat([rows] + [scratch.with_columns(pl.lit(t).alias("teacher")) for t in teachers],
-                         how="diagonal_relaxed")
-    elif scratch.height:
-        rows = pl.concat([rows, scratch], how="diagonal_relaxed")
+    rows = scratch_per_teacher(df)
     extra = {f"shift_{c[len('top1_shift_'):]}_top1_mean": pl.col(c).mean() for c in shift_cols}
     table = summarise(rows, ["dataset", "teacher", "method", "layers"], extra=extra)
     base = table.filter(pl.col("method") == "scratch").select("dataset", "teacher", pl.col("top1_mean").alias("_s"))
@@ -151,8 +159,7 @@ def transfer_table(df: pl.DataFrame) -> pl.DataFrame:
     table = table.with_columns(
         pl.when((pl.col("_f") - pl.col("_s")).abs() > 1e-9).then((pl.col("top1_mean") - pl.col("_s"))
                                                                 / (pl.col("_f") - pl.col("_s"))).alias("gap_closed"))
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    table = table.with_columns(pl.col("method").replace_strict(order, default=99).alias("_o")).sort(
+    table = table.with_columns(pl.col("method").map_elements(method_rank, return_dtype=pl.Int64).alias("_o")).sort(
         ["dataset", "teacher", "_o", "layers"])
     return table.select("dataset", "teacher", "method", "layers", "n_seeds", "top1_mean", "top1_std", "gap_closed",
                         *extra)
@@ -220,8 +227,7 @@ def curve_table(curves: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     Settings keep the order of the records (the config's), epochs ascend within each.
     """
     return curves.group_by([*by, "metric", "epoch"], maintain_order=True).agg(
-        pl.col("seed").n_unique().alias("n_seeds"), pl.col("value").mean().alias("value_mean"),
-        pl.col("value").std(ddof=1).fill_null(0.0).alias("value_std"))
+        pl.col("seed").n_unique().alias("n_seeds"), *mean_std("value", "value"))
 
 
 # --- attention maps of one image ---------------------------------------------------------

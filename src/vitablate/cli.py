@@ -35,13 +35,14 @@ def _job(args: argparse.Namespace) -> int:
         from .execution import run_job, start_session, stop_session
         from .tracking import default_uri
 
-        start_session()
+        start_session(dispatcher=False)  # this process submits the job itself
         try:
             record = run_job(cfg, record_path, uri=default_uri(args.results_dir))
         finally:
             stop_session()
     else:
-        from .jobs import run, write_json
+        from .io import write_json
+        from .jobs import run
 
         record = run(cfg, lambda epoch, m: print(json.dumps(m), flush=True))
         write_json(record_path, record)

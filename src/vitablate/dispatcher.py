@@ -90,12 +90,7 @@ def _terminate(*_) -> None:
     from . import tracking
 
     for uri, output_dir in list(_inflight.values()):
-        latest = tracking.latest_run(output_dir) if uri else None
-        if latest:
-            try:
-                tracking.end_if_running(uri, latest["run_id"], "the workflow was stopped", "KILLED")
-            except Exception:  # the store is gone too: the next attempt marks the run KILLED
-                pass
+        tracking.end_latest(uri, output_dir, "the workflow was stopped", "KILLED")
     os._exit(0)
 
 
@@ -110,14 +105,14 @@ def serve(path: str) -> None:
 
 
 def submit(cfg_dict: dict, record_path: str, uri: str | None, sources: dict | None = None,
-           log_path: str | None = None, system_metrics_s: float | None = None, path: str | None = None) -> dict:
-    """Client side: send one job to the dispatcher at `path` (default: $VITABLATE_DISPATCHER) and wait.
+           log_path: str | None = None, system_metrics_s: float | None = None) -> dict:
+    """Client side: send one job to the dispatcher at $VITABLATE_DISPATCHER and wait.
 
     Returns the job's record, or raises `execution.JobFailed` with the job's own error.
     """
     from .execution import JobFailed
 
-    path = path or os.environ[ENV].split(":", 1)[1]
+    path = os.environ[ENV].split(":", 1)[1]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
             sock.connect(path)

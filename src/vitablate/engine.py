@@ -238,7 +238,7 @@ def fit(
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         n_images, step = 0, epoch * steps_per_epoch
-        logs_sum: dict[str, float] = {}
+        logs_sum: dict[str, torch.Tensor] = {}
         for i, (x, y) in enumerate(train_batches(epoch)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if transform is not None:
@@ -258,8 +258,8 @@ def fit(
                     )
                 (loss * (xm.shape[0] / x.shape[0]) if accum > 1 else loss).backward()
                 loss_sum += loss.detach().float() * xm.shape[0]
-                for k, v in logs.items():
-                    logs_sum[k] = logs_sum.get(k, 0.0) + float(v) * xm.shape[0]
+                for k, v in logs.items():  # device tensors: no host sync per step
+                    logs_sum[k] = logs_sum.get(k, 0.0) + torch.as_tensor(v, device=device).float() * xm.shape[0]
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
             optimizer.step()
@@ -277,7 +277,7 @@ def fit(
         dt = time.perf_counter() - t0
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                    "images_per_s": n_images / dt, "epoch_s": dt}
-        metrics.update({k: v / max(1, n_images) for k, v in logs_sum.items()})
+        metrics.update({k: (v / max(1, n_images)).item() for k, v in logs_sum.items()})
         if evaluate is not None:
             metrics.update(evaluate())
         # time left: the mean wall time of this process's epochs (evaluation and checkpoints included)

@@ -29,8 +29,11 @@ from . import tracking
 from .config import JobConfig, from_dict, replace_checkpoints, to_dict
 from .io import write_json
 
+_remote_execute = None  # ray.remote(_execute), made on first submit
 _PRIVATE_ENV = "VITABLATE_PRIVATE_RAY"  # set while a private cluster started by this run is up
 CHECKPOINTS = ("encoder.pt", "model.pt")  # what a job leaves in its output_dir for other jobs to read
+# record fields naming files the report rules read on the Snakemake host (logged as run artifacts)
+HOST_OUTPUTS = ("analysis_path", "attention_maps_path")
 
 
 class JobFailed(RuntimeError):
@@ -85,7 +88,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None, timeout_s: float = 90) -> str:
+def start_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None, timeout_s: float = 90,
+                  dispatcher: bool = True) -> str:
     """Connect to RAY_ADDRESS, or start a private local cluster; returns its address.
 
     The private cluster is a `ray start --head --block` child in its own process group,
@@ -99,7 +103,8 @@ def start_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None
         os.environ.pop(_PRIVATE_ENV, None)  # inherited from a parent's session: not ours to stop
     else:
         address = _start_private_cluster(num_cpus, num_gpus, timeout_s)
-    _start_dispatcher(timeout_s)
+    if dispatcher:  # for Snakemake's job processes; a caller that submits itself (`vitablate job`) needs none
+        _start_dispatcher(timeout_s)
     return address
 
 
@@ -117,8 +122,8 @@ def _start_private_cluster(num_cpus: Optional[int], num_gpus: Optional[int], tim
         cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
-    log = open(os.path.join(temp_dir, "ray_start.log"), "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(os.path.join(temp_dir, "ray_start.log"), "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while True:
@@ -215,8 +220,8 @@ def stop_session() -> None:
     if dispatcher:
         pid, path = dispatcher.split(":", 1)
         _stop(int(pid), os.path.dirname(path))
-    ray = _ray()
-    if ray.is_initialized():
+    ray = sys.modules.get("ray")  # Snakemake's process never imports Ray: keep it that way
+    if ray is not None and ray.is_initialized():
         ray.shutdown()
     private = os.environ.pop(_PRIVATE_ENV, None)
     if private:
@@ -225,16 +230,13 @@ def stop_session() -> None:
         _stop(int(pid), temp_dir)
 
 
-def _fetch_checkpoints(uri: Optional[str], cfg: JobConfig, sources: dict[str, str]) -> tuple[JobConfig, dict]:
+def _fetch_checkpoints(uri: str, cfg: JobConfig, sources: dict[str, str]) -> tuple[JobConfig, dict]:
     """No shared filesystem: download each checkpoint the job reads from the MLflow run that uploaded it.
 
     sources: {checkpoint path as the config names it: producing run id}. Returns the config
     rewritten to read the downloaded copies (under output_dir/inputs/<run id>/) and
     {path: the artifact it came from}, which the record keeps.
     """
-    if not uri:
-        raise RuntimeError("execution.shared_fs is false, so checkpoints come from the MLflow artifact store, "
-                           "but this job has no tracking URI; set MLFLOW_TRACKING_URI to an http(s) MLflow server")
     local, fetched = {}, {}
     for path, run_id in sources.items():
         name = os.path.basename(path)
@@ -309,18 +311,17 @@ def _execute(cfg_dict: dict, uri: Optional[str], run_name: str = "", sources: Op
     from . import jobs
 
     cfg = from_dict(JobConfig, cfg_dict)
-    placed = placement() | {"host": socket.gethostname()}
+    placed = placement()
     with job_log(log_path):
         logging.getLogger("vitablate.jobs").info(f"[vitablate] {cfg.job} {cfg.output_dir} {where(placed)} "
                                                  f"pid {os.getpid()}")
         run_id = tracking.start_attempt(uri, cfg_dict, run_name) if uri else None
         try:
-            fetched: dict = {}
-            if sources:
-                cfg, fetched = _fetch_checkpoints(uri, cfg, sources)
-            elif not cfg.execution.shared_fs and not uri:
-                raise RuntimeError("execution.shared_fs is false, but this job has no MLflow tracking URI to upload "
-                                   "its checkpoints to; set MLFLOW_TRACKING_URI to an http(s) MLflow server")
+            if not cfg.execution.shared_fs and not uri:
+                raise RuntimeError("execution.shared_fs is false, so checkpoints travel through the MLflow artifact "
+                                   "store, but this job has no tracking URI; set MLFLOW_TRACKING_URI to an http(s) "
+                                   "MLflow server")
+            cfg, fetched = _fetch_checkpoints(uri, cfg, sources) if sources else (cfg, {})
             monitor = (tracking.system_metrics(uri, run_id, system_metrics_s) if run_id and system_metrics_s
                        else contextlib.nullcontext())
             with monitor:
@@ -337,10 +338,10 @@ def _execute(cfg_dict: dict, uri: Optional[str], run_name: str = "", sources: Op
                 tracking.fail_run(uri, run_id, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
             raise
     record["mlflow_run_id"] = run_id
-    record |= {k: v for k, v in placed.items() if k != "host"}
+    record |= placed
     write_json(os.path.join(cfg.output_dir, "config.json"), cfg_dict)
     if run_id:
-        files = tuple(record[k] for k in ("analysis_path", "attention_maps_path") if record.get(k))
+        files = tuple(record[k] for k in HOST_OUTPUTS if record.get(k))
         tracking.finish_run(uri, run_id, record, artifacts=files)
     return record
 
@@ -362,9 +363,11 @@ def submit(cfg: JobConfig, uri: Optional[str], sources: Optional[dict] = None, l
     max_retries re-runs the task when its worker process dies (a system failure); an
     exception raised by the job itself is not retried: it would fail again the same way.
     """
-    ray = _ray()
+    global _remote_execute
+    if _remote_execute is None:  # once per driver: each ray.remote() pickles and exports the function anew
+        _remote_execute = _ray().remote(_execute)
     ex = cfg.execution
-    task = ray.remote(_execute).options(
+    task = _remote_execute.options(
         num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_retries=ex.max_retries, retry_exceptions=False,
         name=f"{cfg.question}:{os.path.basename(cfg.output_dir.rstrip('/'))}",
     )
@@ -399,13 +402,8 @@ def run_job(cfg: JobConfig, record_path: str, uri: Optional[str] = None, sources
         record = _wait(submit(cfg, uri, sources, log_path and os.path.abspath(log_path), system_metrics_s), cancelled)
     except BaseException as e:
         message = _unwrap(e)
-        latest = tracking.latest_run(cfg.output_dir) if uri else None
-        if latest:  # the worker died on its last attempt, or we were interrupted: end its run
-            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-            try:
-                tracking.end_if_running(uri, latest["run_id"], message, status)
-            except Exception:  # the store is unreachable: the error below still says what failed
-                pass
+        # the worker died on its last attempt, or we were interrupted: end its run
+        tracking.end_latest(uri, cfg.output_dir, message, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         if isinstance(e, KeyboardInterrupt):
             raise
         raise JobFailed(f"job {cfg.output_dir} failed: {message}") from None

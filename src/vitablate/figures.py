@@ -15,7 +15,7 @@ import zlib
 import numpy as np
 import polars as pl
 
-from .aggregate import METHOD_ORDER
+from .aggregate import method_rank, scratch_per_teacher
 
 # --- one colour per setting ------------------------------------------------------------------
 
@@ -223,16 +223,13 @@ def plot_transfer_layers(table: pl.DataFrame, png_path: str):
 CURVE_LABELS = {"train_loss": "training loss", "top1_val": "validation top-1 (%)"}
 
 
-def _curve_panel(ax, curves: pl.DataFrame, setting: str, metric: str, title: str, ylabel: str,
-                 exclude: tuple[str, ...] = ()) -> bool:
+def _curve_panel(ax, curves: pl.DataFrame, setting: str, metric: str, title: str, ylabel: str) -> bool:
     """One line per setting with a ±std band over seeds; False when nothing was drawn."""
     from matplotlib.ticker import MaxNLocator
 
     sub = curves.filter(pl.col("metric") == metric)
     drawn = 0
     for name in sub[setting].unique(maintain_order=True).to_list():
-        if name in exclude:
-            continue
         s = sub.filter(pl.col(setting) == name).sort("epoch")
         _band(ax, s["epoch"], s["value_mean"], s["value_std"], name, ls="--" if name == "scratch" else "-",
               marker="o" if s.height <= 15 else None)  # a short run's points stay visible
@@ -305,17 +302,13 @@ def plot_transfer_curves(curves: pl.DataFrame, png_path: str):
     if curves.is_empty():
         return _message(png_path, NO_CURVES)
     plt = _plt()
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    curves = curves.with_columns(pl.col("method").replace_strict(order, default=99).alias("_o")).sort(
-        "_o", maintain_order=True)
-    scratch = curves.filter(pl.col("method") == "scratch")
-    rest = curves.filter(pl.col("method") != "scratch")
-    panels = rest.select("dataset", "teacher").unique(maintain_order=True).rows() or \
-        scratch.select("dataset", "teacher").unique(maintain_order=True).rows()
+    curves = scratch_per_teacher(curves.with_columns(
+        pl.col("method").map_elements(method_rank, return_dtype=pl.Int64).alias("_o")).sort("_o", maintain_order=True))
+    panels = curves.select("dataset", "teacher").unique(maintain_order=True).rows()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
     for ax, (dataset, teacher) in zip(axes[0], panels):
-        sub = pl.concat([scratch.filter(pl.col("dataset") == dataset).with_columns(pl.lit(teacher).alias("teacher")),
-                         rest.filter((pl.col("dataset") == dataset) & (pl.col("teacher") == teacher))])
+        sub = curves.filter((pl.col("dataset") == dataset) & (pl.col("teacher") == teacher)).sort(
+            "_o", maintain_order=True)
         _curve_panel(ax, sub, "method", "top1_val", f"{dataset}, teacher: {teacher}", CURVE_LABELS["top1_val"])
     fig.tight_layout()
     return _save(fig, png_path)
@@ -430,13 +423,12 @@ def plot_transfer_attention(cells: list[dict], png_path: str):
 
     cells: dicts with dataset, teacher, method, seed and maps (or None); layers=all jobs.
     """
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
     datasets = list(dict.fromkeys(c["dataset"] for c in cells))
     teachers = list(dict.fromkeys(c["teacher"] for c in cells if c["teacher"] != "none")) or ["none"]
     rows, grid = [], {}
     for d in datasets:
         mine = [c for c in cells if c["dataset"] == d]
-        methods = sorted({c["method"] for c in mine}, key=lambda m: (order.get(m, 99), m))
+        methods = sorted({c["method"] for c in mine}, key=lambda m: (method_rank(m), m))
         for m in methods:
             r = len(rows)
             seeds = sorted({c["seed"] for c in mine if c["method"] == m})

@@ -6,10 +6,14 @@ import json
 import os
 
 
-def write_json(path: str, obj: dict) -> None:
-    """Atomic JSON write: a reader never sees half a record."""
+def write_text(path: str, text: str) -> None:
+    """Atomic write: a reader never sees half a file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path: str, obj: dict) -> None:
+    write_text(path, json.dumps(obj, indent=1, default=str))

@@ -120,11 +120,10 @@ def shifted_sets(cfg: JobConfig, data: DatasetBundle) -> dict:
     return sets
 
 
-def evaluate_splits(forward, data: DatasetBundle, batch_size: int, precision, transform,
-                    shifted: Optional[dict] = None) -> dict:
-    """Top-1 on test and, as top1_shift_<name>, on every shifted set."""
+def evaluate_splits(forward, data: DatasetBundle, batch_size: int, precision, transform, shifted: dict) -> dict:
+    """Top-1 on test and, as top1_shift_<name>, on every shifted set (`shifted_sets`)."""
     out = {"top1_test": top1(*predict(forward, data.test.batches(batch_size), precision, transform))}
-    for name, split in (shifted if shifted is not None else data.extra_tests).items():
+    for name, split in shifted.items():
         out[f"top1_shift_{name}"] = top1(*predict(forward, split.batches(batch_size), precision, transform))
     return out
 
@@ -237,16 +236,17 @@ def train_classifier(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
 
 
 def load_encoder(path: str) -> tuple[torch.nn.Module, dict, dict]:
-    """(encoder, its create_model kwargs, the pre-training config) from an encoder.pt."""
+    """(model, its create_model kwargs, its job's config) from an encoder.pt or a model.pt."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"encoder checkpoint {path} is missing; run its pre-training job first")
+        raise FileNotFoundError(f"checkpoint {path} is missing; run the job that writes it first (its pre-training "
+                                "job for an encoder.pt, its training job for a model.pt)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
         encoder = create_model(**state["model_kwargs"])
         encoder.load_state_dict(state["model"])
     except Exception as e:
-        raise RuntimeError(f"encoder checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); "
-                           "delete it and re-run its pre-training job") from e
+        raise RuntimeError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); "
+                           "delete it and re-run the job that writes it") from e
     return encoder, state["model_kwargs"], state.get("config", {})
 
 
@@ -341,20 +341,17 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional
     maps = save_query_maps(encoder, encoder, data, eval_transform, cfg.output_dir)
     (tx, ty), k = feats["train"], data.num_classes
     out: dict = {}
-    if name == "knn":
-        for split in ("val", "test"):
-            out[f"top1_{split}"] = knn_accuracy(tx, ty, *feats[split], k, cfg.eval.knn_k, cfg.eval.knn_temperature)
-    else:
-        predict = fit_linear_probe(tx, ty, k, cfg.eval.probe_weight_decay)
-        for split, (x, y) in feats.items():
-            if split != "train":
-                out[f"top1_{split}"] = 100.0 * (predict(x).argmax(-1) == y).float().mean().item()
+    predict = None if name == "knn" else fit_linear_probe(tx, ty, k, cfg.eval.probe_weight_decay)
+    for split, (x, y) in feats.items():  # val, test and every shifted test set
+        if split != "train":
+            out[f"top1_{split}"] = (knn_accuracy(tx, ty, x, y, k, cfg.eval.knn_k, cfg.eval.knn_temperature)
+                                    if predict is None else top1(predict(x), y))
+    if predict is not None:
         extra = getattr(data.train, "extra", {})
         if "y_texture" in extra and "y_shape" in extra:  # shapes: which cue do the features carry?
             for cue in ("shape", "texture"):
                 probe = fit_linear_probe(tx, extra[f"y_{cue}"].cpu(), k, cfg.eval.probe_weight_decay)
-                out[f"top1_{cue}_probe"] = 100.0 * (probe(feats["test"][0]).argmax(-1)
-                                                    == data.test.extra[f"y_{cue}"].cpu()).float().mean().item()
+                out[f"top1_{cue}_probe"] = top1(probe(feats["test"][0]), data.test.extra[f"y_{cue}"].cpu())
             if "shift_cue_conflict" in feats:
                 # a probe trained where shape i always wore texture i, then shown conflicting cues
                 aligned = (extra["y_shape"] == extra["y_texture"]).cpu()
@@ -407,7 +404,7 @@ def analyse_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     (tr, ty), (te, ey) = layer_feats(data.train), layer_feats(data.test)
     for layer, (a, b) in enumerate(zip(tr, te)):
         probe = fit_linear_probe(a, ty, data.num_classes, cfg.eval.probe_weight_decay)
-        rows.append((layer, -1, "layer_probe_top1", 100.0 * (probe(b).argmax(-1) == ey).float().mean().item()))
+        rows.append((layer, -1, "layer_probe_top1", top1(probe(b), ey)))
     table = pl.DataFrame(rows, schema=["layer", "head", "metric", "value"], orient="row")
     path = os.path.join(cfg.output_dir, "representation.parquet")
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -420,22 +417,12 @@ def analyse_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
                                       "layers": per_layer.to_dicts(), "history": []}
 
 
-def load_classifier(path: str) -> torch.nn.Module:
-    """A trained classifier from its model.pt (weights and create_model kwargs)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model {path} is missing; run the job that trains it first")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model = create_model(**state["model_kwargs"])
-    model.load_state_dict(state["model"])
-    return model.eval()
-
-
 def ensemble(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     """Average the class probabilities of trained classifiers (transfer: distilled student + fine-tuned teacher)."""
     t0 = time.perf_counter()
     device, precision = setup(cfg)
     data = load_data(cfg, device)
-    members = [load_classifier(p).to(device) for p in cfg.transfer.ensemble_members]
+    members = [load_encoder(p)[0].eval().to(device) for p in cfg.transfer.ensemble_members]
     if len(members) < 2:
         raise ValueError("an ensemble needs at least two members (transfer.ensemble_members)")
     _, eval_transform = make_transforms(cfg, data, device)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from . import aggregate
+from .io import write_text
 
 ALPHA = 0.05  # two-sided, per comparison, uncorrected for the number of comparisons
 
@@ -43,8 +44,15 @@ PAPER = {
     "transfer": {  # method -> top-1 (ViT-L student, MAE ViT-L teacher)
         "scratch": 83.0, "finetune": 85.7, "attn_copy": 85.1, "attn_distill": 85.7, "ensemble": 86.3,
     },
-    "transfer_gap_closed": {"attn_copy": 0.778, "attn_distill": 1.0},
 }
+
+
+def paper_gap_closed(method: str) -> float:
+    """The paper's gap closed, from its top-1 numbers: (method - scratch) / (finetune - scratch)."""
+    t = PAPER["transfer"]
+    return (t[method] - t["scratch"]) / (t["finetune"] - t["scratch"])
+
+
 PAPER_SOURCES = {
     "architecture": "Melas-Kyriazi (2021), *Do You Even Need Attention?*, ImageNet-1K",
     "pretext": "Park et al. (ICLR 2023), *What Do Self-Supervised Vision Transformers Learn?*, ViT-B/16 on "
@@ -138,12 +146,6 @@ def _samples(df: pl.DataFrame, keys: list[str], value: str = "top1_test") -> dic
     return {tuple(r[k] for k in keys): list(r[value]) for r in out.iter_rows(named=True)}
 
 
-def _md_table(header: list[str], rows: Iterable[Sequence]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def _family(pretext: str) -> str:
     return pretext.split("_")[0]
 
@@ -198,7 +200,7 @@ def architecture_section(df: pl.DataFrame) -> str:
         for m in order:
             refs = "; ".join(f"{scale}: {v:.1f}" for scale, by in paper.items() for mm, v in by.items() if mm == m)
             rows.append((f"`{m}`", f"{params[m]:.2f}", mean_std(samples[m]), len(samples[m]), refs or "—"))
-        out.append(_md_table(["mixer", "params (M)", "top-1 % (mean ± std)", "n", "paper top-1 % (ImageNet-1K)"],
+        out.append(aggregate.md_table(["mixer", "params (M)", "top-1 % (mean ± std)", "n", "paper top-1 % (ImageNet-1K)"],
                              rows))
         tests = [welch(m, samples[m], "attention", samples["attention"]) for m in order
                  if m != "attention" and "attention" in samples]
@@ -275,7 +277,7 @@ def pretext_section(evals: pl.DataFrame, analyses: pl.DataFrame | None = None) -
             n = max((len(samples[(p, e)]) for e in ev_names if (p, e) in samples), default=0)
             refs = [f"{paper[p][e]:.1f}" if e in paper.get(p, {}) else "—" for e in ("linear_probe", "finetune")]
             rows.append([f"`{p}`", *cells, n, *refs])
-        out.append(_md_table(header, rows))
+        out.append(aggregate.md_table(header, rows))
         if comparisons:
             out.append("The hybrid objective against its two ingredients:\n\n"
                        + "\n".join(f"- `{ev}`: {t.sentence()}." for ev, t in comparisons) + "\n")
@@ -318,7 +320,7 @@ def representation_section(analyses: pl.DataFrame) -> str:
         rows = [[f"`{p}`"] + [mean_std(samples[(p, layer)], 3) if (p, layer) in samples else "—" for layer in layers]
                 + [max(len(samples.get((p, layer), [])) for layer in layers)] for p in pretexts]
         out.append(f"Per-layer {label}, heads averaged, mean ± std over seeds:\n\n"
-                   + _md_table(["pretext"] + [f"block {layer}" for layer in layers] + ["n"], rows))
+                   + aggregate.md_table(["pretext"] + [f"block {layer}" for layer in layers] + ["n"], rows))
     return "\n".join(out)
 
 
@@ -338,7 +340,7 @@ def transfer_answer(teacher: str, tests: dict[str, Welch], gap: dict) -> str:
         else:
             part = f"{name} its attention maps is not separated from scratch (p = {_p(t.p)})"
         gtxt = f"; gap closed {g:.0%}" if g is not None else ""
-        parts.append(f"{part}{gtxt} (paper: {PAPER['transfer_gap_closed'][m]:.0%})")
+        parts.append(f"{part}{gtxt} (paper: {paper_gap_closed(m):.0%})")
     if not parts:
         return f"No attention copy or distillation from `{teacher}` was run."
     ft = tests.get("finetune")
@@ -356,20 +358,19 @@ def transfer_section(df: pl.DataFrame) -> str:
     table = aggregate.transfer_table(df)
     if shift_cols:  # per-seed top-1 lost under distribution shift: clean test minus the mean shifted test
         df = df.with_columns((pl.col("top1_test") - pl.mean_horizontal(shift_cols)).alias("shift_drop"))
-    order = {m: i for i, m in enumerate(aggregate.METHOD_ORDER)}
     for dataset in df["dataset"].unique(maintain_order=True).to_list():
         sub = df.filter(pl.col("dataset") == dataset)
-        scratch = sub.filter(pl.col("method") == "scratch")
+        per_teacher = aggregate.scratch_per_teacher(sub)
         out.append(f"### {dataset}\n")
         for teacher in [t for t in sub["teacher"].unique(maintain_order=True).to_list() if t != "none"]:
-            rows_df = pl.concat([sub.filter(pl.col("teacher") == teacher), scratch], how="diagonal_relaxed")
+            rows_df = per_teacher.filter(pl.col("teacher") == teacher)
             samples = _samples(rows_df, ["method", "layers"])
             drops = _samples(rows_df, ["method", "layers"], "shift_drop") if shift_cols else {}
             tab = table.filter((pl.col("dataset") == dataset) & (pl.col("teacher") == teacher))
             gap = {(r["method"], r["layers"]): r["gap_closed"] for r in tab.iter_rows(named=True)}
             s = samples.get(("scratch", "all"))
             methods = sorted({m for m, lay in samples if lay == "all" and m != "scratch"},
-                             key=lambda m: order.get(m, 99))
+                             key=aggregate.method_rank)
             tests = {m: welch(m, samples[(m, "all")], "scratch", s) for m in methods} if s else {}
             out.append(f"**Teacher `{teacher}`. Answer.** {transfer_answer(teacher, tests, gap)}\n")
             details = []
@@ -397,7 +398,7 @@ def transfer_section(df: pl.DataFrame) -> str:
                 g = "—" if r["gap_closed"] is None else f"{r['gap_closed']:.2f}"
                 ref = f"{paper[r['method']]:.1f}" if r["layers"] == "all" and r["method"] in paper else "—"
                 rows.append((f"`{r['method']}`", r["layers"], mean_std(vals) if vals else "—", len(vals), g, drop, ref))
-            out.append(_md_table(["method", "layers", "top-1 % (mean ± std)", "n", "gap closed",
+            out.append(aggregate.md_table(["method", "layers", "top-1 % (mean ± std)", "n", "gap closed",
                                   "top-1 drop under shift", "paper top-1 % (MAE ViT-L teacher)"], rows))
             if tests:
                 out.append("Each method (all layers) against `scratch`:\n\n"
@@ -490,7 +491,7 @@ def markdown_to_html(md: str, title: str = "vitablate summary") -> str:
 def write_summary(md_path: str, html_path: str | None = None, **records: Sequence[str]) -> str:
     """Write summary.md (and its HTML rendering for `snakemake --report`); returns the markdown."""
     text = build_summary(**records)
-    aggregate._atomic_write(md_path, text)
+    write_text(md_path, text)
     if html_path:
-        aggregate._atomic_write(html_path, markdown_to_html(text))
+        write_text(html_path, markdown_to_html(text))
     return text

@@ -24,6 +24,7 @@ import time
 from typing import Any, Callable, TypeVar
 
 from .config import flatten
+from .io import write_json
 
 CHECKPOINT_DIR = "checkpoints"  # artifact folder of the checkpoints a run hands to other jobs
 TAG_KEYS = ("question", "dataset", "mixer", "pretext", "method", "teacher", "seed", "job")
@@ -150,11 +151,8 @@ def start_attempt(uri: str, cfg: dict, run_name: str | None = None) -> str:
     workflow was), that run is ended KILLED with a note, and the new run says which attempt
     it is. The marker `<output_dir>/mlflow_run.json` remembers the latest run of the job.
     """
-    marker = os.path.join(cfg["output_dir"], "mlflow_run.json")
-    attempt, previous = 1, None
-    if os.path.exists(marker):
-        with open(marker) as f:
-            previous = json.load(f)
+    attempt, previous = 1, latest_run(cfg["output_dir"])
+    if previous:
         c = client(uri)
         try:
             status = retry(lambda: c.get_run(previous["run_id"]).info.status, "read previous run")
@@ -167,11 +165,7 @@ def start_attempt(uri: str, cfg: dict, run_name: str | None = None) -> str:
             retry(lambda: c.set_tag(previous["run_id"], "interrupted", note), "tag interrupted run")
             retry(lambda: c.set_terminated(previous["run_id"], "KILLED"), "end interrupted run")
     run_id = start_run(uri, cfg, run_name=run_name, extra_tags={"attempt": str(attempt)})
-    os.makedirs(cfg["output_dir"], exist_ok=True)
-    tmp = f"{marker}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"run_id": run_id, "attempt": attempt, "uri": uri}, f)
-    os.replace(tmp, marker)
+    write_json(os.path.join(cfg["output_dir"], "mlflow_run.json"), {"run_id": run_id, "attempt": attempt, "uri": uri})
     return run_id
 
 
@@ -289,6 +283,14 @@ def end_if_running(uri: str, run_id: str, error: str, status: str = "FAILED") ->
     c = client(uri)
     if retry(lambda: c.get_run(run_id).info.status, "read run") == "RUNNING":
         fail_run(uri, run_id, error, status)
+
+
+def end_latest(uri: str | None, output_dir: str, error: str, status: str = "FAILED") -> None:
+    """End the job's latest run (its marker) if still RUNNING; an unreachable store is left to the next attempt."""
+    latest = latest_run(output_dir) if uri else None
+    if latest:
+        with contextlib.suppress(Exception):
+            end_if_running(uri, latest["run_id"], error, status)
 
 
 def readable_store(uri: str) -> str | None:

@@ -37,10 +37,10 @@ from .config import (
     from_dict,
     to_dict,
 )
+from .io import write_text
 
 QUESTIONS = ("architecture", "pretext", "transfer")
 LAYERED_METHODS = ("attn_copy", "attn_distill")  # the methods the `layers` axis applies to
-EVALS = ("linear_probe", "finetune", "knn")
 
 
 def active_questions(config: dict) -> list[str]:
@@ -112,12 +112,14 @@ def check_tracking(config: dict, uri: str) -> None:
 
 def fetch_host_outputs(record: dict, uri: str) -> None:
     """Without a shared filesystem: bring back the files the report rules read on this host (the
-    analysis table), from the job's run; checkpoints stay in the artifact store."""
-    path = record.get("analysis_path")
-    if path and not os.path.exists(path):
-        from .tracking import fetch_artifact
+    analysis table, the attention maps), from the job's run; checkpoints stay in the artifact store."""
+    from .execution import HOST_OUTPUTS
+    from .tracking import fetch_artifact
 
-        fetch_artifact(uri, record["mlflow_run_id"], os.path.basename(path), path)
+    for key in HOST_OUTPUTS:
+        path = record.get(key)
+        if path and not os.path.exists(path):
+            fetch_artifact(uri, record["mlflow_run_id"], os.path.basename(path), path)
 
 
 # --- grids --------------------------------------------------------------------------------
@@ -371,10 +373,11 @@ def check_config(config: dict) -> None:
     for teacher, spec in ((config.get("transfer") or {}).get("teachers") or {}).items():
         if spec.startswith("pretext:"):
             name = spec[len("pretext:"):]
-            pretexts = (config.get("pretext") or {}).get("pretexts", [])
-            if name.split("_")[0] not in pretexts:
-                raise ConfigError(f"transfer.teachers.{teacher} is {spec!r}, but pretext.pretexts {pretexts} "
-                                  f"does not pre-train {name!r}; add it there or use file:<path> / timm:<name>")
+            pretrained = pretext_ids(config.get("pretext") or {})  # hybrid expanded: hybrid_0.2, ...
+            if name not in pretrained:
+                raise ConfigError(f"transfer.teachers.{teacher} is {spec!r}, but the pretext grid pre-trains only "
+                                  f"{pretrained}; add it there (pretext.pretexts, pretext.hybrid_lambdas) "
+                                  "or use file:<path> / timm:<name>")
         elif not spec.startswith(("file:", "timm:")):
             raise ConfigError(f"transfer.teachers.{teacher} is {spec!r}; use pretext:<name>, file:<path> or timm:<name>")
     for where, section in [(q, config.get(q) or {}) for q in QUESTIONS] + \
@@ -503,7 +506,7 @@ def run_pretext_report(smk) -> None:
             aggregate.write_table(bias, smk.output.bias_csv, smk.output.bias_md)
         else:
             for path in (smk.output.bias_csv, smk.output.bias_md):
-                aggregate._atomic_write(path, "no shape/texture labels in these datasets\n")
+                write_text(path, "no shape/texture labels in these datasets\n")
         by, uri = ["dataset", "pretext"], smk.params.mlflow_uri
         pretrain = aggregate.load_curves(list(smk.input.pretrains), uri, by, ["train_loss"])
         finetune = aggregate.load_curves(list(smk.input.evals), uri, by, ["top1_val"],

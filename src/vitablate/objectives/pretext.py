@@ -157,6 +157,16 @@ def _mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn
 # ---------------------------------------------------------------------------------------
 
 
+def _require_fixed_size(encoder: VisionTransformer, name: str) -> None:
+    if getattr(encoder, "dynamic_img_size", False):
+        raise ValueError(f"{name} here needs a fixed image size (dynamic_img_size=False)")
+
+
+def _crop_flip(min_scale: float) -> BatchAugment:
+    """Masked-image-modeling views: random resized crop (area >= min_scale) and flip, no colour."""
+    return BatchAugment(crop_scale=(min_scale, 1.0), flip=True, color_jitter=0.0, grayscale_p=0.0)
+
+
 class PretextObjective(nn.Module):
     """A pre-training loss that owns augmentation and normalisation; `encoder` is what is kept afterwards.
 
@@ -171,7 +181,8 @@ class PretextObjective(nn.Module):
     def __init__(self, encoder: VisionTransformer, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.encoder = encoder
-        c = _in_chans(encoder)
+        self.patch_size = _patch_size(encoder)
+        self.in_chans = c = _in_chans(encoder)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         if len(self.mean) != c or len(self.std) != c:
@@ -181,7 +192,7 @@ class PretextObjective(nn.Module):
         return normalize(x, self.mean, self.std)
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None,
-                generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, float]]:
+                generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, Tensor | float]]:
         raise NotImplementedError
 
     def after_step(self, step: int, total_steps: int) -> None:
@@ -214,13 +225,13 @@ class Supervised(PretextObjective):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None,
-                generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, float]]:
+                generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, Tensor | float]]:
         if y is None:
             raise ValueError("the supervised pretext needs labels y")
         feats = self.encoder(self.normalize(self.augment(x, generator=generator)))  # (B, embed_dim), pooled
         logits = self.head(feats)  # (B, num_classes)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
-        return loss, {"loss_ce": loss.item()}
+        return loss, {"loss_ce": loss.detach()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -267,7 +278,7 @@ class MoCo(PretextObjective):
         return F.cross_entropy(logits, labels) * (2 * self.temperature)
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None,
-                generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, float]]:
+                generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, Tensor | float]]:
         if x.shape[0] < 2:
             raise ValueError("MoCo needs a batch of at least 2 images (BatchNorm and in-batch negatives)")
         x1, x2 = (self.normalize(v) for v in two_views(self.augment1, self.augment2, x, generator))
@@ -277,7 +288,7 @@ class MoCo(PretextObjective):
             k1 = self.momentum_projector(self.momentum_encoder(x1))
             k2 = self.momentum_projector(self.momentum_encoder(x2))
         loss = self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)
-        return loss, {"loss_moco": loss.item(), "momentum": float(self.momentum)}
+        return loss, {"loss_moco": loss.detach(), "momentum": float(self.momentum)}
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
@@ -316,14 +327,9 @@ class SimMIM(PretextObjective):
     def __init__(self, encoder: VisionTransformer, mean: Sequence[float], std: Sequence[float],
                  mask_ratio: float = 0.6, augment: Optional[nn.Module] = None) -> None:
         super().__init__(encoder, mean, std)
-        if getattr(encoder, "dynamic_img_size", False):
-            raise ValueError("SimMIM here needs a fixed image size (dynamic_img_size=False)")
+        _require_fixed_size(encoder, "SimMIM")
         self.mask_ratio = mask_ratio
-        self.patch_size = _patch_size(encoder)
-        self.in_chans = _in_chans(encoder)
-        self.augment = augment if augment is not None else BatchAugment(
-            crop_scale=(0.67, 1.0), flip=True, color_jitter=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0,
-            pad_crop=0)
+        self.augment = augment if augment is not None else _crop_flip(0.67)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
         trunc_normal_(self.mask_token, std=0.02)
         self.norm = _token_norm(encoder)
@@ -354,13 +360,13 @@ class SimMIM(PretextObjective):
         return (loss * mask).sum() / mask.sum().clamp_min(1.0)
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None,
-                generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, float]]:
+                generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, Tensor | float]]:
         imgs = self.normalize(self.augment(x, generator=generator))
         mask = self.random_masking(imgs.shape[0], self.mask_ratio, imgs.device, generator)  # (N, L)
         tokens = self.forward_encoder(imgs, mask)
         pred = self.head(tokens)  # (N, L, p*p*C)
         loss = self.forward_loss(imgs, pred, mask)
-        return loss, {"loss_simmim": loss.item()}
+        return loss, {"loss_simmim": loss.detach()}
 
 
 class MAE(PretextObjective):
@@ -376,15 +382,10 @@ class MAE(PretextObjective):
                  mask_ratio: float = 0.75, decoder_dim: int = 64, decoder_depth: int = 2, decoder_heads: int = 4,
                  norm_pix_loss: bool = True, augment: Optional[nn.Module] = None) -> None:
         super().__init__(encoder, mean, std)
-        if getattr(encoder, "dynamic_img_size", False):
-            raise ValueError("MAE here needs a fixed image size (dynamic_img_size=False)")
+        _require_fixed_size(encoder, "MAE")
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
-        self.patch_size = _patch_size(encoder)
-        self.in_chans = _in_chans(encoder)
-        self.augment = augment if augment is not None else BatchAugment(
-            crop_scale=(0.2, 1.0), flip=True, color_jitter=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0,
-            pad_crop=0)
+        self.augment = augment if augment is not None else _crop_flip(0.2)
         self.norm = _token_norm(encoder)
         npt = encoder.num_prefix_tokens
         grid = encoder.patch_embed.grid_size
@@ -467,12 +468,12 @@ class MAE(PretextObjective):
         return (loss * mask).sum() / mask.sum().clamp_min(1.0)
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None,
-                generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, float]]:
+                generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, Tensor | float]]:
         imgs = self.normalize(self.augment(x, generator=generator))
         latent, mask, ids_restore = self.forward_encoder(imgs, self.mask_ratio, generator)
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask)
-        return loss, {"loss_mae": loss.item()}
+        return loss, {"loss_mae": loss.detach()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -498,9 +499,9 @@ class Hybrid(PretextObjective):
         self.simmim = SimMIM(encoder, mean, std, **(simmim_kwargs or {}))
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None,
-                generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, float]]:
+                generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, Tensor | float]]:
         loss = x.new_zeros((), dtype=torch.float32)
-        logs: dict[str, float] = {}
+        logs: dict[str, Tensor | float] = {}
         if self.lam > 0:
             l_moco, lg = self.moco(x, y, generator)
             loss = loss + self.lam * l_moco
@@ -509,21 +510,12 @@ class Hybrid(PretextObjective):
             l_mim, lg = self.simmim(x, y, generator)
             loss = loss + (1.0 - self.lam) * l_mim
             logs.update(lg)
-        logs["loss_hybrid"] = loss.item()
+        logs["loss_hybrid"] = loss.detach()
         return loss, logs
 
     def after_step(self, step: int, total_steps: int) -> None:
         self.moco.after_step(step, total_steps)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        # the encoder is reachable as .encoder, .moco.encoder and .simmim.encoder: keep each tensor once
-        seen: set[int] = set()
-        out = []
-        for p in self.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-        return out
 
 
 # ---------------------------------------------------------------------------------------

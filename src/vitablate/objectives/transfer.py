@@ -174,7 +174,7 @@ class AttentionDistillation(nn.Module):
             student_logits = [m.last_logits for m in s_mods]
         ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         distill = attention_distillation_loss(student_logits, teacher_logits, self.temperature)
-        return ce + self.weight * distill, {"loss_ce": ce.item(), "loss_distill": distill.item()}
+        return ce + self.weight * distill, {"loss_ce": ce.detach(), "loss_distill": distill.detach()}
 
 
 def parse_layers(spec: str, depth: int) -> list[int]:
