@@ -27,6 +27,9 @@ from .config import flatten
 from .io import write_json
 
 CHECKPOINT_DIR = "checkpoints"  # artifact folder of the checkpoints a run hands to other jobs
+# MLflow 3's UI opens an experiment by its kind: untagged, it shows the GenAI trace overview ("No data");
+# tagged as model development, it opens on the runs table.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 TAG_KEYS = ("question", "dataset", "mixer", "pretext", "method", "teacher", "seed", "job")
 _lock = threading.Lock()  # one writer per process: SQLite serialises writers anyway
 T = TypeVar("T")
@@ -125,10 +128,13 @@ def experiment_id(c, name: str) -> str:
     """Get or create the experiment (another job may create it at the same moment)."""
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if any(exp.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):  # a store from an older vitablate
+            for k, v in EXPERIMENT_KIND.items():
+                c.set_experiment_tag(exp.experiment_id, k, v)
         return exp.experiment_id
     root = artifact_root(c.tracking_uri)
     try:
-        return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+        return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None, tags=EXPERIMENT_KIND)
     except Exception:
         exp = c.get_experiment_by_name(name)
         if exp is None:
@@ -188,7 +194,25 @@ def start_run(uri: str, cfg: dict, run_name: str | None = None, extra_tags: dict
     params = [Param(k, str(v)[:6000]) for k, v in sorted(flatten(cfg).items())]
     for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
         retry(lambda: c.log_batch(run.info.run_id, params=params[i:i + 100]), "log params")
+    retry(lambda: c.log_inputs(run.info.run_id, datasets=[dataset_input(cfg)]), "log dataset input")
     return run.info.run_id
+
+
+def dataset_input(cfg: dict):
+    """The run's training data as an MLflow dataset input (the runs table's Dataset column): its name,
+    where it is read from, and a digest of the data settings that determine it (the same digest means
+    the same images and split)."""
+    import hashlib
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    data = cfg.get("data") or {}
+    name = data.get("name", "unknown")
+    bundled = name in ("digits", "shapes")  # generated or shipped with a package: no path to point at
+    source = f"vitablate:{name}" if bundled else os.path.abspath(str(data.get("root", "")))
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    dataset = Dataset(name=name, digest=digest, source_type="local" if not bundled else "code", source=source)
+    return DatasetInput(dataset=dataset, tags=[InputTag(key="mlflow.data.context", value="train")])
 
 
 def _metrics(values: dict[str, Any], step: int):
