@@ -163,7 +163,7 @@ def plot_representation(rep: pl.DataFrame, png_path: str):
             for pretext in sub["pretext"].unique(maintain_order=True).to_list():
                 s = sub.filter(pl.col("pretext") == pretext).sort("layer")
                 _band(ax, s["layer"], s["value_mean"], s["value_std"], pretext, marker="o")
-            ax.set_xlabel("layer (block index)")
+            ax.set_xlabel("depth (0 = embedding, i = block i)")
             ax.set_ylabel(METRIC_LABELS.get(metric, metric))
             ax.set_title(f"{name}: {metric}")
         axes[r][0].legend(fontsize=7)
