@@ -22,7 +22,7 @@ from .aggregate import method_rank, scratch_per_teacher
 COLORS = {
     # Q1 token mixers
     "attention": "#1f77b4", "feedforward": "#ff7f0e", "attention_only": "#2ca02c", "pooling": "#9467bd",
-    "identity": "#7f7f7f",
+    "identity": "#7f7f7f", "mixer": "#7b4173",
     # Q2 pretexts (and Q3 teachers named after them); hybrid_<lambda> gets a shade of `hybrid`
     "supervised": "#444444", "moco": "#d62728", "simmim": "#1f77b4", "mae": "#17becf", "hybrid": "#9467bd",
     # Q3 transfer methods; linear_probe and finetune are also Q2 evaluations, knn is one too
