@@ -158,33 +158,72 @@ def test_token_cosine():
     assert torch.allclose(token_cosine(x), off.mean())
 
 
-def test_fourier_hf_checkerboard_vs_smooth():
-    r = torch.arange(GRID)[:, None]
-    c = torch.arange(GRID)[None, :]
-    checker = (1.0 + 0.5 * (-1.0) ** (r + c)).reshape(1, N, 1)  # Nyquist pattern
-    smooth = (1.0 + 0.5 * torch.cos(2 * math.pi * r / GRID)).expand(GRID, GRID).reshape(1, N, 1)
-    const = torch.ones(1, N, 1)
-    chans = torch.randn(1, 1, 4).abs() + 0.5  # several channels, same spatial pattern
-    hf_checker = fourier_hf(checker * chans, GRID)
-    hf_smooth = fourier_hf(smooth * chans, GRID)
-    hf_const = fourier_hf(const * chans, GRID)
-    assert hf_checker.dim() == 0
-    assert hf_checker > hf_smooth
-    assert hf_checker > hf_const
-    assert torch.isfinite(hf_const)
-    assert hf_smooth < 0
+def _notebook_delta_log_amplitude(tokens, grid, eps=1e-6):
+    """cl-vs-mim's representation notebook (get_fourier_latents), written again in
+    numpy: per image and channel log(|FFT2| + eps), rolled by (h // 2, w // 2), mean
+    over images and channels, half-diagonal from zero frequency, last minus first."""
+    x = np.asarray(tokens, dtype=np.float64)
+    b, n, c = x.shape
+    fmap = x.transpose(0, 2, 1).reshape(b, c, grid, grid)
+    log_amp = np.log(np.abs(np.fft.fft2(fmap, axes=(2, 3))) + eps)
+    shifted = np.roll(log_amp, shift=(grid // 2, grid // 2), axis=(2, 3)).mean(axis=(0, 1))
+    half_diag = np.diag(shifted)[grid // 2:]
+    return float(half_diag[-1] - half_diag[0])
 
-    # Exact value in float64: on the 4x4 grid the outer ring is the 7 cells with
-    # f_y = -2 or f_x = -2; only the (-2, -2) corner is non-zero (amplitude 0.5 * N
-    # times the channel-mean scale), DC is N times that scale. The result must not
-    # depend on eps (it did when the ring's logs were averaged).
-    eps = 1e-8
-    scale = chans.double().mean()
-    got = fourier_hf(checker.double() * chans.double(), GRID, eps=eps)
-    ring = torch.log(0.5 * N * scale / 7 + eps)  # log of the ring's MEAN amplitude: eps plays no part
-    expected = ring - torch.log(N * scale + eps)
-    assert torch.allclose(got, expected, atol=1e-6)
-    assert torch.allclose(got, fourier_hf(checker.double() * chans.double(), GRID, eps=1e-12), atol=1e-6)
+
+def _diagonal_wave(grid, dc, amp):
+    """(grid*grid,) map dc + amp * cos(2 pi f (r + c) / grid) at the highest frequency f
+    the shifted half-diagonal reaches: |FFT| is dc*N at zero frequency and amp*N/2 at
+    (f, f) and (-f, -f), zero elsewhere."""
+    f = (grid - 1) - grid // 2
+    r = torch.arange(grid, dtype=torch.float64)[:, None]
+    c = torch.arange(grid, dtype=torch.float64)[None, :]
+    return (dc + amp * torch.cos(2 * math.pi * f * (r + c) / grid)).reshape(-1)
+
+
+@pytest.mark.parametrize("grid", [4, 5, 14])
+def test_fourier_hf_known_spectrum(grid):
+    # Every channel: DC amplitude N, top half-diagonal amplitude N/4 (scaled per channel);
+    # the mean of logs is -log 4 whatever the channel scales.
+    n = grid * grid
+    wave = _diagonal_wave(grid, 1.0, 0.5)  # (N,)
+    scales = torch.tensor([0.5, 1.0, 3.0, 20.0], dtype=torch.float64)
+    tokens = (wave[:, None] * scales[None, :]).expand(2, n, 4).clone()  # (B, N, C)
+    got = fourier_hf(tokens, grid)
+    assert got.dim() == 0
+    assert abs(float(got) - (-math.log(4.0))) < 1e-5
+    assert abs(float(got) - _notebook_delta_log_amplitude(tokens, grid)) < 1e-9
+
+
+def test_fourier_hf_large_offset_channels():
+    # 14 channels carry a strong diagonal wave on a small mean; 2 "massive activation"
+    # channels carry a huge constant and a faint wave. Per channel the log ratio is
+    # log(50) and log(5e-7): the mean of logs is positive, while the log of the
+    # channel-averaged amplitude (what vitablate used to report) is negative.
+    grid = 4
+    n = grid * grid
+    normal = _diagonal_wave(grid, 0.01, 1.0)
+    massive = _diagonal_wave(grid, 1000.0, 0.001)
+    chans = [normal] * 14 + [massive] * 2
+    tokens = torch.stack(chans, dim=-1)[None].expand(3, n, 16).clone()  # (B, N, C)
+    got = float(fourier_hf(tokens, grid))
+    expected = (14 * math.log(50.0) + 2 * math.log(5e-7)) / 16
+    assert abs(got - expected) < 1e-3
+    assert got > 0
+    assert abs(got - _notebook_delta_log_amplitude(tokens, grid)) < 1e-9
+    # the previous definition disagrees in sign on exactly these tokens
+    amp = torch.fft.fftshift(torch.fft.fft2(tokens.transpose(1, 2).reshape(3, 16, grid, grid)).abs().mean(1),
+                             dim=(-2, -1))
+    assert float(torch.log(amp[0, grid - 1, grid - 1]) - torch.log(amp[0, grid // 2, grid // 2])) < 0
+
+
+def test_fourier_hf_random_tokens_match_notebook():
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randn(5, 49, 12, generator=gen, dtype=torch.float64)
+    tokens[..., :2] += 30.0  # a few large-offset channels
+    assert abs(float(fourier_hf(tokens, 7)) - _notebook_delta_log_amplitude(tokens, 7)) < 1e-9
+    # float32 tokens are computed in float32 and agree to float32 precision
+    assert abs(float(fourier_hf(tokens.float(), 7)) - _notebook_delta_log_amplitude(tokens, 7)) < 1e-4
 
 
 def test_fourier_hf_nonsquare_grid():
@@ -237,9 +276,10 @@ def test_layerwise_analysis_shapes_and_ranges():
     x = torch.randn(3, 3, 16, 16)
     res = layerwise_analysis(model, x)
     assert model.training and all(m.training for m in model.modules())  # mode restored
-    assert [r["layer"] for r in res] == [0, 1]
+    assert [r["layer"] for r in res] == [0, 1, 2]  # embedding, block 1, block 2
+    assert res[0]["attention_distance"] is None and res[0]["nmi"] is None
     max_d = math.hypot(3 * 4, 3 * 4)  # 4x4 grid, 4 px patches
-    for r in res:
+    for r in res[1:]:
         assert r["attention_distance"].shape == (2,)
         assert r["nmi"].shape == (2,)
         assert bool((r["attention_distance"] >= 0).all())
@@ -273,8 +313,26 @@ def test_recomputed_attention_matches_timm(kw):
             mine = recompute_attention(blk.attn, inputs[i])
         assert torch.allclose(mine, captured[i], atol=1e-6)
         ref = drop_prefix(captured[i], p)
-        assert torch.allclose(res[i]["attention_distance"], attention_distance(ref, 4, 4), atol=1e-5)
-        assert torch.allclose(res[i]["nmi"], nmi(ref), atol=1e-6)
+        assert torch.allclose(res[i + 1]["attention_distance"], attention_distance(ref, 4, 4), atol=1e-5)
+        assert torch.allclose(res[i + 1]["nmi"], nmi(ref), atol=1e-6)
+
+
+def test_layerwise_analysis_layer0_is_the_embedding():
+    model = _tiny_vit(reg_tokens=1).eval()
+    x = torch.randn(3, 3, 16, 16)
+    res = layerwise_analysis(model, x)
+    with torch.no_grad():  # the embedding output, computed by hand from timm's modules
+        emb = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    outs = []  # the last block's output (before the final norm)
+    h = model.blocks[-1].register_forward_hook(lambda m, a, o: outs.append(o))
+    with torch.no_grad():
+        model.forward_features(x)
+    h.remove()
+    p = model.num_prefix_tokens
+    assert res[0]["fourier_hf"] == pytest.approx(_notebook_delta_log_amplitude(emb[:, p:].numpy(), 4), abs=1e-4)
+    assert res[-1]["fourier_hf"] == pytest.approx(_notebook_delta_log_amplitude(outs[0][:, p:].numpy(), 4),
+                                                  abs=1e-4)
+    assert res[0]["token_cosine"] == pytest.approx(float(token_cosine(emb[:, p:])), abs=1e-6)
 
 
 class _Mixer(nn.Module):
@@ -288,16 +346,19 @@ def test_layerwise_analysis_non_attention_mixer():
     model = _tiny_vit().eval()
     model.blocks[1].attn = _Mixer()
     res = layerwise_analysis(model, torch.randn(2, 3, 16, 16))
-    assert res[0]["nmi"] is not None
-    assert res[1]["attention_distance"] is None and res[1]["nmi"] is None
-    assert isinstance(res[1]["token_cosine"], float)
+    assert res[1]["nmi"] is not None  # block 1 attends
+    assert res[2]["attention_distance"] is None and res[2]["nmi"] is None
+    assert isinstance(res[2]["token_cosine"], float)
 
 
 def test_layerwise_features():
     model = _tiny_vit().eval()
     x = torch.randn(3, 3, 16, 16)
     feats = layerwise_features(model, x)
-    assert len(feats) == 2 and all(f.shape == (3, 32) for f in feats)
+    assert len(feats) == 3 and all(f.shape == (3, 32) for f in feats)  # embedding + 2 blocks
+    with torch.no_grad():
+        emb = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    assert torch.allclose(feats[0], emb[:, 1:].mean(1), atol=1e-6)
     # Last block's pooled patch tokens = forward_features before the final norm.
     outs = []
     h = model.blocks[-1].register_forward_hook(lambda m, a, o: outs.append(o))

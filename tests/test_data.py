@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 import pickle
 import warnings
 
@@ -456,3 +457,40 @@ def test_corruption_errors_and_split(digits):
         corrupt(x, "contrast", 0)
     s = corrupt_split(digits.test, "contrast", 5)
     assert torch.equal(s.y, digits.test.y) and s.x.shape == x.shape and not torch.equal(s.x, x)
+
+
+def test_color_jitter_hue_matches_torchvision_per_image():
+    """Hue only: each image is torchvision's adjust_hue of itself by one shift in [-hue, hue]."""
+    tvf = pytest.importorskip("torchvision.transforms.functional")
+    aug = BatchAugment(crop_scale=None, flip=False, color_jitter=(0.0, 0.0, 0.0, 0.1), grayscale_p=0.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 6, 6, generator=g)
+    x[:, :, 0, 0] = torch.tensor([0.9, 0.2, 0.1])  # a saturated pixel whose hue reads off the shift
+    out = aug(x, generator=torch.Generator().manual_seed(1))
+    shifts = []
+    for i in range(len(x)):
+        h_in = colorsys.rgb_to_hsv(*x[i, :, 0, 0].tolist())[0]
+        h_out = colorsys.rgb_to_hsv(*out[i, :, 0, 0].tolist())[0]
+        shift = (h_out - h_in + 0.5) % 1.0 - 0.5
+        assert abs(shift) <= 0.1 + 1e-3
+        torch.testing.assert_close(out[i], tvf.adjust_hue(x[i], shift), atol=2e-3, rtol=0)
+        shifts.append(shift)
+    assert min(shifts) < -0.05 and max(shifts) > 0.05  # drawn across the range
+
+
+def test_color_jitter_p_and_strength_validation():
+    x = _batch(n=2000)
+    aug = BatchAugment(crop_scale=None, flip=False, color_jitter=(0.4, 0.0, 0.0, 0.0), grayscale_p=0.0,
+                       color_jitter_p=0.8)
+    out = aug(x, generator=torch.Generator().manual_seed(0))
+    changed = (out - x).abs().flatten(1).amax(1) > 1e-6
+    assert abs(float(changed.float().mean()) - 0.8) < 0.04  # RandomApply(p=0.8)
+    # brightness: one factor per image in [0.6, 1.4] (pixels clamped at 1 excluded)
+    for xi, oi in zip(x[changed][:50], out[changed][:50]):
+        keep = (oi < 1) & (xi > 0.05)
+        f = oi[keep] / xi[keep]
+        assert float(f.max() - f.min()) < 1e-4 and 0.6 - 1e-4 <= float(f.mean()) <= 1.4 + 1e-4
+    with pytest.raises(ValueError, match="color_jitter"):
+        BatchAugment(color_jitter=(0.4, 0.4, 0.2))
+    with pytest.raises(ValueError, match="color_jitter_p"):
+        BatchAugment(color_jitter_p=1.5)

@@ -35,6 +35,11 @@ def test_tiny_pretext_run(workflow):
     assert set(rep["metric"]) == {"attention_distance", "nmi", "token_cosine", "fourier_hf"}
     depth = 4  # vit_shapes
     assert rep.filter(pl.col("metric") == "nmi").height == 2 * depth
+    assert sorted(rep.filter(pl.col("metric") == "nmi")["layer"].unique()) == list(range(1, depth + 1))  # blocks
+    # the token metrics and layer probes also read the embedding output: layer 0, then block i at layer i
+    for metric in ("fourier_hf", "token_cosine"):
+        assert sorted(rep.filter(pl.col("metric") == metric)["layer"].unique()) == list(range(depth + 1))
+    assert pl.read_csv(workflow / "reports/tables/layer_probe.csv").height == 2 * (depth + 1)
     nmi = rep.filter(pl.col("metric") == "nmi")["value_mean"]
     assert nmi.min() >= 0 and nmi.max() <= 1
     bias = pl.read_csv(workflow / "reports/tables/shape_bias.csv")

@@ -62,6 +62,58 @@ def test_paper_parameter_counts():
     assert abs(vit - 86.6) / 86.6 < 0.01, vit
 
 
+def test_feedforward_parameter_counts():
+    """The paper's feed-forward-only ViT: 61.9M at ViT-B/16, 7.7M at tiny (224 px, 1000 classes)."""
+    kw = dict(img_size=224, patch_size=16, depth=12, num_classes=1000)
+    with torch.device("meta"):
+        base = count_params(create_model(mixer="feedforward", embed_dim=768, num_heads=12, **kw)) / 1e6
+        tiny = count_params(create_model(mixer="feedforward", embed_dim=192, num_heads=3, **kw)) / 1e6
+    assert round(base, 1) == 61.9, base
+    assert round(tiny, 1) == 7.7, tiny
+
+
+def _reference_linear_block(x, blk):
+    """lukemelas/do-you-even-need-attention LinearBlock.forward, written again with functional ops
+    on the block's weights: x + mlp1(norm1(x)) over channels, then on the transposed (B, C, N)
+    features x + mlp2(norm2(x)) with norm2 over the N tokens."""
+    import torch.nn.functional as F
+
+    def mlp(t, m):
+        return F.linear(F.gelu(F.linear(t, m.fc1.weight, m.fc1.bias)), m.fc2.weight, m.fc2.bias)
+
+    def ln(t, norm):
+        return F.layer_norm(t, (t.shape[-1],), norm.weight, norm.bias, eps=1e-6)
+
+    x = x + mlp(ln(x, blk.norm1), blk.mlp_channels)
+    x = x.transpose(-2, -1)
+    x = x + mlp(ln(x, blk.norm2), blk.mlp_tokens)
+    return x.transpose(-2, -1)
+
+
+def test_feedforward_block_is_the_reference_block():
+    torch.manual_seed(0)
+    model = create_model(mixer="feedforward", **TINY).eval()
+    for p in model.parameters():  # move norms off their identity init so a wrong norm axis shows
+        p.data.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        t = model.norm_pre(model._pos_embed(model.patch_embed(x)))  # (2, 17, 32)
+        for blk in model.blocks:
+            assert blk.norm2.normalized_shape == (17,)  # CLS + 16 patches
+            ours = blk(t)
+            ref = _reference_linear_block(t, blk)
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+            t = ref
+        # and the whole model: final norm, then the configured pooling and head
+        torch.testing.assert_close(model.forward_features(x), model.norm(t), atol=1e-5, rtol=1e-5)
+
+
+def test_feedforward_drops_paths_in_both_stages():
+    model = create_model(mixer="feedforward", drop_path_rate=0.2, **dict(TINY, depth=3))
+    rates = [r for b in model.blocks[1:] for r in (b.drop_path1.drop_prob, b.drop_path2.drop_prob)]
+    assert rates == pytest.approx([0.1, 0.1, 0.2, 0.2])
+
+
 def test_attention_model_matches_timm_and_loads_its_weights():
     """Same parameter names as timm's ViT, and the same function once weights are shared."""
     torch.manual_seed(0)

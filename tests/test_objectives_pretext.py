@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -13,9 +17,11 @@ from vitablate.objectives.pretext import (
     MoCo,
     SimMIM,
     build_pretext,
+    block_masking,
     moco_momentum,
     random_masking,
 )
+from vitablate.config import PretextConfig
 
 IMG, PATCH, DIM = 16, 4, 32
 L = (IMG // PATCH) ** 2  # 16 patches
@@ -184,7 +190,7 @@ def test_simmim_masks_exactly_and_puts_mask_tokens_before_position_embeddings(ra
     x = obj.normalize(images(8))
     mask = obj.random_masking(8, ratio, x.device, torch.Generator().manual_seed(1))
     assert mask.shape == (8, L)
-    assert (mask.sum(1) == round(ratio * L)).all()
+    assert (mask.sum(1) == math.ceil(ratio * L)).all()  # SimMIM: ceil(blocks * ratio), one patch per block
     seen = {}
     hook = obj.encoder.blocks[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach()))
     try:
@@ -325,3 +331,91 @@ def test_patchify_round_trip_and_order():
     assert torch.equal(unpatchify(p, PATCH, 3, IMG // PATCH), x)
     # patch 1 is the second patch of the first row; its first value is pixel (0, PATCH), channel 0
     assert p[0, 1, 0] == x[0, 0, 0, PATCH]
+
+
+# --- SimMIM block masks and MoCo v3 views -----------------------------------------------
+
+
+@pytest.mark.parametrize("grid,block,ratio", [((14, 14), 2, 0.6), ((8, 8), 2, 0.6), ((8, 8), 4, 0.5),
+                                              ((6, 9), 3, 0.4), ((4, 4), 1, 0.6)])
+def test_block_masking_masks_whole_blocks_at_simmims_count(grid, block, ratio):
+    gh, gw = grid
+    n = 400
+    mask = block_masking(n, grid, block, ratio, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert mask.shape == (n, gh * gw) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    blocks = mask.view(n, gh // block, block, gw // block, block)
+    # every block is all-masked or all-visible
+    per_block = blocks.amax(dim=(2, 4))
+    assert torch.equal(per_block, blocks.amin(dim=(2, 4)))
+    n_blocks = (gh // block) * (gw // block)
+    n_masked = int(np.ceil(n_blocks * ratio))  # MaskGenerator's mask_count
+    assert (per_block.flatten(1).sum(1) == n_masked).all()
+    assert (mask.sum(1) == n_masked * block * block).all()
+    # a uniform choice of blocks: each block masked in about n_masked / n_blocks of the images
+    freq = per_block.flatten(1).mean(0)
+    assert (freq - n_masked / n_blocks).abs().max() < 0.12
+    distinct = len({tuple(r) for r in mask.int().tolist()})  # per-image masks
+    assert distinct > min(n // 2, math.comb(n_blocks, n_masked) // 2)
+
+
+def test_block_masking_at_imagenet_scale():
+    """224 px, 16 px patches, 32 px mask blocks: 30 of 49 2x2 blocks, i.e. 120 of 196 patches."""
+    mask = block_masking(8, (14, 14), 2, 0.6, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert (mask.sum(1) == 120).all()
+
+
+def test_simmim_masks_blocks_of_mask_patch_size():
+    torch.manual_seed(0)
+    enc = create_model(mixer="attention", img_size=32, patch_size=4, embed_dim=DIM, depth=1, num_heads=4,
+                       num_classes=0, global_pool="avg")
+    obj = SimMIM(enc, MEAN3, STD3, mask_ratio=0.6, mask_patch_size=8)  # 2x2 patches, 16 blocks
+    mask = obj.random_masking(64, 0.6, torch.device("cpu"), torch.Generator().manual_seed(3))
+    blocks = mask.view(64, 4, 2, 4, 2)
+    assert torch.equal(blocks.amax(dim=(2, 4)), blocks.amin(dim=(2, 4)))
+    assert (mask.sum(1) == 10 * 4).all()  # ceil(16 * 0.6) = 10 blocks
+    loss, _ = obj(torch.rand(4, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    for bad in (6, 12, 3):  # not a multiple of the patch, or does not divide 32 px
+        with pytest.raises(ValueError, match="simmim_mask_patch_size"):
+            SimMIM(enc, MEAN3, STD3, mask_patch_size=bad)
+    # the config key reaches the objective (and the hybrid's SimMIM part)
+    kw = PretextConfig(name="hybrid", simmim_mask_patch_size=16).objective_kwargs()
+    hybrid = Hybrid(enc, MEAN3, STD3, lam=0.5, moco_kwargs=dict(dim=8, mlp_dim=16), simmim_kwargs=kw["simmim_kwargs"])
+    assert hybrid.simmim.mask_block == 4
+
+
+def _fired(aug, keep: str, x: torch.Tensor) -> float:
+    """Share of images that `aug` changes when every operation but `keep` is switched off."""
+    aug = copy.deepcopy(aug)
+    aug.crop_scale, aug.flip, aug.pad_crop = None, False, 0
+    if keep == "blur_p":  # a sigma near 0.1 px changes nothing visible: mark where the blur is applied
+        aug._blur = lambda x, generator: torch.zeros_like(x)
+    if keep != "jitter":
+        aug.jitter = (0.0, 0.0, 0.0, 0.0)
+    for name in ("grayscale_p", "blur_p", "solarize_p"):
+        if name != keep:
+            setattr(aug, name, 0.0)
+    out = aug(x, generator=torch.Generator().manual_seed(0))
+    return float(((out - x).abs().flatten(1).amax(1) > 1e-4).float().mean())
+
+
+def test_moco_views_fire_with_the_reference_probabilities():
+    """facebookresearch/moco-v3 main_moco.py: jitter p 0.8, grayscale 0.2, blur 1.0 / 0.1, solarize 0 / 0.2."""
+    kw = PretextConfig(name="moco", moco_dim=8, moco_mlp_dim=16).objective_kwargs()
+    obj = MoCo(encoder(), MEAN3, STD3, **kw)  # the config's defaults are the reference values
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    colour = 0.2 + 0.6 * torch.rand(n, 3, 1, 1, generator=g) + 0.05 * torch.rand(n, 3, 8, 8, generator=g)
+    bright = 0.6 + 0.4 * torch.rand(n, 3, 8, 8, generator=g)  # every pixel >= 0.5: solarize changes it
+    expected = {"jitter": (0.8, 0.8), "grayscale_p": (0.2, 0.2), "blur_p": (1.0, 0.1), "solarize_p": (0.0, 0.2)}
+    for op, (p1, p2) in expected.items():
+        x = bright if op == "solarize_p" else colour
+        assert abs(_fired(obj.augment1, op, x) - p1) < 0.03, (op, "view 1")
+        assert abs(_fired(obj.augment2, op, x) - p2) < 0.03, (op, "view 2")
+    for aug in (obj.augment1, obj.augment2):
+        assert aug.crop_scale == (0.08, 1.0) and aug.flip
+        assert aug.jitter == (0.4, 0.4, 0.2, 0.1)
+    with pytest.raises(ValueError, match="moco_crop_scale"):
+        MoCo(encoder(), MEAN3, STD3, crop_scale=(0.5, 0.2))
+    with pytest.raises(ValueError, match="moco_blur_p"):
+        MoCo(encoder(), MEAN3, STD3, blur_p=(1.0,))

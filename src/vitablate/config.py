@@ -103,21 +103,32 @@ class PretextConfig:
     moco_momentum: float = 0.99  # EMA start; cosine schedule to 1
     moco_dim: int = 128  # projector output
     moco_mlp_dim: int = 512  # projector / predictor hidden width
+    # MoCo v3's augmentation (facebookresearch/moco-v3 main_moco.py); [view 1, view 2] where two
+    moco_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    moco_color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])  # b, c, s, hue
+    moco_color_jitter_p: float = 0.8
+    moco_grayscale_p: float = 0.2
+    moco_blur_p: list[float] = field(default_factory=lambda: [1.0, 0.1])
+    moco_solarize_p: list[float] = field(default_factory=lambda: [0.0, 0.2])
     simmim_mask_ratio: float = 0.6
+    simmim_mask_patch_size: Optional[int] = None  # pixels per mask block (SimMIM: 32 at 224 px); None = one patch
     mae_mask_ratio: float = 0.75
     mae_decoder_dim: int = 64
     mae_decoder_depth: int = 2
 
     def objective_kwargs(self) -> dict:
         moco = dict(dim=self.moco_dim, mlp_dim=self.moco_mlp_dim, temperature=self.moco_temperature,
-                    momentum=self.moco_momentum)
+                    momentum=self.moco_momentum, crop_scale=self.moco_crop_scale,
+                    color_jitter=self.moco_color_jitter, color_jitter_p=self.moco_color_jitter_p,
+                    grayscale_p=self.moco_grayscale_p, blur_p=self.moco_blur_p, solarize_p=self.moco_solarize_p)
+        simmim = dict(mask_ratio=self.simmim_mask_ratio, mask_patch_size=self.simmim_mask_patch_size)
         return {
             "supervised": {},
             "moco": moco,
-            "simmim": dict(mask_ratio=self.simmim_mask_ratio),
+            "simmim": simmim,
             "mae": dict(mask_ratio=self.mae_mask_ratio, decoder_dim=self.mae_decoder_dim,
                         decoder_depth=self.mae_decoder_depth),
-            "hybrid": dict(lam=self.lam, moco_kwargs=moco, simmim_kwargs=dict(mask_ratio=self.simmim_mask_ratio)),
+            "hybrid": dict(lam=self.lam, moco_kwargs=moco, simmim_kwargs=simmim),
         }.get(self.name, {})
 
 

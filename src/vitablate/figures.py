@@ -22,7 +22,7 @@ from .aggregate import method_rank, scratch_per_teacher
 COLORS = {
     # Q1 token mixers
     "attention": "#1f77b4", "feedforward": "#ff7f0e", "attention_only": "#2ca02c", "pooling": "#9467bd",
-    "identity": "#7f7f7f",
+    "identity": "#7f7f7f", "mixer": "#7b4173",
     # Q2 pretexts (and Q3 teachers named after them); hybrid_<lambda> gets a shade of `hybrid`
     "supervised": "#444444", "moco": "#d62728", "simmim": "#1f77b4", "mae": "#17becf", "hybrid": "#9467bd",
     # Q3 transfer methods; linear_probe and finetune are also Q2 evaluations, knn is one too
@@ -163,7 +163,7 @@ def plot_representation(rep: pl.DataFrame, png_path: str):
             for pretext in sub["pretext"].unique(maintain_order=True).to_list():
                 s = sub.filter(pl.col("pretext") == pretext).sort("layer")
                 _band(ax, s["layer"], s["value_mean"], s["value_std"], pretext, marker="o")
-            ax.set_xlabel("layer (block index)")
+            ax.set_xlabel("depth (0 = embedding, i = block i)")
             ax.set_ylabel(METRIC_LABELS.get(metric, metric))
             ax.set_title(f"{name}: {metric}")
         axes[r][0].legend(fontsize=7)

@@ -145,7 +145,7 @@ def save_query_maps(model: torch.nn.Module, forward: Callable, data: DatasetBund
     from .models.mixers import MixingAttention
 
     blocks = getattr(model, "blocks", None)
-    if not blocks or not all(isinstance(b.attn, MixingAttention) for b in blocks):
+    if not blocks or not all(isinstance(getattr(b, "attn", None), MixingAttention) for b in blocks):
         return {}
     x, _ = next(iter(data.test.batches(1)))  # the first test image, unshuffled: the same for every job
     grid = tuple(model.patch_embed.grid_size)

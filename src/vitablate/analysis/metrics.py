@@ -3,7 +3,7 @@
 All metrics are pure functions of tensors (attention maps or block-output tokens)
 plus two drivers, :func:`layerwise_analysis` and :func:`layerwise_features`, that
 run a timm-style ``VisionTransformer`` once with forward hooks and apply them to
-every block.
+the embedding output (layer 0) and every block's output (layer i = block i).
 
 Conventions
 -----------
@@ -273,21 +273,25 @@ def token_cosine(tokens: Tensor) -> Tensor:
     return per_image.mean()
 
 
-def fourier_hf(tokens: Tensor, grid_size: Any, eps: float = 1e-8) -> Tensor:
-    """Relative high-frequency log amplitude of a token map ("delta log amplitude").
+def fourier_hf(tokens: Tensor, grid_size: Any, eps: float = 1e-6) -> Tensor:
+    """Relative log amplitude of the highest frequency ("delta log amplitude").
 
-    Tokens are laid out as a (B, C, gh, gw) feature map; the 2-D FFT amplitude is
-    averaged over channels (fftshift-ed). The high-frequency value is the log of
-    the mean amplitude over the cells of the outermost ring, i.e. where
-    ``max(|f_y| / (gh // 2), |f_x| / (gw // 2)) == 1`` with f the integer
-    frequency index (the Nyquist index for even sides); the zero-frequency value
-    is the centre cell. Returns (high - zero) averaged over images: higher (less
-    negative) means more high-frequency content.
+    The quantity of cl-vs-mim's Fourier analysis (naver-ai/cl-vs-mim:
+    representation_analysis.ipynb, ``get_fourier_latents``): tokens are laid out
+    as a (B, C, gh, gw) feature map; per image and channel the 2-D FFT amplitude
+    is taken to ``log(|FFT2| + eps)`` and frequency-shifted (zero frequency at
+    (gh // 2, gw // 2)); the log amplitudes are averaged over images and channels
+    (the mean of logs); the result is the value at the highest frequency along the
+    half-diagonal, the shifted cell (gh - 1, gw - 1), minus the value at zero
+    frequency. Higher (less negative) means more high-frequency content. On a
+    square grid this is exactly the notebook's ``latent.diag()[h // 2:]`` last
+    entry minus its first; on a non-square grid the same corner cell is used.
 
     Args:
-        tokens: (B, N, C) patch tokens, N = gh * gw in row-major order.
+        tokens: (B, N, C) patch tokens (prefix tokens dropped), N = gh * gw in
+            row-major order.
         grid_size: int or (gh, gw), each side >= 2.
-        eps: added to the amplitude inside the log, so empty bins stay finite.
+        eps: added to every amplitude inside the log (the notebook uses 1e-6).
 
     Returns:
         Scalar tensor (natural-log units).
@@ -303,20 +307,10 @@ def fourier_hf(tokens: Tensor, grid_size: Any, eps: float = 1e-8) -> Tensor:
         raise ValueError(f"eps must be positive to keep log finite, got {eps}")
     b, n, c = tokens.shape
     fmap = tokens.transpose(1, 2).reshape(b, c, gh, gw)  # (B, C, gh, gw)
-    amp = torch.fft.fftshift(torch.fft.fft2(fmap).abs().mean(dim=1), dim=(-2, -1))  # (B, gh, gw) channel mean
-
-    # Integer frequency index per shifted cell; zero frequency sits at (gh//2, gw//2).
-    fy = torch.arange(gh, device=tokens.device) - gh // 2  # (gh,)
-    fx = torch.arange(gw, device=tokens.device) - gw // 2  # (gw,)
-    radius = torch.maximum(
-        fy.abs()[:, None].to(amp.dtype) / (gh // 2),
-        fx.abs()[None, :].to(amp.dtype) / (gw // 2),
-    )  # (gh, gw), 1 on the outermost (Nyquist) ring
-    ring = radius >= radius.max()  # (gh, gw) bool
-    # log of the ring's mean amplitude (not the mean of logs): empty bins then cannot let eps set the value
-    high = torch.log(amp[:, ring].mean(dim=-1) + eps)  # (B,)
-    zero = torch.log(amp[:, gh // 2, gw // 2] + eps)  # (B,)
-    return (high - zero).mean()
+    log_amp = torch.log(torch.fft.fft2(fmap).abs() + eps)  # (B, C, gh, gw), per image and channel
+    # fftshift rolls by (gh // 2, gw // 2), as the notebook's torch.roll(int(h / 2)) does
+    mean_log = torch.fft.fftshift(log_amp, dim=(-2, -1)).mean(dim=(0, 1))  # (gh, gw) mean of logs
+    return mean_log[gh - 1, gw - 1] - mean_log[gh // 2, gw // 2]
 
 
 # --------------------------------------------------------------------------- #
@@ -451,17 +445,21 @@ def layerwise_analysis(
         grid_size: patch grid; default ``model.patch_embed.grid_size``.
 
     Returns:
-        One dict per block, in order: ``{"layer": i, "attention_distance": (H,)
-        tensor (px) or None, "nmi": (H,) tensor or None, "token_cosine": float,
-        "fourier_hf": float}``. Tensors are float32/64 on the CPU. Attention
-        metrics are None for blocks whose token mixer has no ``qkv`` projection.
+        One dict per depth, in order: layer 0 is the embedding output (the input
+        of the first block: patch embedding plus position embedding), layer i the
+        output of block i (1-based), as cl-vs-mim's representation notebook counts
+        depth. Each is ``{"layer": i, "attention_distance": (H,) tensor (px) or
+        None, "nmi": (H,) tensor or None, "token_cosine": float, "fourier_hf":
+        float}``; the attention metrics of layer i describe block i's attention.
+        Tensors are float32/64 on the CPU. Attention metrics are None for layer 0
+        and for blocks whose token mixer has no ``qkv`` projection.
     """
     x = _check_model_input(model, x)
     n_prefix, patch, grid = _model_geometry(model, x, num_prefix_tokens, patch_size, grid_size)
     results: list[dict[str, Any]] = [
         {"layer": i, "attention_distance": None, "nmi": None,
          "token_cosine": None, "fourier_hf": None}
-        for i in range(len(model.blocks))
+        for i in range(len(model.blocks) + 1)
     ]
 
     def attn_hook(i: int):
@@ -473,22 +471,32 @@ def layerwise_analysis(
             results[i]["nmi"] = nmi(patch_attn).cpu()
         return fn
 
+    def token_metrics(i: int, out: Tensor) -> None:
+        patches = out[:, n_prefix:]  # (B, N, C), CLS/registers dropped
+        results[i]["token_cosine"] = float(token_cosine(patches))
+        results[i]["fourier_hf"] = float(fourier_hf(patches, grid))
+
     def block_hook(i: int):
         def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            out = output[0] if isinstance(output, (tuple, list)) else output
-            patches = out[:, n_prefix:]  # (B, N, C)
-            results[i]["token_cosine"] = float(token_cosine(patches))
-            results[i]["fourier_hf"] = float(fourier_hf(patches, grid))
+            token_metrics(i, output[0] if isinstance(output, (tuple, list)) else output)
         return fn
 
-    hooks = []
-    for i, blk in enumerate(model.blocks):
+    hooks = [(model.blocks[0], _embedding_hook(lambda emb: token_metrics(0, emb)))]
+    for i, blk in enumerate(model.blocks, start=1):
         hooks.append((blk, block_hook(i)))
         attn_mod = getattr(blk, "attn", None)
         if isinstance(attn_mod, nn.Module) and getattr(attn_mod, "qkv", None) is not None:
             hooks.append((attn_mod, attn_hook(i)))
     _run_with_hooks(model, x, hooks)
     return results
+
+
+def _embedding_hook(consume: Any) -> Any:
+    """A forward hook for the first block that passes its *input* (the embedding
+    output, (B, N_total, C)) to ``consume``; registered like the other hooks."""
+    def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        consume(args[0] if args else kwargs["x"])
+    return fn
 
 
 def layerwise_features(
@@ -502,7 +510,8 @@ def layerwise_features(
         num_prefix_tokens: leading non-patch tokens; default ``model.num_prefix_tokens``.
 
     Returns:
-        List (one per block) of detached (B, C) tensors on the model's device.
+        List of detached (B, C) tensors on the model's device, one per depth as in
+        :func:`layerwise_analysis`: index 0 the embedding output, index i block i.
     """
     x = _check_model_input(model, x)
     if num_prefix_tokens is None:
@@ -510,19 +519,23 @@ def layerwise_features(
     if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) \
             or num_prefix_tokens < 0:
         raise ValueError(f"num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
-    feats: list[Tensor | None] = [None] * len(model.blocks)
+    feats: list[Tensor | None] = [None] * (len(model.blocks) + 1)
+
+    def pool(i: int, out: Tensor) -> None:
+        patches = out[:, num_prefix_tokens:]  # (B, N, C)
+        if patches.shape[1] == 0:
+            raise ValueError(
+                f"num_prefix_tokens={num_prefix_tokens} leaves no patch tokens "
+                f"(block output has {out.shape[1]} tokens)"
+            )
+        feats[i] = patches.mean(dim=1).detach()  # (B, C)
 
     def block_hook(i: int):
         def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            out = output[0] if isinstance(output, (tuple, list)) else output
-            patches = out[:, num_prefix_tokens:]  # (B, N, C)
-            if patches.shape[1] == 0:
-                raise ValueError(
-                    f"num_prefix_tokens={num_prefix_tokens} leaves no patch tokens "
-                    f"(block output has {out.shape[1]} tokens)"
-                )
-            feats[i] = patches.mean(dim=1).detach()  # (B, C)
+            pool(i, output[0] if isinstance(output, (tuple, list)) else output)
         return fn
 
-    _run_with_hooks(model, x, [(blk, block_hook(i)) for i, blk in enumerate(model.blocks)])
+    hooks = [(model.blocks[0], _embedding_hook(lambda emb: pool(0, emb)))]
+    hooks += [(blk, block_hook(i)) for i, blk in enumerate(model.blocks, start=1)]
+    _run_with_hooks(model, x, hooks)
     return feats  # type: ignore[return-value]

@@ -12,10 +12,10 @@ from .factory import (
     make_hookable,
     resolve_layers,
 )
-from .mixers import FeatureAttention, IdentityMixer, MixingAttention, PoolingMixer, TokenMLP
+from .mixers import FeatureAttention, FeedForwardBlock, IdentityMixer, MixingAttention, PoolingMixer, TokenMLP
 
 __all__ = [
     "MIXERS", "VARIANTS", "Geometry", "attention_maps", "attention_modules", "capturing", "count_params",
     "create_model", "make_hookable", "resolve_layers",
-    "FeatureAttention", "IdentityMixer", "MixingAttention", "PoolingMixer", "TokenMLP",
+    "FeatureAttention", "FeedForwardBlock", "IdentityMixer", "MixingAttention", "PoolingMixer", "TokenMLP",
 ]

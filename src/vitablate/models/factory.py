@@ -1,7 +1,8 @@
 """Build timm VisionTransformers with a chosen token mixer, and read their attention.
 
 Every model is timm's `VisionTransformer`; the mixer only picks the classes passed
-as `attn_layer` (token mixing) and `mlp_layer` (channel mixing). Config names map
+as `attn_layer` (token mixing) and `mlp_layer` (channel mixing), or the whole block
+(`block_fn`) where the reference block is not timm's. Config names map
 to classes through `MIXERS`; named sizes live in
 `vitablate.config.VARIANTS` (checking a config needs no torch).
 """
@@ -17,7 +18,9 @@ from timm.layers import Attention, Mlp
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .mixers import FeatureAttention, IdentityMixer, MixingAttention, PoolingMixer, TokenMLP, bind
+from .mixers import (
+    FeatureAttention, FeedForwardBlock, IdentityMixer, MixingAttention, PoolingMixer, TokenMLP, bind,
+)
 
 
 @dataclass(frozen=True)
@@ -32,13 +35,17 @@ class Geometry:
         return self.grid_size[0] * self.grid_size[1] + self.num_prefix_tokens
 
 
-# name -> geometry -> (attn_layer, mlp_layer). A new mixer is one class and one line here.
-MIXERS: dict[str, Callable[[Geometry], tuple[type, Callable]]] = {
-    "attention": lambda g: (MixingAttention, Mlp),
-    "feedforward": lambda g: (bind(TokenMLP, num_tokens=g.num_tokens), Mlp),
-    "attention_only": lambda g: (MixingAttention, bind(FeatureAttention, num_tokens=g.num_tokens)),
-    "pooling": lambda g: (bind(PoolingMixer, grid_size=g.grid_size, num_prefix_tokens=g.num_prefix_tokens), Mlp),
-    "identity": lambda g: (IdentityMixer, Mlp),
+# name -> geometry -> VisionTransformer keyword arguments (attn_layer and mlp_layer for timm's
+# Block, or block_fn for a whole block). A new mixer is one class and one line here.
+MIXERS: dict[str, Callable[[Geometry], dict[str, Callable]]] = {
+    "attention": lambda g: dict(attn_layer=MixingAttention, mlp_layer=Mlp),
+    "feedforward": lambda g: dict(block_fn=bind(FeedForwardBlock, num_tokens=g.num_tokens)),
+    "mixer": lambda g: dict(attn_layer=bind(TokenMLP, num_tokens=g.num_tokens), mlp_layer=Mlp),
+    "attention_only": lambda g: dict(attn_layer=MixingAttention,
+                                     mlp_layer=bind(FeatureAttention, num_tokens=g.num_tokens)),
+    "pooling": lambda g: dict(attn_layer=bind(PoolingMixer, grid_size=g.grid_size,
+                                              num_prefix_tokens=g.num_prefix_tokens), mlp_layer=Mlp),
+    "identity": lambda g: dict(attn_layer=IdentityMixer, mlp_layer=Mlp),
 }
 
 
@@ -71,12 +78,11 @@ def create_model(
         raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
     grid = img_size // patch_size
     geometry = Geometry((grid, grid), int(class_token) + timm_kwargs.get("reg_tokens", 0))
-    attn_layer, mlp_layer = MIXERS[mixer](geometry)
     model = VisionTransformer(
         img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
         global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
         mlp_ratio=mlp_ratio, class_token=class_token, drop_path_rate=drop_path_rate,
-        attn_layer=attn_layer, mlp_layer=mlp_layer, **timm_kwargs,
+        **MIXERS[mixer](geometry), **timm_kwargs,
     )
     model.mixer = mixer  # read by jobs and analysis; not a parameter
     return model
@@ -100,7 +106,7 @@ def attention_modules(model: nn.Module) -> list[MixingAttention]:
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise ValueError(f"{type(model).__name__} has no .blocks; expected a timm VisionTransformer")
-    mods = [blk.attn for blk in blocks]
+    mods = [getattr(blk, "attn", blk) for blk in blocks]  # a whole-block mixer has no .attn
     bad = {type(m).__name__ for m in mods if not isinstance(m, MixingAttention)}
     if bad:
         raise ValueError(

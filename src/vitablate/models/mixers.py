@@ -1,4 +1,5 @@
-"""Token mixers, each a class timm's `Block(attn_layer=..., mlp_layer=...)` can build.
+"""Token mixers, each a class timm's `Block(attn_layer=..., mlp_layer=...)` can build,
+or a whole block timm's `VisionTransformer(block_fn=...)` can build.
 
 A new mixer is one class and one entry in `MIXERS` (see `factory.py`).
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from timm.layers import Attention, Mlp
+from timm.layers import Attention, DropPath, Mlp
 from torch import nn
 
 
@@ -82,11 +83,49 @@ class MixingAttention(Attention):
         return self.proj_drop(self.proj(x))
 
 
+class FeedForwardBlock(nn.Module):
+    """The feed-forward-only block of "Do you even need attention?".
+
+    lukemelas/do-you-even-need-attention: vision_transformer_linear.py, LinearBlock:
+    first the channel MLP with a pre-norm over channels, then the token MLP
+    (N -> mlp_ratio * N -> N, shared across channels) with a pre-norm over the
+    token dimension, i.e. on the transposed (B, C, N) features each channel's N
+    token values are normalised. Each stage is a residual branch with its own
+    stochastic depth. Called with timm's `block_fn` arguments.
+    """
+
+    num_tokens: int = 0  # bound per model by `bind`: patches + prefix tokens
+
+    def __init__(self, dim: int, num_heads: int = 1, mlp_ratio: float = 4.0, proj_drop: float = 0.0,
+                 drop_path: float = 0.0, act_layer: type = nn.GELU, norm_layer: type = nn.LayerNorm,
+                 **_: object) -> None:
+        super().__init__()
+        n = self.num_tokens
+        if n <= 0:
+            raise ValueError("FeedForwardBlock needs num_tokens; build it through vitablate.models.create_model")
+        self.norm1 = norm_layer(dim)  # over channels
+        self.mlp_channels = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(n)  # over the N tokens
+        self.mlp_tokens = Mlp(n, hidden_features=int(n * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("the feed-forward-only block mixes every token; it takes no attention mask")
+        x = x + self.drop_path1(self.mlp_channels(self.norm1(x)))  # (B, N, C)
+        t = x.transpose(1, 2)  # (B, C, N): each channel's token values
+        t = t + self.drop_path2(self.mlp_tokens(self.norm2(t)))
+        return t.transpose(1, 2)
+
+
 class TokenMLP(nn.Module):
-    """Feed-forward over the token dimension ("Do you even need attention?").
+    """Feed-forward over the token dimension inside timm's `Block` (the `mixer` mixer).
 
     Each channel's N-vector of token values goes through an MLP N -> 4N -> N,
-    shared across channels: the attention layer's job done by a fixed linear map.
+    shared across channels, in the attention layer's place: token mixing first,
+    after timm's LayerNorm over channels (MLP-Mixer's order and norm). Not the
+    paper's block: that is `FeedForwardBlock` (mixer `feedforward`).
     """
 
     num_tokens: int = 0  # bound per model by `bind`: patches + prefix tokens

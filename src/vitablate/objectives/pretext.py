@@ -47,6 +47,7 @@ __all__ = [
     "patchify",
     "unpatchify",
     "random_masking",
+    "block_masking",
     "moco_momentum",
     "sincos_pos_embed_2d",
 ]
@@ -162,6 +163,30 @@ def _require_fixed_size(encoder: VisionTransformer, name: str) -> None:
         raise ValueError(f"{name} here needs a fixed image size (dynamic_img_size=False)")
 
 
+def block_masking(N: int, grid_size: tuple[int, int], block: int, mask_ratio: float, device: torch.device,
+                  generator: Optional[torch.Generator] = None) -> Tensor:
+    """SimMIM's masks: square blocks of `block` x `block` patches, masked or visible as a whole.
+
+    microsoft/SimMIM: data/data_simmim.py, MaskGenerator: on the grid of blocks, a random
+    ceil(blocks * mask_ratio) of them are masked, then each is repeated over its patches.
+    Returns (N, gh * gw) float, 1 = masked, in row-major patch order.
+    """
+    gh, gw = grid_size
+    if block < 1 or gh % block or gw % block:
+        raise ValueError(f"a mask block of {block} patches does not tile the {gh}x{gw} patch grid; set "
+                         "pretext.objective.simmim_mask_patch_size to a multiple of the patch size that "
+                         "divides the image size")
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    rh, rw = gh // block, gw // block
+    count = rh * rw
+    num_masked = int(math.ceil(count * mask_ratio))
+    noise = torch.rand(N, count, device=device, generator=generator)
+    rank = noise.argsort(dim=1).argsort(dim=1)  # (N, count): each block's place in a random permutation
+    coarse = (rank < num_masked).to(torch.float32).view(N, rh, 1, rw, 1)
+    return coarse.expand(N, rh, block, rw, block).reshape(N, gh * gw)
+
+
 def _crop_flip(min_scale: float) -> BatchAugment:
     """Masked-image-modeling views: random resized crop (area >= min_scale) and flip, no colour."""
     return BatchAugment(crop_scale=(min_scale, 1.0), flip=True, color_jitter=0.0, grayscale_p=0.0)
@@ -250,16 +275,29 @@ class MoCo(PretextObjective):
 
     def __init__(self, encoder: VisionTransformer, mean: Sequence[float], std: Sequence[float], dim: int = 128,
                  mlp_dim: int = 512, temperature: float = 0.2, momentum: float = 0.99,
-                 augment1: Optional[nn.Module] = None, augment2: Optional[nn.Module] = None) -> None:
+                 augment1: Optional[nn.Module] = None, augment2: Optional[nn.Module] = None,
+                 crop_scale: Sequence[float] = (0.08, 1.0), color_jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
+                 color_jitter_p: float = 0.8, grayscale_p: float = 0.2, blur_p: Sequence[float] = (1.0, 0.1),
+                 solarize_p: Sequence[float] = (0.0, 0.2)) -> None:
         super().__init__(encoder, mean, std)
         self.temperature = temperature
         self.base_momentum = momentum
         self.momentum = momentum  # the value of the latest (or, before any step, first) EMA update
-        # MoCo v3's asymmetric views (blur always on view 1, solarize only on view 2),
-        # with blur probabilities scaled down for the small images used here
-        common = dict(crop_scale=(0.2, 1.0), flip=True, color_jitter=0.4, grayscale_p=0.2, pad_crop=0)
-        self.augment1 = augment1 if augment1 is not None else BatchAugment(blur_p=0.5, solarize_p=0.0, **common)
-        self.augment2 = augment2 if augment2 is not None else BatchAugment(blur_p=0.1, solarize_p=0.2, **common)
+        # MoCo v3's asymmetric views; the defaults are its values (facebookresearch/moco-v3: main_moco.py,
+        # augmentation1 / augmentation2): crop (0.08, 1), ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8,
+        # grayscale 0.2, blur 1.0 / 0.1, solarize 0 / 0.2 (view 1 / view 2), flip
+        for key, pair in (("moco_blur_p", blur_p), ("moco_solarize_p", solarize_p)):
+            if len(pair) != 2:
+                raise ValueError(f"pretext.objective.{key} is [view 1, view 2], got {list(pair)}")
+        if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ValueError(f"pretext.objective.moco_crop_scale is [low, high] with 0 < low <= high <= 1, "
+                             f"got {list(crop_scale)}; MoCo v3 uses [0.08, 1.0]")
+        common = dict(crop_scale=tuple(crop_scale), flip=True, color_jitter=tuple(color_jitter),
+                      color_jitter_p=color_jitter_p, grayscale_p=grayscale_p, pad_crop=0)
+        self.augment1 = augment1 if augment1 is not None else BatchAugment(
+            blur_p=blur_p[0], solarize_p=solarize_p[0], **common)
+        self.augment2 = augment2 if augment2 is not None else BatchAugment(
+            blur_p=blur_p[1], solarize_p=solarize_p[1], **common)
         self.projector = _mlp(3, encoder.num_features, mlp_dim, dim)
         self.predictor = _mlp(2, dim, mlp_dim, dim)  # MoCo v3's ViT predictor keeps the last BN
         # momentum branch: a frozen deep copy of encoder + projector, never seen by the optimiser
@@ -325,10 +363,21 @@ class SimMIM(PretextObjective):
     """
 
     def __init__(self, encoder: VisionTransformer, mean: Sequence[float], std: Sequence[float],
-                 mask_ratio: float = 0.6, augment: Optional[nn.Module] = None) -> None:
+                 mask_ratio: float = 0.6, augment: Optional[nn.Module] = None,
+                 mask_patch_size: Optional[int] = None) -> None:
         super().__init__(encoder, mean, std)
         _require_fixed_size(encoder, "SimMIM")
         self.mask_ratio = mask_ratio
+        # microsoft/SimMIM: data/data_simmim.py, MaskGenerator: masks come in blocks of mask_patch_size
+        # pixels (32 at 224 px with 16 px patches: 2x2 patches); None masks single patches
+        p = self.patch_size
+        size = p if mask_patch_size is None else int(mask_patch_size)
+        img = tuple(encoder.patch_embed.img_size)
+        if size < p or size % p or img[0] % size or img[1] % size:
+            raise ValueError(f"pretext.objective.simmim_mask_patch_size={mask_patch_size} must be a multiple of "
+                             f"the patch size ({p} px) that divides the image size {img}; e.g. {2 * p}, or null "
+                             "for single patches")
+        self.mask_block = size // p  # patches per block side
         self.augment = augment if augment is not None else _crop_flip(0.67)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
         trunc_normal_(self.mask_token, std=0.02)
@@ -337,8 +386,10 @@ class SimMIM(PretextObjective):
 
     def random_masking(self, N: int, mask_ratio: float, device: torch.device,
                        generator: Optional[torch.Generator] = None) -> Tensor:
-        """mask: (N, L) float, 1 = masked; exactly round(mask_ratio * L) ones per image."""
-        return random_masking(N, self.encoder.patch_embed.num_patches, mask_ratio, device, generator)[0]
+        """mask: (N, L) float, 1 = masked, in blocks of `mask_block` x `mask_block` patches; exactly
+        ceil(mask_ratio * blocks) masked blocks per image."""
+        grid = tuple(self.encoder.patch_embed.grid_size)
+        return block_masking(N, grid, self.mask_block, mask_ratio, device, generator)
 
     def forward_encoder(self, imgs: Tensor, mask: Tensor) -> Tensor:
         """imgs: (N, C, H, W) normalised, mask: (N, L) 1 = masked -> patch tokens (N, L, D) after the blocks."""
