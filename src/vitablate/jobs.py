@@ -282,20 +282,28 @@ def encoder_kwargs(cfg: JobConfig, data: DatasetBundle) -> dict:
     return model_kwargs(cfg.model, data, "attention") | {"num_classes": 0}  # pooled features out
 
 
-def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
-    """Pre-train an encoder with `cfg.pretext` (the pretext question's first job)."""
+def build_objective(cfg: JobConfig, data: DatasetBundle):
+    """(the pretext objective around a new encoder, the encoder's create_model kwargs): the encoder is built
+    from the pre-training job's own model settings (pretext.model <- by_pretext.<pretext>.pretrain_model)."""
     from .objectives import build_pretext
 
-    t0 = time.perf_counter()
-    device, precision = setup(cfg)
-    data = load_data(cfg, device)
     kw = encoder_kwargs(cfg, data)
-    encoder = create_model(**kw)
     extra = cfg.pretext.objective_kwargs()
     if cfg.pretext.name == "supervised":
         extra = dict(num_classes=data.num_classes, label_smoothing=cfg.train.label_smoothing,
                      augment=build_augment(cfg))  # the same augmentation as training from scratch
-    objective = build_pretext(cfg.pretext.name, encoder, data.mean, data.std, **extra).to(device)
+    return build_pretext(cfg.pretext.name, create_model(**kw), data.mean, data.std, **extra), kw
+
+
+def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
+    """Pre-train an encoder with `cfg.pretext` (the pretext question's first job)."""
+
+    t0 = time.perf_counter()
+    device, precision = setup(cfg)
+    data = load_data(cfg, device)
+    objective, kw = build_objective(cfg, data)
+    encoder = objective.encoder
+    objective = objective.to(device)
     tc = cfg.train
     steps_per_epoch = len(data.train) // tc.batch_size
     if steps_per_epoch == 0:

@@ -4,7 +4,7 @@ Two linear probes:
 - `fit_linear_probe` (eval.probe: lbfgs): features are extracted once per split and a multinomial
   logistic regression is fitted by full-batch L-BFGS on them (standardised with the training
   set's statistics), which takes seconds even on a CPU; `select_linear_probe` picks its L2
-  strength on the validation split. An iterative fit, not a closed-form solution.
+  strength on the validation split. An iterative fit of the probe's weights.
 - `LinearProbe` (eval.probe: reference): MAE's protocol (facebookresearch/mae: main_linprobe.py),
   a BatchNorm without affine and a linear head on the frozen encoder's features, trained by the
   engine with SGD or LARS on random-resized crops and flips.

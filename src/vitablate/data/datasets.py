@@ -93,8 +93,9 @@ class Split:
 class FolderSplit(torch.utils.data.Dataset):
     """A lazily-read ImageFolder split (root/<class>/<image>) for data too big for memory.
 
-    Images are resized (shorter side to img_size) and center-cropped to
-    (in_chans, img_size, img_size) float32 in [0, 1].
+    Images are resized (shorter side to `resize`, default img_size; bicubic) and center-cropped to
+    (in_chans, img_size, img_size) float32 in [0, 1]. Evaluation splits use resize = img_size / 0.875
+    (256 for 224), as DeiT and MAE evaluate (facebookresearch/mae: util/datasets.py, build_transform).
     `class_names`: map folder names to these label indices (folders must be a subset);
     default: the folder's own sorted class list.
     `indices`: keep only these sample indices (e.g. a fixed train/val partition).
@@ -108,6 +109,7 @@ class FolderSplit(torch.utils.data.Dataset):
         indices: list[int] | np.ndarray | torch.Tensor | None = None,
         class_names: list[str] | None = None,
         num_workers: int = 0,
+        resize: int | None = None,
     ) -> None:
         from torchvision import datasets, transforms
 
@@ -116,7 +118,11 @@ class FolderSplit(torch.utils.data.Dataset):
         if in_chans not in (1, 3):
             raise ValueError(f"FolderSplit in_chans must be 1 or 3, got {in_chans}; images are read as RGB or grayscale")
         _check_img_size(img_size)
-        tfs = [transforms.Resize(img_size), transforms.CenterCrop(img_size)]
+        resize = img_size if resize is None else resize
+        if resize < img_size:
+            raise ValueError(f"FolderSplit resize {resize} is below img_size {img_size}; the centre crop needs at least that")
+        tfs = [transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+               transforms.CenterCrop(img_size)]
         if in_chans == 1:
             tfs.append(transforms.Grayscale(1))
         tfs.append(transforms.ToTensor())  # -> (C, H, W) float32 in [0, 1]
@@ -563,16 +569,24 @@ def load_imagefolder(
             "both must have the same class folders"
         )
 
-    def fs(sub: str, indices=None) -> FolderSplit:
-        return FolderSplit(os.path.join(root, sub), img_size, indices=indices, num_workers=num_workers)
+    def fs(sub: str, indices=None, resize=None) -> FolderSplit:
+        return FolderSplit(os.path.join(root, sub), img_size, indices=indices, num_workers=num_workers, resize=resize)
 
     full = fs("train")
     keep, hold = _stratified_holdout(full.targets.numpy(), val_fraction)
+    evaluate = eval_resize(img_size)
     return DatasetBundle(
         name="imagefolder", num_classes=len(full.classes), in_chans=3, img_size=img_size,
         mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        train=fs("train", keep), val=fs("train", hold), test=fs("val"), class_names=full.classes,
+        train=fs("train", keep), val=fs("train", hold, evaluate), test=fs("val", resize=evaluate),
+        class_names=full.classes,
     )
+
+
+def eval_resize(img_size: int) -> int:
+    """The shorter side evaluation images are resized to before the centre crop: img_size / 0.875, 256 for 224
+    (facebookresearch/mae: util/datasets.py, build_transform; facebookresearch/deit: datasets.py)."""
+    return int(img_size / 0.875)
 
 
 # --------------------------------------------------------------------------- registry
@@ -599,8 +613,11 @@ def _add_extra_test_dir(bundle: DatasetBundle, name: str, path: str, num_workers
     """Load an ImageFolder test set whose class folders are a subset of bundle.class_names."""
     if name in bundle.extra_tests:
         raise ValueError(f"extra test set name {name!r} is already used by {bundle.name}; pick another name")
+    # ImageNet's shift sets are evaluated as its test split; next to in-memory data, the whole image
+    resize = eval_resize(bundle.img_size) if bundle.name == "imagefolder" else None
     fs = FolderSplit(
-        path, bundle.img_size, in_chans=bundle.in_chans, class_names=bundle.class_names, num_workers=num_workers
+        path, bundle.img_size, in_chans=bundle.in_chans, class_names=bundle.class_names, num_workers=num_workers,
+        resize=resize,
     )
     bundle.extra_tests[name] = fs.load() if len(fs) <= MAX_IN_MEMORY_EXTRA else fs
 
