@@ -369,6 +369,25 @@ def test_reference_probe_trains_on_crops_and_leaves_the_encoder_untouched(tmp_pa
         assert torch.equal(saved[f"encoder.{k}"], v), k
 
 
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_paper_presets_probe_with_maes_linear_probe_protocol(path):
+    c = load(path)
+    d, t = c["pretext"]["datasets"][0], c["transfer"]["datasets"][0]
+    teacher = next(iter(c["transfer"]["teachers"]))
+    for cfg in (vw.pretext_eval_job(c, d, "mae", 0, "linear_probe"),
+                vw.transfer_job(c, t, teacher, "linear_probe", "all", 0)):
+        # main_linprobe.py: LARS, weight decay 0, 90 epochs, 10 warm-up, lr = 0.1 x batch / 256, no label
+        # smoothing, RandomResizedCrop (scale 0.08-1) + flip
+        tc = cfg.train
+        assert cfg.eval.probe == "reference" and tc.optimizer == "lars"
+        assert (tc.weight_decay, tc.epochs, tc.warmup_epochs, tc.label_smoothing) == (0.0, 90, 10, 0.0)
+        assert tc.lr == pytest.approx(0.1 * tc.batch_size / 256)
+        assert tc.augment.crop_scale == [0.08, 1.0] and tc.augment.flip
+    c["transfer"]["by_method"].pop("linear_probe")
+    with pytest.raises(vw.ConfigError, match="by_method.linear_probe.train"):
+        vw.transfer_job(c, t, teacher, "linear_probe", "all", 0)
+
+
 def test_lbfgs_probe_picks_its_l2_on_the_validation_split():
     from vitablate.analysis.probes import fit_linear_probe, select_linear_probe
 

@@ -337,6 +337,11 @@ def transfer_job(config: dict, dataset: str, teacher: str, method: str, layers: 
         spec = f"file:{path}" if path else spec
     members = [os.path.join(d, "model.pt") for d in ensemble_members(config, dataset, teacher, seed)
                ] if method == "ensemble" else []
+    if (method == "linear_probe" and (section.get("eval") or {}).get("probe") == "reference"
+            and not _by(config, "transfer", "by_method", "linear_probe", "train")):
+        raise ConfigError("transfer.eval.probe is reference, so transfer.by_method.linear_probe.train must give the "
+                          "probe's recipe (MAE: main_linprobe.py, 90 epochs, optimizer lars, weight_decay 0); "
+                          "otherwise it would train with the student's recipe")
     tc = from_dict(TransferConfig, dict(
         method=method, teacher=spec, teacher_name=teacher, layers=layers_spec(layers), ensemble_members=members,
         **{k: section[k] for k in ("distill_weight", "distill_temperature", "teacher_drop_path") if k in section}),
