@@ -19,12 +19,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import REPO
 from timm.layers import DropPath
 
-from conftest import REPO
 from vitablate import jobs
 from vitablate import workflow as vw
-from vitablate.config import EvalConfig, JobConfig, ModelConfig, TrainConfig, TransferConfig
+from vitablate.config import EvalConfig, JobConfig, TrainConfig
 from vitablate.engine import LARS, Checkpoint, Precision, build_optimizer, fit
 from vitablate.models import capturing, create_model
 from vitablate.objectives import AttentionCopy, AttentionDistillation, build_pretext
@@ -94,7 +94,7 @@ def test_every_pretext_pretrains_with_its_references_drop_path_and_a_determinist
 
 def test_momentum_encoder_is_deterministic_even_when_the_online_encoder_drops_paths():
     enc = create_model(img_size=8, patch_size=2, embed_dim=16, depth=3, num_heads=2, num_classes=0, in_chans=1,
-                       drop_path_rate=0.5, proj_drop_rate=0.3)
+                       drop_path_rate=0.5, proj_drop_rate=0.3, patch_drop_rate=0.3)
     moco = build_pretext("moco", enc, [0.5], [0.25], dim=8, mlp_dim=16)
     moco.train()
     x = torch.randn(6, 1, 8, 8)

@@ -4,8 +4,10 @@ Kept here, not in rules/*.smk, so it is plain Python that tests can import.
 
 A job's config is resolved in layers, later winning:
 JobConfig defaults <- global `execution` <- the question's section (its `model`, the
-stage's `train` recipe, `execution`; then the recipe changes for this pretext or method
-under `pretext.by_pretext` / `transfer.by_method`) <- the dataset's own entry under `datasets:`.
+stage's `train` recipe, `execution`; then the recipe and model changes for this mixer, pretext
+or method under `architecture.by_mixer`, `pretext.by_pretext` (`pretrain`/`finetune` recipes,
+`pretrain_model`/`finetune_model`) and `transfer.by_method` (`train`, `model`)) <- the
+dataset's own entry under `datasets:`.
 Each stage only reads the settings it uses, so changing an evaluation setting changes
 only the evaluation jobs' params and Snakemake re-runs only those.
 """

@@ -12,9 +12,8 @@ Two linear probes:
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
-
 import logging
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F

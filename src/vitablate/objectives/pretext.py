@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, PatchDropout, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
@@ -138,10 +138,13 @@ def sincos_pos_embed_2d(dim: int, grid: int, num_prefix_tokens: int = 0) -> Tens
 
 
 def deterministic(module: nn.Module) -> nn.Module:
-    """`module` with every DropPath and Dropout switched off in place (drop probability 0), whatever its mode."""
+    """`module` with every DropPath, PatchDropout and Dropout switched off in place (probability 0), whatever
+    its mode."""
     for m in module.modules():
         if isinstance(m, DropPath):
             m.drop_prob = 0.0
+        elif isinstance(m, PatchDropout):
+            m.prob = 0.0
         elif isinstance(m, nn.modules.dropout._DropoutNd):
             m.p = 0.0
     return module
