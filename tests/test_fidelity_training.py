@@ -24,7 +24,7 @@ from timm.layers import DropPath
 
 from vitablate import jobs
 from vitablate import workflow as vw
-from vitablate.config import EvalConfig, JobConfig, TrainConfig
+from vitablate.config import EvalConfig, JobConfig, ModelConfig, TrainConfig
 from vitablate.engine import LARS, Checkpoint, Precision, build_optimizer, fit
 from vitablate.models import capturing, create_model
 from vitablate.objectives import AttentionCopy, AttentionDistillation, build_pretext
@@ -453,3 +453,43 @@ def test_imagenet_scale_evaluation_resizes_to_256_bicubic_and_centre_crops_224(t
     ref = torch.from_numpy(np.array(small.crop((left, top, left + 224, top + 224)))).permute(2, 0, 1)
     assert x.shape == (3, 224, 224)
     assert (x * 255 - ref.float()).abs().max() <= 1.0  # PIL vs tensor bicubic may differ by one level
+
+
+def _striped_folder(root: Path) -> None:
+    """One 300 x 600 image per class: red outer quarters, green middle; the centre square is all green."""
+    from PIL import Image
+
+    img = np.zeros((300, 600, 3), np.uint8)
+    img[:, :150, 0] = img[:, 450:, 0] = 255
+    img[:, 150:450, 1] = 255
+    for sub in ("train", "val"):
+        for c in ("a", "b"):
+            (root / sub / c).mkdir(parents=True, exist_ok=True)
+            for i in range(10):
+                Image.fromarray(img).save(root / sub / c / f"{i}.png")
+
+
+def test_imagenet_scale_training_crops_come_from_the_full_resolution_image(tmp_path):
+    from vitablate.data import load_dataset
+
+    _striped_folder(tmp_path)
+    torch.manual_seed(0)
+    bundle = load_dataset("imagefolder", root=str(tmp_path), img_size=32, train_crop=(0.08, 1.0), train_flip=True)
+    crops = torch.stack([bundle.train[i][0] for i in range(len(bundle.train)) for _ in range(5)])
+    # DeiT/MAE's RandomResizedCrop of the whole image reaches the red quarters; the old crop of the centre square
+    # (and the evaluation splits' 256/224 centre crop) never does
+    assert (crops[:, 0] > 0.9).any()
+    assert crops.shape[-2:] == (32, 32)
+    for split in (bundle.val, bundle.test):
+        x, _ = split[0]
+        assert x[0].max() < 0.1  # the centre crop: green only
+    # a training job reads that split and its device augmentation no longer crops or flips
+    cfg = JobConfig(data=dataclasses.replace(JobConfig().data, name="imagefolder", root=str(tmp_path)),
+                    model=ModelConfig(img_size=32), train=TrainConfig(
+                        augment=dataclasses.replace(TrainConfig().augment, crop_scale=[0.08, 1.0], flip=True)))
+    data = jobs.load_data(cfg, torch.device("cpu"), train_crop=True)
+    assert data.train.crop_scale == (0.08, 1.0) and data.train.flip
+    aug = jobs.build_augment(cfg, data)
+    assert aug.crop_scale is None and not aug.flip
+    frozen = jobs.load_data(cfg, torch.device("cpu"))  # feature extraction (L-BFGS probe, k-NN): centre images
+    assert frozen.train.crop_scale is None and jobs.build_augment(cfg, frozen).crop_scale == (0.08, 1.0)

@@ -62,10 +62,17 @@ def setup(cfg: JobConfig) -> tuple[torch.device, object]:
     return device, pick_precision(device, cfg.execution.precision)
 
 
-def load_data(cfg: JobConfig, device: torch.device) -> DatasetBundle:
+def load_data(cfg: JobConfig, device: torch.device, train_crop: bool = False) -> DatasetBundle:
+    """The job's dataset. `train_crop`: the job trains with train.augment, so an on-disk dataset (imagefolder)
+    decodes its random-resized crops and flips from the full-resolution images (the device augmentation then
+    skips them: `build_augment`)."""
     d = cfg.data
+    extra = {}
+    a = cfg.train.augment
+    if train_crop and d.name == "imagefolder" and a.crop_scale:
+        extra = dict(train_crop=tuple(a.crop_scale), train_flip=a.flip)
     bundle = load_dataset(d.name, root=d.root, img_size=cfg.model.img_size, label_by=d.label_by,
-                          extra_test_dirs=d.extra_test_dirs or None, num_workers=d.num_workers)
+                          extra_test_dirs=d.extra_test_dirs or None, num_workers=d.num_workers, **extra)
     if cfg.execution.data_on_device and device.type == "cuda":
         for name in ("train", "val", "test"):
             split = getattr(bundle, name)
@@ -74,9 +81,13 @@ def load_data(cfg: JobConfig, device: torch.device) -> DatasetBundle:
     return bundle
 
 
-def build_augment(cfg: JobConfig) -> BatchAugment:
-    """The dataset's supervised augmentation (train.augment)."""
+def build_augment(cfg: JobConfig, data: Optional[DatasetBundle] = None) -> BatchAugment:
+    """The dataset's supervised augmentation (train.augment), less the crop and flip its loader already
+    applied to the full-resolution images (`load_data(train_crop=True)`)."""
     a = cfg.train.augment
+    if getattr(getattr(data, "train", None), "crop_scale", None) is not None:
+        return BatchAugment(crop_scale=None, flip=False, color_jitter=a.color_jitter, grayscale_p=0.0,
+                            pad_crop=a.pad_crop)
     return BatchAugment(crop_scale=tuple(a.crop_scale) if a.crop_scale else None, flip=a.flip,
                         color_jitter=a.color_jitter, grayscale_p=0.0, pad_crop=a.pad_crop)
 
@@ -85,7 +96,7 @@ def make_transforms(cfg: JobConfig, data: DatasetBundle, device: torch.device):
     """(train_transform(x, gen), eval_transform(x)): batched augmentation + normalisation on the device."""
     mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
-    aug = build_augment(cfg)
+    aug = build_augment(cfg, data)
 
     def eval_transform(x: torch.Tensor) -> torch.Tensor:
         return normalize(x, mean, std)
@@ -185,7 +196,7 @@ def classifier_job(cfg: JobConfig, on_epoch: OnEpoch, build: Callable) -> dict:
     """
     t0 = time.perf_counter()
     device, precision = setup(cfg)
-    data = load_data(cfg, device)
+    data = load_data(cfg, device, train_crop=True)
     kw = model_kwargs(cfg.model, data, cfg.mixer)
     model = create_model(**kw)
     fit_module, loss_fn, forward = build(model, kw, device)
@@ -291,7 +302,7 @@ def build_objective(cfg: JobConfig, data: DatasetBundle):
     extra = cfg.pretext.objective_kwargs()
     if cfg.pretext.name == "supervised":
         extra = dict(num_classes=data.num_classes, label_smoothing=cfg.train.label_smoothing,
-                     augment=build_augment(cfg))  # the same augmentation as training from scratch
+                     augment=build_augment(cfg, data))  # the same augmentation as training from scratch
     return build_pretext(cfg.pretext.name, create_model(**kw), data.mean, data.std, **extra), kw
 
 
@@ -300,7 +311,8 @@ def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
 
     t0 = time.perf_counter()
     device, precision = setup(cfg)
-    data = load_data(cfg, device)
+    # the supervised pretext trains with train.augment (crops from the full images); the others crop their own
+    data = load_data(cfg, device, train_crop=cfg.pretext.name == "supervised")
     objective, kw = build_objective(cfg, data)
     encoder = objective.encoder
     objective = objective.to(device)
@@ -352,7 +364,8 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional
         raise ValueError(f"eval.probe must be lbfgs or reference, got {cfg.eval.probe!r}")
     t0 = time.perf_counter()
     device, precision = setup(cfg)
-    data = load_data(cfg, device)
+    reference = name == "linear_probe" and cfg.eval.probe == "reference"
+    data = load_data(cfg, device, train_crop=reference)  # the reference probe trains on crops of the full images
     if teacher:
         from .models.teachers import load_teacher
 
@@ -360,7 +373,7 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional
     else:
         encoder, _, _ = load_encoder(cfg.init_from)
     encoder = encoder.to(device)
-    if name == "linear_probe" and cfg.eval.probe == "reference":
+    if reference:
         return reference_linear_probe(cfg, on_epoch, encoder, data, device, precision) | {
             "wall_s": time.perf_counter() - t0}
     _, eval_transform = make_transforms(cfg, data, device)
