@@ -178,7 +178,8 @@ def test_no_decay_group_is_exactly_the_1d_parameters_and_the_named_tokens(name, 
 
 def test_moco_decays_every_parameter_as_its_recipe_says(tmp_path):
     moco = objectives()["moco"]
-    groups = build_optimizer(moco, TrainConfig(weight_decay=0.1, weight_decay_all=True), torch.device("cpu")).param_groups
+    cfg = TrainConfig(weight_decay=0.1, weight_decay_all=True)
+    groups = build_optimizer(moco, cfg, torch.device("cpu")).param_groups
     assert [g["weight_decay"] for g in groups] == [0.1]
     assert {id(p) for p in groups[0]["params"]} == {id(p) for p in moco.parameters() if p.requires_grad}
     assert not any(p.requires_grad for p in moco.momentum_encoder.parameters())

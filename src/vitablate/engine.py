@@ -245,7 +245,8 @@ def fit(
     meta: Optional[dict] = None,
     after_step: Optional[Callable[[int, int], None]] = None,
 ) -> FitResult:
-    """Train `model` for cfg.epochs with cfg.optimizer (AdamW by default) and warm-up + cosine, resuming if a checkpoint exists.
+    """Train `model` for cfg.epochs with cfg.optimizer (AdamW by default) and warm-up + cosine, resuming if a
+    checkpoint exists.
 
     train_batches(epoch) -> iterable of (x, y) for that epoch (shuffled from (seed, epoch)).
     transform(x, generator) -> x: batched augmentation and normalisation on the device.

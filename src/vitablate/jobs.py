@@ -417,14 +417,15 @@ def reference_linear_probe(cfg: JobConfig, on_epoch: OnEpoch, encoder, data: Dat
     tc = cfg.train
     steps_per_epoch = len(data.train) // tc.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"pretext.linear_probe.batch_size {tc.batch_size} exceeds the {len(data.train)} training "
-                         "images; lower it")
+        raise ValueError(f"the linear probe's batch_size {tc.batch_size} exceeds the {len(data.train)} training "
+                         "images; lower it (pretext.linear_probe or transfer.by_method.linear_probe.train)")
 
     def evaluate() -> dict:
         probe.eval()
         return {"top1_val": top1(*predict(probe, data.val.batches(tc.eval_batch_size), precision, eval_transform))}
 
-    result = fit(probe, classification_loss(probe, tc.label_smoothing), epoch_batches(data.train, tc.batch_size, cfg.seed),
+    result = fit(probe, classification_loss(probe, tc.label_smoothing),
+                 epoch_batches(data.train, tc.batch_size, cfg.seed),
                  steps_per_epoch, tc, precision, Checkpoint(os.path.join(cfg.output_dir, "checkpoint.pt")), cfg.seed,
                  transform=train_transform, evaluate=evaluate, on_epoch=on_epoch, meta={"config": to_dict(cfg)})
     probe.eval()

@@ -296,7 +296,8 @@ def pretrain_job(config: dict, dataset: str, pretext: str, seed) -> JobConfig:
     return _job(config, "pretext", "pretrain", dataset, seed, pretext_dir(config, dataset, pretext, seed),
                 "pretrain", {"pretext": pretext, "job": "pretrain"},
                 recipe=_by(config, "pretext", "by_pretext", name, "pretrain"),
-                model=_by(config, "pretext", "by_pretext", name, "pretrain_model"), pretext=_pretext_config(config, pretext))
+                model=_by(config, "pretext", "by_pretext", name, "pretrain_model"),
+                pretext=_pretext_config(config, pretext))
 
 
 def pretext_eval_job(config: dict, dataset: str, pretext: str, seed, eval: str) -> JobConfig:

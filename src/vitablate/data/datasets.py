@@ -95,8 +95,8 @@ class FolderSplit(torch.utils.data.Dataset):
 
     Images are resized (shorter side to `resize`, default img_size; bicubic) and center-cropped to
     (in_chans, img_size, img_size) float32 in [0, 1]. Evaluation splits use resize = img_size / 0.875
-    (256 for 224), as DeiT and MAE evaluate (facebookresearch/mae: util/datasets.py, build_transform). A training split given `crop_scale`
-    instead takes a random-resized crop of the full-resolution image (area fraction in crop_scale,
+    (256 for 224), as DeiT and MAE evaluate (facebookresearch/mae: util/datasets.py, build_transform).
+    A training split given `crop_scale` instead takes a random-resized crop of the full-resolution image (area fraction in crop_scale,
     aspect 3/4..4/3, bicubic) and, with `flip`, a random horizontal flip, as DeiT and MAE train.
     `class_names`: map folder names to these label indices (folders must be a subset);
     default: the folder's own sorted class list.
@@ -124,7 +124,8 @@ class FolderSplit(torch.utils.data.Dataset):
         _check_img_size(img_size)
         resize = img_size if resize is None else resize
         if resize < img_size:
-            raise ValueError(f"FolderSplit resize {resize} is below img_size {img_size}; the centre crop needs at least that")
+            raise ValueError(f"FolderSplit resize {resize} is below img_size {img_size}; "
+                             "the centre crop needs at least img_size")
         bicubic = transforms.InterpolationMode.BICUBIC
         if crop_scale is not None:  # facebookresearch/mae: util/datasets.py (timm's create_transform, is_train)
             tfs = [transforms.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=bicubic)]
