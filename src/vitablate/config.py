@@ -64,11 +64,13 @@ class TrainConfig:
     eval_batch_size: int = 512
     lr: float = 1e-3  # peak AdamW learning rate for this batch size
     min_lr: float = 1e-5  # end of the cosine decay
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  # never on biases, norms, position embeddings, CLS/mask tokens ...
+    weight_decay_all: bool = False  # ... unless true: every parameter (MoCo v3's recipe, main_moco.py)
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9) | lars (MAE's linear probe, util/lars.py)
     warmup_epochs: float = 2.0  # linear warm-up from 0, in epochs (fractions allowed)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     label_smoothing: float = 0.1
-    grad_clip: Optional[float] = 1.0  # max global grad norm; None disables
+    grad_clip: Optional[float] = None  # max global grad norm; None (the references but SimMIM) clips nothing
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -137,7 +139,9 @@ class EvalConfig:
     name: str = "linear_probe"  # linear_probe | finetune | knn
     knn_k: int = 20  # neighbours
     knn_temperature: float = 0.07
-    probe_weight_decay: float = 1e-3  # L2 on the linear probe's weights
+    probe: str = "lbfgs"  # lbfgs: fast full-batch probe on frozen features | reference: MAE's protocol
+    # (main_linprobe.py: BatchNorm without affine + linear head, trained by SGD/LARS on random-resized crops)
+    probe_weight_decay: float | list[float] = 1e-3  # L2 of the L-BFGS probe; a list: picked on the val split
     analysis_images: int = 128  # size of the fixed evaluation batch for the layer-wise analyses
 
 
@@ -149,6 +153,7 @@ class TransferConfig:
     layers: str = "all"  # all | first:K | last:K | comma-separated block indices
     distill_weight: float = 3.0  # weight of the attention-distillation loss next to cross-entropy
     distill_temperature: float = 1.0
+    teacher_drop_path: bool = False  # the teacher drops the student's paths, per sample (models_dual_vit.py)
     ensemble_members: list[str] = field(default_factory=list)  # model.pt files whose probabilities are averaged
 
 

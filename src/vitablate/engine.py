@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from .config import TrainConfig
@@ -78,20 +79,76 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, position embeddings and tokens (1-D or named so)."""
-    decay, no_decay = [], []
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name in skip or name.endswith("token") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters every submodule lists in its `no_weight_decay()` (timm's ViT: position
+    embedding, CLS/register tokens; the pretext objectives: their mask tokens), prefixed by where the
+    submodule sits, so a ViT inside a wrapper (an objective, an attention-transfer student) keeps them."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        listed = getattr(module, "no_weight_decay", None)
+        if callable(listed):
+            names |= {f"{prefix}.{n}" if prefix else n for n in listed()}
+    return names
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
+    """The optimiser's parameter groups for every training path (objectives, wrappers, classifiers).
+
+    No weight decay on 1-D parameters (biases, norms) and on the named tokens and position embeddings
+    (`no_weight_decay_names`), as MAE (main_pretrain.py, main_finetune.py via timm's
+    param_groups_weight_decay / lr_decay.py), SimMIM (optimizer.py, get_pretrain_param_groups), DeiT and
+    attention-transfer (models_dual_vit.py, DualVisionTransformer.no_weight_decay) do; frozen parameters
+    are left out. `decay_all`: one group, every parameter decayed (MoCo v3: main_moco.py builds AdamW on
+    model.parameters()).
+    """
+    if decay_all:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_weight_decay_names(model))
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratios, as MAE's linear probe uses it (facebookresearch/mae:
+    util/lars.py): for a parameter with more than one dimension, the gradient plus weight decay is scaled by
+    trust_coefficient * |w| / |g + wd w| (1 where either norm is 0); 1-D parameters take the plain update.
+    """
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001) -> None:
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    w_norm, u_norm = p.norm(), update.norm()
+                    ratio = torch.where((w_norm > 0) & (u_norm > 0),
+                                        group["trust_coefficient"] * w_norm / u_norm, torch.ones_like(w_norm))
+                    update = update * ratio
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(update)
+                p.add_(buf, alpha=-group["lr"])
+
+
+OPTIMIZERS = ("adamw", "sgd", "lars")
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    fused = device.type == "cuda"  # one kernel for the whole update on GPU
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
+    """train.optimizer over `param_groups(model)`: AdamW (fused on GPU), SGD with momentum 0.9, or LARS."""
+    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_all)
+    if cfg.optimizer == "adamw":
+        fused = device.type == "cuda"  # one kernel for the whole update on GPU
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+    if cfg.optimizer == "lars":
+        return LARS(groups, lr=cfg.lr)
+    raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
@@ -185,27 +242,22 @@ def fit(
     evaluate: Optional[Callable[[], dict]] = None,
     on_epoch: Optional[Callable[[int, dict], None]] = None,
     extra_state: Optional[dict[str, nn.Module]] = None,
-    params: Optional[list] = None,
     meta: Optional[dict] = None,
     after_step: Optional[Callable[[int, int], None]] = None,
 ) -> FitResult:
-    """Train `model` for cfg.epochs with AdamW and warm-up + cosine, resuming if a checkpoint exists.
+    """Train `model` for cfg.epochs with cfg.optimizer (AdamW by default) and warm-up + cosine, resuming if a
+    checkpoint exists.
 
     train_batches(epoch) -> iterable of (x, y) for that epoch (shuffled from (seed, epoch)).
     transform(x, generator) -> x: batched augmentation and normalisation on the device.
     evaluate() -> metrics dict, run after each epoch (e.g. val top-1).
     on_epoch(epoch, metrics) is called after each epoch's checkpoint (progress, MLflow).
     extra_state: other modules whose state the checkpoint must carry (heads, EMA encoders).
-    params: the parameters to optimise (default: all of `model` that require grad).
     meta: saved in the checkpoint as is (the resolved config, so a resume can check it).
     after_step(step, total_steps): called after each optimiser step (e.g. MoCo's EMA update).
     """
     device = precision.device
-    if params is None:
-        optimizer = build_optimizer(model, cfg, device)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                                      fused=device.type == "cuda")
+    optimizer = build_optimizer(model, cfg, device)  # every parameter of `model` that requires grad
     modules = {"model": model, **(extra_state or {})}
     result = FitResult()
     start_epoch = 0
@@ -260,7 +312,7 @@ def fit(
                 loss_sum += loss.detach().float() * xm.shape[0]
                 for k, v in logs.items():  # device tensors: no host sync per step
                     logs_sum[k] = logs_sum.get(k, 0.0) + torch.as_tensor(v, device=device).float() * xm.shape[0]
-            if cfg.grad_clip:
+            if cfg.grad_clip:  # only where a recipe asks (SimMIM: 5.0); MAE, MoCo v3, DeiT clip nothing
                 nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
             optimizer.step()
             if after_step is not None:

@@ -62,10 +62,17 @@ def setup(cfg: JobConfig) -> tuple[torch.device, object]:
     return device, pick_precision(device, cfg.execution.precision)
 
 
-def load_data(cfg: JobConfig, device: torch.device) -> DatasetBundle:
+def load_data(cfg: JobConfig, device: torch.device, train_crop: bool = False) -> DatasetBundle:
+    """The job's dataset. `train_crop`: the job trains with train.augment, so an on-disk dataset (imagefolder)
+    decodes its random-resized crops and flips from the full-resolution images (the device augmentation then
+    skips them: `build_augment`)."""
     d = cfg.data
+    extra = {}
+    a = cfg.train.augment
+    if train_crop and d.name == "imagefolder" and a.crop_scale:
+        extra = dict(train_crop=tuple(a.crop_scale), train_flip=a.flip)
     bundle = load_dataset(d.name, root=d.root, img_size=cfg.model.img_size, label_by=d.label_by,
-                          extra_test_dirs=d.extra_test_dirs or None, num_workers=d.num_workers)
+                          extra_test_dirs=d.extra_test_dirs or None, num_workers=d.num_workers, **extra)
     if cfg.execution.data_on_device and device.type == "cuda":
         for name in ("train", "val", "test"):
             split = getattr(bundle, name)
@@ -74,9 +81,13 @@ def load_data(cfg: JobConfig, device: torch.device) -> DatasetBundle:
     return bundle
 
 
-def build_augment(cfg: JobConfig) -> BatchAugment:
-    """The dataset's supervised augmentation (train.augment)."""
+def build_augment(cfg: JobConfig, data: Optional[DatasetBundle] = None) -> BatchAugment:
+    """The dataset's supervised augmentation (train.augment), less the crop and flip its loader already
+    applied to the full-resolution images (`load_data(train_crop=True)`)."""
     a = cfg.train.augment
+    if getattr(getattr(data, "train", None), "crop_scale", None) is not None:
+        return BatchAugment(crop_scale=None, flip=False, color_jitter=a.color_jitter, grayscale_p=0.0,
+                            pad_crop=a.pad_crop)
     return BatchAugment(crop_scale=tuple(a.crop_scale) if a.crop_scale else None, flip=a.flip,
                         color_jitter=a.color_jitter, grayscale_p=0.0, pad_crop=a.pad_crop)
 
@@ -85,7 +96,7 @@ def make_transforms(cfg: JobConfig, data: DatasetBundle, device: torch.device):
     """(train_transform(x, gen), eval_transform(x)): batched augmentation + normalisation on the device."""
     mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
-    aug = build_augment(cfg)
+    aug = build_augment(cfg, data)
 
     def eval_transform(x: torch.Tensor) -> torch.Tensor:
         return normalize(x, mean, std)
@@ -185,7 +196,7 @@ def classifier_job(cfg: JobConfig, on_epoch: OnEpoch, build: Callable) -> dict:
     """
     t0 = time.perf_counter()
     device, precision = setup(cfg)
-    data = load_data(cfg, device)
+    data = load_data(cfg, device, train_crop=True)
     kw = model_kwargs(cfg.model, data, cfg.mixer)
     model = create_model(**kw)
     fit_module, loss_fn, forward = build(model, kw, device)
@@ -253,10 +264,24 @@ def load_encoder(path: str) -> tuple[torch.nn.Module, dict, dict]:
 def load_encoder_into(model: torch.nn.Module, path: str) -> None:
     """Copy a pre-trained encoder's weights into `model`; only the classifier head may differ."""
     encoder, kw, _ = load_encoder(path)
-    missing, unexpected = model.load_state_dict(encoder.state_dict(), strict=False)
-    bad = [k for k in missing if not k.startswith("head")] + list(unexpected)
+    load_pretrained(model, encoder.state_dict(), f"encoder {path} ({kw})")
+
+
+# the final norm a ViT pools through: `norm` (token pooling) or `fc_norm` (average pooling)
+_FINAL_NORMS = ("norm.", "fc_norm.")
+
+
+def load_pretrained(model: torch.nn.Module, state: dict, what: str) -> None:
+    """Load a pre-trained ViT's weights into `model` for fine-tuning; only the head and the final norm may
+    differ. An encoder pooled otherwise (token-pooled ones end in `norm`, average-pooled ones in `fc_norm`)
+    leaves the model's final norm freshly initialised, as MAE's fine-tuning does (facebookresearch/mae:
+    main_finetune.py keeps fc_norm new when global_pool is on)."""
+    missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")},
+                                                strict=False)
+    bad = [k for k in missing if not k.startswith(("head.",) + _FINAL_NORMS)]
+    bad += [k for k in unexpected if not k.startswith(_FINAL_NORMS)]
     if bad:
-        raise ValueError(f"encoder {path} ({kw}) does not fit this model: mismatched weights {bad[:5]}")
+        raise ValueError(f"{what} does not fit this model: mismatched weights {bad[:5]}")
 
 
 def pretext_id(cfg: JobConfig) -> str:
@@ -268,20 +293,29 @@ def encoder_kwargs(cfg: JobConfig, data: DatasetBundle) -> dict:
     return model_kwargs(cfg.model, data, "attention") | {"num_classes": 0}  # pooled features out
 
 
-def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
-    """Pre-train an encoder with `cfg.pretext` (the pretext question's first job)."""
+def build_objective(cfg: JobConfig, data: DatasetBundle):
+    """(the pretext objective around a new encoder, the encoder's create_model kwargs): the encoder is built
+    from the pre-training job's own model settings (pretext.model <- by_pretext.<pretext>.pretrain_model)."""
     from .objectives import build_pretext
 
-    t0 = time.perf_counter()
-    device, precision = setup(cfg)
-    data = load_data(cfg, device)
     kw = encoder_kwargs(cfg, data)
-    encoder = create_model(**kw)
     extra = cfg.pretext.objective_kwargs()
     if cfg.pretext.name == "supervised":
         extra = dict(num_classes=data.num_classes, label_smoothing=cfg.train.label_smoothing,
-                     augment=build_augment(cfg))  # the same augmentation as training from scratch
-    objective = build_pretext(cfg.pretext.name, encoder, data.mean, data.std, **extra).to(device)
+                     augment=build_augment(cfg, data))  # the same augmentation as training from scratch
+    return build_pretext(cfg.pretext.name, create_model(**kw), data.mean, data.std, **extra), kw
+
+
+def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
+    """Pre-train an encoder with `cfg.pretext` (the pretext question's first job)."""
+
+    t0 = time.perf_counter()
+    device, precision = setup(cfg)
+    # the supervised pretext trains with train.augment (crops from the full images); the others crop their own
+    data = load_data(cfg, device, train_crop=cfg.pretext.name == "supervised")
+    objective, kw = build_objective(cfg, data)
+    encoder = objective.encoder
+    objective = objective.to(device)
     tc = cfg.train
     steps_per_epoch = len(data.train) // tc.batch_size
     if steps_per_epoch == 0:
@@ -289,7 +323,7 @@ def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     result = fit(
         objective, lambda x, y: objective(x, y), epoch_batches(data.train, tc.batch_size, cfg.seed), steps_per_epoch,
         tc, precision, Checkpoint(os.path.join(cfg.output_dir, "checkpoint.pt")), cfg.seed, on_epoch=on_epoch,
-        params=objective.trainable_parameters(), after_step=objective.after_step, meta={"config": to_dict(cfg)},
+        after_step=objective.after_step, meta={"config": to_dict(cfg)},
     )
     path = os.path.join(cfg.output_dir, "encoder.pt")
     tmp = f"{path}.tmp{os.getpid()}"
@@ -319,16 +353,19 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional
 
     The encoder is cfg.init_from (a pretext encoder.pt) or, for transfer, the teacher spec.
     """
-    from .analysis.probes import fit_linear_probe, knn_accuracy, shape_bias
+    from .analysis.probes import fit_linear_probe, knn_accuracy, select_linear_probe, shape_bias
 
     name = cfg.eval.name
     if name == "finetune":
         return train_classifier(cfg, on_epoch) | {"eval": name, "pretext": pretext_id(cfg)}
     if name not in ("linear_probe", "knn"):
         raise ValueError(f"unknown eval {name!r}; choose linear_probe, finetune or knn")
+    if cfg.eval.probe not in ("lbfgs", "reference"):
+        raise ValueError(f"eval.probe must be lbfgs or reference, got {cfg.eval.probe!r}")
     t0 = time.perf_counter()
     device, precision = setup(cfg)
-    data = load_data(cfg, device)
+    reference = name == "linear_probe" and cfg.eval.probe == "reference"
+    data = load_data(cfg, device, train_crop=reference)  # the reference probe trains on crops of the full images
     if teacher:
         from .models.teachers import load_teacher
 
@@ -336,12 +373,18 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional
     else:
         encoder, _, _ = load_encoder(cfg.init_from)
     encoder = encoder.to(device)
+    if reference:
+        return reference_linear_probe(cfg, on_epoch, encoder, data, device, precision) | {
+            "wall_s": time.perf_counter() - t0}
     _, eval_transform = make_transforms(cfg, data, device)
     feats = _features(encoder, data, cfg, device, eval_transform)
     maps = save_query_maps(encoder, encoder, data, eval_transform, cfg.output_dir)
     (tx, ty), k = feats["train"], data.num_classes
     out: dict = {}
-    predict = None if name == "knn" else fit_linear_probe(tx, ty, k, cfg.eval.probe_weight_decay)
+    predict, wd = None, None
+    if name == "linear_probe":  # the L2 strength with the best val top-1 (one value: that one)
+        predict, wd, _ = select_linear_probe(tx, ty, *feats["val"], k, cfg.eval.probe_weight_decay)
+        out["probe_weight_decay"] = wd
     for split, (x, y) in feats.items():  # val, test and every shifted test set
         if split != "train":
             out[f"top1_{split}"] = (knn_accuracy(tx, ty, x, y, k, cfg.eval.knn_k, cfg.eval.knn_temperature)
@@ -350,17 +393,49 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional
         extra = getattr(data.train, "extra", {})
         if "y_texture" in extra and "y_shape" in extra:  # shapes: which cue do the features carry?
             for cue in ("shape", "texture"):
-                probe = fit_linear_probe(tx, extra[f"y_{cue}"].cpu(), k, cfg.eval.probe_weight_decay)
+                probe = fit_linear_probe(tx, extra[f"y_{cue}"].cpu(), k, wd)
                 out[f"top1_{cue}_probe"] = top1(probe(feats["test"][0]), data.test.extra[f"y_{cue}"].cpu())
             if "shift_cue_conflict" in feats:
                 # a probe trained where shape i always wore texture i, then shown conflicting cues
                 aligned = (extra["y_shape"] == extra["y_texture"]).cpu()
-                probe = fit_linear_probe(tx[aligned], extra["y_shape"].cpu()[aligned], k, cfg.eval.probe_weight_decay)
+                probe = fit_linear_probe(tx[aligned], extra["y_shape"].cpu()[aligned], k, wd)
                 cc = data.extra_tests["cue_conflict"].extra
                 pred = probe(feats["shift_cue_conflict"][0]).argmax(-1)
                 out |= shape_bias(pred, cc["y_shape"].cpu(), cc["y_texture"].cpu())
     return base_record(cfg) | maps | {"eval": name, "pretext": pretext_id(cfg), "device": str(device),
                                       "wall_s": time.perf_counter() - t0, "history": [], **out}
+
+
+def reference_linear_probe(cfg: JobConfig, on_epoch: OnEpoch, encoder, data: DatasetBundle, device, precision) -> dict:
+    """MAE's linear probe (facebookresearch/mae: main_linprobe.py): a BatchNorm without affine and a linear
+    head on the frozen encoder's pooled features, trained with cfg.train (optimizer sgd or lars, no weight
+    decay, warm-up + cosine) on cfg.train.augment's random-resized crops and flips; evaluated on centre images."""
+    from .analysis.probes import LinearProbe
+
+    probe = LinearProbe(encoder, data.num_classes).to(device)
+    train_transform, eval_transform = make_transforms(cfg, data, device)
+    tc = cfg.train
+    steps_per_epoch = len(data.train) // tc.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the linear probe's batch_size {tc.batch_size} exceeds the {len(data.train)} training "
+                         "images; lower it (pretext.linear_probe or transfer.by_method.linear_probe.train)")
+
+    def evaluate() -> dict:
+        probe.eval()
+        return {"top1_val": top1(*predict(probe, data.val.batches(tc.eval_batch_size), precision, eval_transform))}
+
+    result = fit(probe, classification_loss(probe, tc.label_smoothing),
+                 epoch_batches(data.train, tc.batch_size, cfg.seed),
+                 steps_per_epoch, tc, precision, Checkpoint(os.path.join(cfg.output_dir, "checkpoint.pt")), cfg.seed,
+                 transform=train_transform, evaluate=evaluate, on_epoch=on_epoch, meta={"config": to_dict(cfg)})
+    probe.eval()
+    final = evaluate() | evaluate_splits(probe, data, tc.eval_batch_size, precision, eval_transform,
+                                         shifted_sets(cfg, data))
+    maps = save_query_maps(encoder, encoder, data, eval_transform, cfg.output_dir)
+    return base_record(cfg) | maps | {"eval": cfg.eval.name, "pretext": pretext_id(cfg), "probe": "reference",
+                                      "device": str(device), "epochs": tc.epochs, "train_s": result.train_s,
+                                      "resumed_from_epoch": result.resumed_from_epoch, "history": result.history,
+                                      **final}
 
 
 def analyse_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
@@ -371,7 +446,7 @@ def analyse_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     import polars as pl
 
     from .analysis import layerwise_analysis, layerwise_features
-    from .analysis.probes import fit_linear_probe
+    from .analysis.probes import select_linear_probe
 
     t0 = time.perf_counter()
     device, _ = setup(cfg)
@@ -401,9 +476,9 @@ def analyse_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
                 labels.append(yb.cpu())
         return [torch.cat(p) for p in per_layer], torch.cat(labels)
 
-    (tr, ty), (te, ey) = layer_feats(data.train), layer_feats(data.test)
-    for layer, (a, b) in enumerate(zip(tr, te)):
-        probe = fit_linear_probe(a, ty, data.num_classes, cfg.eval.probe_weight_decay)
+    (tr, ty), (va, vy), (te, ey) = layer_feats(data.train), layer_feats(data.val), layer_feats(data.test)
+    for layer, (a, v, b) in enumerate(zip(tr, va, te)):
+        probe, _, _ = select_linear_probe(a, ty, v, vy, data.num_classes, cfg.eval.probe_weight_decay)
         rows.append((layer, -1, "layer_probe_top1", top1(probe(b), ey)))
     table = pl.DataFrame(rows, schema=["layer", "head", "metric", "value"], orient="row")
     path = os.path.join(cfg.output_dir, "representation.parquet")
@@ -461,22 +536,16 @@ def transfer(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     def build(model, kw, device):
         teacher = load_teacher(t.teacher, kw)
         if t.method == "finetune":
-            missing, unexpected = model.load_state_dict(teacher.state_dict(), strict=False)
-            # a teacher pooled otherwise (MAE's encoders end in `norm`, an avg-pooled student in `fc_norm`)
-            # leaves the student's final LayerNorm freshly initialised, as MAE's own fine-tuning does
-            bad = [k for k in missing if not k.startswith(("head", "fc_norm.", "norm."))]
-            bad += [k for k in unexpected if not k.startswith(("fc_norm.", "norm."))]
-            if bad:
-                raise ValueError(f"teacher {t.teacher} does not fit the student for fine-tuning: {bad[:5]}")
+            load_pretrained(model, teacher.state_dict(), f"teacher {t.teacher}")
             model.to(device)
             return model, None, model
         layers = parse_layers(t.layers, len(model.blocks))
         if t.method == "attn_distill":
             wrapped = AttentionDistillation(teacher, model, layers, t.distill_weight, t.distill_temperature,
-                                            cfg.train.label_smoothing).to(device)
+                                            cfg.train.label_smoothing, teacher_drop_path=t.teacher_drop_path).to(device)
             return wrapped, wrapped, model  # the teacher trains the student; evaluation is the student alone
         mode = {"attn_copy": "map", "copy_q": "q", "copy_k": "k"}[t.method]
-        wrapped = AttentionCopy(teacher, model, layers, mode=mode).to(device)
+        wrapped = AttentionCopy(teacher, model, layers, mode=mode, teacher_drop_path=t.teacher_drop_path).to(device)
         return wrapped, None, wrapped  # the teacher runs at test time too
 
     return classifier_job(cfg, on_epoch, build) | tags

@@ -4,8 +4,10 @@ Kept here, not in rules/*.smk, so it is plain Python that tests can import.
 
 A job's config is resolved in layers, later winning:
 JobConfig defaults <- global `execution` <- the question's section (its `model`, the
-stage's `train` recipe, `execution`; then the recipe changes for this pretext or method
-under `pretext.by_pretext` / `transfer.by_method`) <- the dataset's own entry under `datasets:`.
+stage's `train` recipe, `execution`; then the recipe and model changes for this mixer, pretext
+or method under `architecture.by_mixer`, `pretext.by_pretext` (`pretrain`/`finetune` recipes,
+`pretrain_model`/`finetune_model`) and `transfer.by_method` (`train`, `model`)) <- the
+dataset's own entry under `datasets:`.
 Each stage only reads the settings it uses, so changing an evaluation setting changes
 only the evaluation jobs' params and Snakemake re-runs only those.
 """
@@ -243,9 +245,10 @@ def _layer(*parts: dict | None) -> dict:
 
 
 def _job(config: dict, question: str, job: str, dataset: str, seed, output_dir: str, train_key: str,
-         tags: dict, recipe: dict | None = None, **fields) -> JobConfig:
-    """Shared layering of data/model/train/execution; `train_key` names the section's recipe and
-    `recipe` holds this job's changes to it (from by_pretext / by_method)."""
+         tags: dict, recipe: dict | None = None, model: dict | None = None, **fields) -> JobConfig:
+    """Shared layering of data/model/train/execution; `train_key` names the section's recipe,
+    `recipe` holds this job's changes to it and `model` this job's changes to the section's model
+    (from by_mixer / by_pretext / by_method)."""
     section = config.get(question) or {}
     entry = (config.get("datasets") or {}).get(dataset, {})
     data = deep_merge({"name": dataset, "root": config.get("data_root", "data")}, entry.get("data") or {})
@@ -257,7 +260,7 @@ def _job(config: dict, question: str, job: str, dataset: str, seed, output_dir: 
     return JobConfig(
         question=question, job=job, seed=int(seed), output_dir=output_dir,
         data=from_dict(DataConfig, data, f"datasets.{dataset}.data"),
-        model=from_dict(ModelConfig, _layer(section.get("model"), entry.get("model")), f"{question}.model"),
+        model=from_dict(ModelConfig, _layer(section.get("model"), model, entry.get("model")), f"{question}.model"),
         train=train,
         execution=from_dict(ExecutionConfig, _layer(config.get("execution"), section.get("execution"),
                                                     entry.get("execution")), "execution"),
@@ -267,14 +270,15 @@ def _job(config: dict, question: str, job: str, dataset: str, seed, output_dir: 
 
 
 def _by(config: dict, question: str, axis: str, name: str, train_key: str) -> dict:
-    """The recipe changes `<question>.<axis>.<name>.<train_key>` (e.g. pretext.by_pretext.mae.pretrain)."""
+    """The changes `<question>.<axis>.<name>.<train_key>` (e.g. pretext.by_pretext.mae.pretrain, a recipe;
+    transfer.by_method.attn_copy.model, model settings)."""
     return (((config.get(question) or {}).get(axis) or {}).get(name) or {}).get(train_key) or {}
 
 
 def architecture_job(config: dict, dataset: str, mixer: str, seed) -> JobConfig:
     out = os.path.join(results_dir(config), "architecture", dataset, mixer, f"seed{seed}")
     return _job(config, "architecture", "train_classifier", dataset, seed, out, "train", {"mixer": mixer},
-                mixer=mixer)
+                model=_by(config, "architecture", "by_mixer", mixer, "model"), mixer=mixer)
 
 
 def pretext_dir(config: dict, dataset: str, pretext: str, seed) -> str:
@@ -291,18 +295,28 @@ def pretrain_job(config: dict, dataset: str, pretext: str, seed) -> JobConfig:
     name = parse_pretext(pretext)[0]
     return _job(config, "pretext", "pretrain", dataset, seed, pretext_dir(config, dataset, pretext, seed),
                 "pretrain", {"pretext": pretext, "job": "pretrain"},
-                recipe=_by(config, "pretext", "by_pretext", name, "pretrain"), pretext=_pretext_config(config, pretext))
+                recipe=_by(config, "pretext", "by_pretext", name, "pretrain"),
+                model=_by(config, "pretext", "by_pretext", name, "pretrain_model"),
+                pretext=_pretext_config(config, pretext))
 
 
 def pretext_eval_job(config: dict, dataset: str, pretext: str, seed, eval: str) -> JobConfig:
     section = config.get("pretext") or {}
     encoder = os.path.join(pretext_dir(config, dataset, pretext, seed), "encoder.pt")
     job = "evaluate_encoder"
-    train_key = "finetune" if eval == "finetune" else "pretrain"
-    # only fine-tuning trains; the frozen evaluations read nothing of a pretext's own pre-training recipe
-    recipe = _by(config, "pretext", "by_pretext", parse_pretext(pretext)[0], "finetune") if eval == "finetune" else {}
+    name = parse_pretext(pretext)[0]
+    probe = (section.get("eval") or {}).get("probe", "lbfgs")
+    # fine-tuning and the reference linear probe train; the frozen evaluations read nothing of a pretext's
+    # own pre-training recipe (only its eval_batch_size)
+    train_key = {"finetune": "finetune", "linear_probe": "linear_probe" if probe == "reference" else "pretrain"
+                 }.get(eval, "pretrain")
+    if train_key == "linear_probe" and not section.get("linear_probe"):
+        raise ConfigError("pretext.eval.probe is reference, so pretext.linear_probe must give the probe's recipe "
+                          "(MAE: main_linprobe.py, 90 epochs, LARS, lr 0.1 x batch/256, weight_decay 0)")
+    recipe = _by(config, "pretext", "by_pretext", name, "finetune") if eval == "finetune" else {}
+    model = _by(config, "pretext", "by_pretext", name, "finetune_model") if eval == "finetune" else {}
     return _job(config, "pretext", job, dataset, seed, os.path.join(pretext_dir(config, dataset, pretext, seed), eval),
-                train_key, {"pretext": pretext, "job": f"eval_{eval}"}, recipe=recipe,
+                train_key, {"pretext": pretext, "job": f"eval_{eval}"}, recipe=recipe, model=model,
                 pretext=_pretext_config(config, pretext), init_from=encoder,
                 eval=from_dict(EvalConfig, _layer(section.get("eval"), {"name": eval}), "pretext.eval"))
 
@@ -326,13 +340,20 @@ def transfer_job(config: dict, dataset: str, teacher: str, method: str, layers: 
         spec = f"file:{path}" if path else spec
     members = [os.path.join(d, "model.pt") for d in ensemble_members(config, dataset, teacher, seed)
                ] if method == "ensemble" else []
+    if (method == "linear_probe" and (section.get("eval") or {}).get("probe") == "reference"
+            and not _by(config, "transfer", "by_method", "linear_probe", "train")):
+        raise ConfigError("transfer.eval.probe is reference, so transfer.by_method.linear_probe.train must give the "
+                          "probe's recipe (MAE: main_linprobe.py, 90 epochs, optimizer lars, weight_decay 0); "
+                          "otherwise it would train with the student's recipe")
     tc = from_dict(TransferConfig, dict(
         method=method, teacher=spec, teacher_name=teacher, layers=layers_spec(layers), ensemble_members=members,
-        **{k: section[k] for k in ("distill_weight", "distill_temperature") if k in section}), "transfer")
+        **{k: section[k] for k in ("distill_weight", "distill_temperature", "teacher_drop_path") if k in section}),
+        "transfer")
     return _job(config, "transfer", "transfer", dataset, seed,
                 transfer_dir(config, dataset, teacher, method, layers, seed), "train",
                 {"teacher": teacher, "method": method, "job": "transfer"},
-                recipe=_by(config, "transfer", "by_method", method, "train"), transfer=tc,
+                recipe=_by(config, "transfer", "by_method", method, "train"),
+                model=_by(config, "transfer", "by_method", method, "model"), transfer=tc,
                 shift=from_dict(ShiftConfig, section.get("shift") or {}, "transfer.shift"),
                 eval=from_dict(EvalConfig, section.get("eval") or {}, "transfer.eval"))
 

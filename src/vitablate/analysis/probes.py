@@ -1,16 +1,26 @@
-"""Frozen-feature evaluations: linear probe, k-nearest neighbours, cue-conflict shape bias.
+"""Frozen-feature evaluations: linear probes, k-nearest neighbours, cue-conflict shape bias.
 
-Features are extracted once per split; probes then train on tensors, which takes
-seconds even on a CPU. Linear probes read *normalised* features (standardised
-with the training set's statistics, as MAE's BatchNorm-without-affine head does).
+Two linear probes:
+- `fit_linear_probe` (eval.probe: lbfgs): features are extracted once per split and a multinomial
+  logistic regression is fitted by full-batch L-BFGS on them (standardised with the training
+  set's statistics), which takes seconds even on a CPU; `select_linear_probe` picks its L2
+  strength on the validation split. An iterative fit of the probe's weights.
+- `LinearProbe` (eval.probe: reference): MAE's protocol (facebookresearch/mae: main_linprobe.py),
+  a BatchNorm without affine and a linear head on the frozen encoder's features, trained by the
+  engine with SGD or LARS on random-resized crops and flips.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -54,6 +64,55 @@ def fit_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: 
         return head((x - mean) / std)
 
     return predict
+
+
+def select_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                        num_classes: int, weight_decays: float | list[float]
+                        ) -> tuple[Callable[[torch.Tensor], torch.Tensor], float, dict[float, float]]:
+    """`fit_linear_probe` for each L2 strength; the one with the best top-1 on (val_x, val_y) wins.
+
+    Returns (predict, chosen weight decay, {weight decay: val top-1}); ties go to the stronger L2.
+    """
+    decays = sorted({float(w) for w in (weight_decays if isinstance(weight_decays, (list, tuple)) else
+                                        [weight_decays])}, reverse=True)
+    if not decays:
+        raise ValueError("eval.probe_weight_decay is an empty list; give at least one L2 strength")
+    best, scores = None, {}
+    for wd in decays:
+        predict = fit_linear_probe(train_x, train_y, num_classes, wd)
+        scores[wd] = 100.0 * (predict(val_x).argmax(-1) == val_y).float().mean().item()
+        if best is None or scores[wd] > scores[best[1]]:
+            best = (predict, wd)
+    if len(decays) > 1:
+        log.info("linear probe L2 on the val split: %s -> %g", scores, best[1])
+    return best[0], best[1], scores
+
+
+class LinearProbe(nn.Module):
+    """MAE's linear probe (facebookresearch/mae: main_linprobe.py): the frozen encoder's features through
+    BatchNorm1d(affine=False, eps=1e-6) and a linear head (weights N(0, 0.01) truncated, bias 0).
+
+    The encoder stays in eval mode and gets no gradient; only the head trains (the BatchNorm
+    keeps running statistics in training, so evaluation normalises with them).
+    """
+
+    def __init__(self, encoder: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False)
+        dim = encoder.num_features
+        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+        trunc_normal_(self.head[1].weight, std=0.01)
+        nn.init.zeros_(self.head[1].bias)
+
+    def train(self, mode: bool = True) -> "LinearProbe":
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            feats = self.encoder(x)  # (B, D): the token the encoder pools (CLS for global_pool=token)
+        return self.head(feats.float())
 
 
 def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,

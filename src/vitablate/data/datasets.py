@@ -93,8 +93,11 @@ class Split:
 class FolderSplit(torch.utils.data.Dataset):
     """A lazily-read ImageFolder split (root/<class>/<image>) for data too big for memory.
 
-    Images are resized (shorter side to img_size) and center-cropped to
-    (in_chans, img_size, img_size) float32 in [0, 1].
+    Images are resized (shorter side to `resize`, default img_size; bicubic) and center-cropped to
+    (in_chans, img_size, img_size) float32 in [0, 1]. Evaluation splits use resize = img_size / 0.875
+    (256 for 224), as DeiT and MAE evaluate (facebookresearch/mae: util/datasets.py, build_transform).
+    A training split given `crop_scale` instead takes a random-resized crop of the full-resolution image (area fraction in crop_scale,
+    aspect 3/4..4/3, bicubic) and, with `flip`, a random horizontal flip, as DeiT and MAE train.
     `class_names`: map folder names to these label indices (folders must be a subset);
     default: the folder's own sorted class list.
     `indices`: keep only these sample indices (e.g. a fixed train/val partition).
@@ -108,6 +111,9 @@ class FolderSplit(torch.utils.data.Dataset):
         indices: list[int] | np.ndarray | torch.Tensor | None = None,
         class_names: list[str] | None = None,
         num_workers: int = 0,
+        resize: int | None = None,
+        crop_scale: tuple[float, float] | None = None,
+        flip: bool = False,
     ) -> None:
         from torchvision import datasets, transforms
 
@@ -116,12 +122,22 @@ class FolderSplit(torch.utils.data.Dataset):
         if in_chans not in (1, 3):
             raise ValueError(f"FolderSplit in_chans must be 1 or 3, got {in_chans}; images are read as RGB or grayscale")
         _check_img_size(img_size)
-        tfs = [transforms.Resize(img_size), transforms.CenterCrop(img_size)]
+        resize = img_size if resize is None else resize
+        if resize < img_size:
+            raise ValueError(f"FolderSplit resize {resize} is below img_size {img_size}; "
+                             "the centre crop needs at least img_size")
+        bicubic = transforms.InterpolationMode.BICUBIC
+        if crop_scale is not None:  # facebookresearch/mae: util/datasets.py (timm's create_transform, is_train)
+            tfs = [transforms.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=bicubic)]
+            tfs += [transforms.RandomHorizontalFlip()] if flip else []
+        else:
+            tfs = [transforms.Resize(resize, interpolation=bicubic), transforms.CenterCrop(img_size)]
         if in_chans == 1:
             tfs.append(transforms.Grayscale(1))
         tfs.append(transforms.ToTensor())  # -> (C, H, W) float32 in [0, 1]
         self.folder = datasets.ImageFolder(root, transform=transforms.Compose(tfs))
         self.root, self.img_size, self.in_chans, self.num_workers = root, img_size, in_chans, num_workers
+        self.crop_scale, self.flip = crop_scale, flip  # read by the jobs: the device augmentation then skips them
         self.device: torch.device | None = None  # set by .to(); batches are moved there
 
         folder_classes = self.folder.classes
@@ -538,13 +554,17 @@ def load_imagefolder(
     label_by: str = "shape",
     val_fraction: float = 0.1,
     num_workers: int = 0,
+    train_crop: tuple[float, float] | None = None,
+    train_flip: bool = False,
     **kw,
 ) -> DatasetBundle:
     """ImageNet-style root/train/<class>/* and root/val/<class>/*.
 
     root/val becomes the TEST split; val is a fixed stratified `val_fraction`
     of root/train (seed 0), and train is the rest. All splits read lazily.
-    seed is unused (fixed split).
+    seed is unused (fixed split). `train_crop` (an area range) and `train_flip`: the train
+    split decodes random-resized crops of the full image (see FolderSplit); evaluation splits
+    resize to img_size / 0.875 and centre-crop.
     """
     _no_extra_kwargs("imagefolder", kw)
     _only_shape_labels("imagefolder", label_by)
@@ -563,16 +583,26 @@ def load_imagefolder(
             "both must have the same class folders"
         )
 
-    def fs(sub: str, indices=None) -> FolderSplit:
-        return FolderSplit(os.path.join(root, sub), img_size, indices=indices, num_workers=num_workers)
+    def fs(sub: str, indices=None, resize=None, **crop) -> FolderSplit:
+        return FolderSplit(os.path.join(root, sub), img_size, indices=indices, num_workers=num_workers, resize=resize,
+                           **crop)
 
     full = fs("train")
     keep, hold = _stratified_holdout(full.targets.numpy(), val_fraction)
+    evaluate = eval_resize(img_size)
     return DatasetBundle(
         name="imagefolder", num_classes=len(full.classes), in_chans=3, img_size=img_size,
         mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        train=fs("train", keep), val=fs("train", hold), test=fs("val"), class_names=full.classes,
+        train=fs("train", keep, crop_scale=train_crop, flip=train_flip), val=fs("train", hold, evaluate),
+        test=fs("val", resize=evaluate),
+        class_names=full.classes,
     )
+
+
+def eval_resize(img_size: int) -> int:
+    """The shorter side evaluation images are resized to before the centre crop: img_size / 0.875, 256 for 224
+    (facebookresearch/mae: util/datasets.py, build_transform; facebookresearch/deit: datasets.py)."""
+    return int(img_size / 0.875)
 
 
 # --------------------------------------------------------------------------- registry
@@ -599,8 +629,11 @@ def _add_extra_test_dir(bundle: DatasetBundle, name: str, path: str, num_workers
     """Load an ImageFolder test set whose class folders are a subset of bundle.class_names."""
     if name in bundle.extra_tests:
         raise ValueError(f"extra test set name {name!r} is already used by {bundle.name}; pick another name")
+    # ImageNet's shift sets are evaluated as its test split; next to in-memory data, the whole image
+    resize = eval_resize(bundle.img_size) if bundle.name == "imagefolder" else None
     fs = FolderSplit(
-        path, bundle.img_size, in_chans=bundle.in_chans, class_names=bundle.class_names, num_workers=num_workers
+        path, bundle.img_size, in_chans=bundle.in_chans, class_names=bundle.class_names, num_workers=num_workers,
+        resize=resize,
     )
     bundle.extra_tests[name] = fs.load() if len(fs) <= MAX_IN_MEMORY_EXTRA else fs
 

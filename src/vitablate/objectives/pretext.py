@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import DropPath, PatchDropout, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
@@ -136,6 +136,19 @@ def sincos_pos_embed_2d(dim: int, grid: int, num_prefix_tokens: int = 0) -> Tens
     emb = torch.cat([one_axis(gx), one_axis(gy)], dim=1)  # (grid*grid, dim); MAE puts w-axis first
     emb = torch.cat([torch.zeros(num_prefix_tokens, dim, dtype=torch.float64), emb], dim=0)
     return emb.float()
+
+
+def deterministic(module: nn.Module) -> nn.Module:
+    """`module` with every DropPath, PatchDropout and Dropout switched off in place (probability 0), whatever
+    its mode."""
+    for m in module.modules():
+        if isinstance(m, DropPath):
+            m.drop_prob = 0.0
+        elif isinstance(m, PatchDropout):
+            m.prob = 0.0
+        elif isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+    return module
 
 
 def _mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True) -> nn.Sequential:
@@ -300,8 +313,10 @@ class MoCo(PretextObjective):
             blur_p=blur_p[1], solarize_p=solarize_p[1], **common)
         self.projector = _mlp(3, encoder.num_features, mlp_dim, dim)
         self.predictor = _mlp(2, dim, mlp_dim, dim)  # MoCo v3's ViT predictor keeps the last BN
-        # momentum branch: a frozen deep copy of encoder + projector, never seen by the optimiser
-        self.momentum_encoder = copy.deepcopy(encoder).requires_grad_(False)
+        # momentum branch: a frozen deep copy of encoder + projector, never seen by the optimiser; it drops
+        # no paths and runs no dropout (facebookresearch/moco-v3: moco/builder.py builds the momentum encoder
+        # like the base one, and vits.py pre-trains with drop_path_rate 0)
+        self.momentum_encoder = deterministic(copy.deepcopy(encoder)).requires_grad_(False)
         self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
 
     def _online_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
@@ -383,6 +398,9 @@ class SimMIM(PretextObjective):
         trunc_normal_(self.mask_token, std=0.02)
         self.norm = _token_norm(encoder)
         self.head = nn.Linear(encoder.embed_dim, self.patch_size ** 2 * self.in_chans)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token"}  # a token like the encoder's CLS: no weight decay (see engine.param_groups)
 
     def random_masking(self, N: int, mask_ratio: float, device: torch.device,
                        generator: Optional[torch.Generator] = None) -> Tensor:
@@ -468,6 +486,9 @@ class MAE(PretextObjective):
             elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token"}
 
     def random_masking(self, x: Tensor, mask_ratio: float,
                        generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:

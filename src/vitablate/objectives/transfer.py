@@ -73,6 +73,64 @@ def _freeze(teacher: nn.Module) -> nn.Module:
     return teacher
 
 
+def _float32(device_type: str):
+    """A region where autocast is off: the frozen teacher's maps and the distillation loss are computed in
+    float32 even when the student trains under bf16 autocast (softmaxes over N keys lose mass in bf16)."""
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+class SharedDropPath(nn.Module):
+    """Stochastic depth whose per-sample keep mask is set from outside (`mask`, (B,) of 0 or 1/keep_prob).
+
+    Installed in the same place of a student's and its teacher's blocks, it lets both drop the same residual
+    branches for the same images, as attention-transfer's DualVisionTransformer does (models_dual_vit.py,
+    get_drop_path_mask: the teacher's forward takes the student's drop_masks). Without a mask (evaluation,
+    or between steps) it is the identity.
+    """
+
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+        self.mask: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return x
+        return x * self.mask.to(x.dtype).view((x.shape[0],) + (1,) * (x.ndim - 1))
+
+
+def _drop_prob(module: nn.Module) -> float:
+    return float(getattr(module, "drop_prob", 0.0) or 0.0)  # timm's DropPath; nn.Identity where the rate is 0
+
+
+class _SharedDropPaths:
+    """The student's stochastic depth shared with the teacher: both models' DropPaths become SharedDropPaths
+    at the student's rates, and `draw(batch)` sets one mask per residual branch on both (training only)."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module) -> None:
+        self.pairs: list[tuple[SharedDropPath, SharedDropPath]] = []
+        for t_blk, s_blk in zip(teacher.blocks, student.blocks):
+            for attr in ("drop_path1", "drop_path2"):
+                rate = _drop_prob(getattr(s_blk, attr))
+                s_mod, t_mod = SharedDropPath(rate), SharedDropPath(rate)
+                setattr(s_blk, attr, s_mod)
+                setattr(t_blk, attr, t_mod)
+                self.pairs.append((s_mod, t_mod))
+
+    def draw(self, batch: int, device: torch.device) -> None:
+        """One Bernoulli(keep) mask per residual branch, scaled by 1/keep (timm's drop_path, scale_by_keep)."""
+        for s_mod, t_mod in self.pairs:
+            keep = 1.0 - s_mod.drop_prob
+            mask = None
+            if s_mod.drop_prob > 0:
+                mask = torch.bernoulli(torch.full((batch,), keep, device=device)) / keep
+            s_mod.mask = t_mod.mask = mask
+
+    def clear(self) -> None:
+        for s_mod, t_mod in self.pairs:
+            s_mod.mask = t_mod.mask = None
+
+
 def _run_blocks(model: nn.Module, x: torch.Tensor, upto: int) -> None:
     """timm's forward_features, stopped after block `upto`: later blocks' maps are not needed."""
     x = model.patch_embed(x)
@@ -91,7 +149,7 @@ class AttentionCopy(nn.Module):
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, layers: Optional[Sequence[int]] = None,
-                 mode: str = "map") -> None:
+                 mode: str = "map", teacher_drop_path: bool = False) -> None:
         super().__init__()
         if mode not in ("map", "q", "k"):
             raise ValueError(f"AttentionCopy mode must be map, q or k, got {mode!r}")
@@ -100,6 +158,7 @@ class AttentionCopy(nn.Module):
         self.student = student
         self.mode = mode
         self.layers = resolve_layers(layers, len(student.blocks))
+        self.shared_drop_paths = _SharedDropPaths(teacher, student) if teacher_drop_path else None
 
     def train(self, mode: bool = True) -> "AttentionCopy":
         super().train(mode)
@@ -108,23 +167,28 @@ class AttentionCopy(nn.Module):
 
     @torch.no_grad()
     def teacher_attention(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The teacher's maps (or q / k) of the chosen layers: each (B, H, N, N) or (B, H, N, head_dim)."""
-        with capturing(self.teacher, self.layers) as mods:
-            _run_blocks(self.teacher, x, max(self.layers))
+        """The teacher's maps (or q / k) of the chosen layers, in float32 whatever the autocast:
+        each (B, H, N, N) or (B, H, N, head_dim)."""
+        with _float32(x.device.type), capturing(self.teacher, self.layers) as mods:
+            _run_blocks(self.teacher, x.float(), max(self.layers))
             attr = {"map": "last_map", "q": "last_q", "k": "last_k"}[self.mode]
             return [getattr(m, attr) for m in mods]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        given = self.teacher_attention(x)
+        if self.shared_drop_paths is not None and self.training:
+            self.shared_drop_paths.draw(x.shape[0], x.device)
         mods = attention_modules(self.student)
         attr = {"map": "override_map", "q": "override_q", "k": "override_k"}[self.mode]
         try:
+            given = self.teacher_attention(x)
             for i, value in zip(self.layers, given):
                 setattr(mods[i], attr, value)
             return self.student(x)
         finally:
             for i in self.layers:
                 setattr(mods[i], attr, None)
+            if self.shared_drop_paths is not None:
+                self.shared_drop_paths.clear()
 
 
 def attention_distillation_loss(student_logits: Sequence[torch.Tensor], teacher_logits: Sequence[torch.Tensor],
@@ -152,13 +216,15 @@ class AttentionDistillation(nn.Module):
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, layers: Optional[Sequence[int]] = None,
-                 weight: float = 3.0, temperature: float = 1.0, label_smoothing: float = 0.0) -> None:
+                 weight: float = 3.0, temperature: float = 1.0, label_smoothing: float = 0.0,
+                 teacher_drop_path: bool = False) -> None:
         super().__init__()
         check_compatible(teacher, student)
         self.teacher = _freeze(teacher)
         self.student = student
         self.layers = resolve_layers(layers, len(student.blocks))
         self.weight, self.temperature, self.label_smoothing = weight, temperature, label_smoothing
+        self.shared_drop_paths = _SharedDropPaths(teacher, student) if teacher_drop_path else None
 
     def train(self, mode: bool = True) -> "AttentionDistillation":
         super().train(mode)
@@ -166,14 +232,22 @@ class AttentionDistillation(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        with torch.no_grad(), capturing(self.teacher, self.layers) as t_mods:
-            _run_blocks(self.teacher, x, max(self.layers))
-            teacher_logits = [m.last_logits for m in t_mods]
-        with capturing(self.student, self.layers) as s_mods:
-            logits = self.student(x)
-            student_logits = [m.last_logits for m in s_mods]
-        ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        distill = attention_distillation_loss(student_logits, teacher_logits, self.temperature)
+        shared = self.shared_drop_paths is not None and self.training
+        if shared:
+            self.shared_drop_paths.draw(x.shape[0], x.device)
+        try:
+            with torch.no_grad(), _float32(x.device.type), capturing(self.teacher, self.layers) as t_mods:
+                _run_blocks(self.teacher, x.float(), max(self.layers))
+                teacher_logits = [m.last_logits for m in t_mods]
+            with capturing(self.student, self.layers) as s_mods:
+                logits = self.student(x)
+                student_logits = [m.last_logits for m in s_mods]
+        finally:
+            if shared:
+                self.shared_drop_paths.clear()
+        ce = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        with _float32(x.device.type):
+            distill = attention_distillation_loss(student_logits, teacher_logits, self.temperature)
         return ce + self.weight * distill, {"loss_ce": ce.detach(), "loss_distill": distill.detach()}
 
 
