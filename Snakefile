@@ -1,5 +1,5 @@
 # vitablate: one workflow for three "attention versus features" questions.
-# `snakemake --cores 2` runs the default grid (config/config.yaml) and fills reports/.
+# `snakemake --cores 2` runs the default grid (config/config.yaml) and fills results/reports/.
 # Rules declare; the logic lives in src/vitablate (workflow.py is what rules call).
 
 from snakemake.utils import min_version, validate
@@ -15,6 +15,9 @@ if not workflow.config_settings.configfiles:
     configfile: "config/config.yaml"
 
 
+from vitablate import workflow as vw
+
+vw.check_raw_config(config)  # a mapping, no alias bomb, finite numbers: before the schema prints the config
 validate(config, "config/schema.yaml")
 
 include: "rules/common.smk"

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
 import sys
 import traceback
@@ -47,12 +49,23 @@ def active_questions(config: dict) -> list[str]:
     return [q for q in QUESTIONS if config.get(q)]
 
 
+def _path_setting(config: dict, key: str, default: str) -> str:
+    """A directory setting, normalised: 'results/' and 'results' name the same outputs (the rules'
+    paths are built from it, so a trailing slash would otherwise plan none of the existing files)."""
+    value = config.get(key, default)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key} is {value!r}; give a directory path (default: {default!r})")
+    return os.path.normpath(value.strip())
+
+
 def results_dir(config: dict) -> str:
-    return config.get("results_dir", "results")
+    return _path_setting(config, "results_dir", "results")
 
 
 def reports_dir(config: dict) -> str:
-    return config.get("reports_dir", "reports")
+    """Generated reports: under the git-ignored results directory by default; the committed example
+    reports live in examples/, where no rule writes."""
+    return _path_setting(config, "reports_dir", "results/reports")
 
 
 # --- checkpoints handed between jobs ------------------------------------------------------
@@ -351,11 +364,89 @@ def job_params(config: dict, kind: str, wildcards) -> dict:
     return to_dict(RESOLVERS[kind](config, **dict(wildcards.items())))
 
 
+MAX_CONFIG_VALUES = 1_000_000  # values in the config once YAML aliases are expanded
+MAX_SEED = 2**31 - 1  # numpy / torch generators take 32-bit seeds
+LARGE_GRID_JOBS = 5_000  # more jobs than this in one run is warned about (a typo such as range(20000) of seeds)
+
+
+def check_raw_config(config: Any, source: str = "the config") -> None:
+    """Checks that must come before the JSON schema's: a mapping at the top, a bounded size once YAML
+    aliases are expanded (an alias bomb would make the schema check, and its error message, explode),
+    and finite numbers (`.nan` and `.inf` pass the schema's bounds)."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source} is a YAML {type(config).__name__}, not a mapping of keys (results_dir:, "
+                          "execution:, architecture:, ...); see config/config.yaml")
+    sizes: dict[int, int] = {}
+
+    def size(value: Any) -> int:  # expanded size, each shared (aliased) node counted once per use
+        if id(value) in sizes:
+            return sizes[id(value)]
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        sizes[id(value)] = n = 1 + sum(size(v) for v in children)
+        return n
+
+    total = size(config)
+    if total > MAX_CONFIG_VALUES:
+        raise ConfigError(f"{source} expands to {total:,} values (more than {MAX_CONFIG_VALUES:,}): YAML aliases "
+                          "(&name / *name) nested inside each other multiply; write the values out")
+
+    def walk(value: Any, key: str, seen: set) -> None:
+        if id(value) in seen:
+            return
+        if isinstance(value, (dict, list)):
+            seen.add(id(value))
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} is {value}; give a finite number")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k), seen)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]", seen)
+
+    walk(config, "", set())
+
+
+def grid_size(config: dict) -> int:
+    """Jobs in the whole grid (every question's training, evaluation and analysis jobs)."""
+    kinds = {"architecture": ["architecture"], "pretext": ["pretrain", "pretext_eval", "analysis"],
+             "transfer": ["transfer"]}
+    return sum(len(grid(config, k)) for q in active_questions(config) for k in kinds[q])
+
+
+def check_paths(config: dict) -> None:
+    """Path settings: not empty, and reports never written where the committed examples live."""
+    results_dir(config), reports_dir(config)
+    if "data_root" in config:
+        _path_setting(config, "data_root", "data")
+    reports = os.path.abspath(reports_dir(config))
+    examples = os.path.abspath("examples")
+    if reports == examples or reports.startswith(examples + os.sep):
+        raise ConfigError(f"reports_dir {config['reports_dir']!r} is inside examples/, which holds committed "
+                          "example reports that a run must never overwrite; use results/reports (the default)")
+
+
+def check_teacher_files(config: dict) -> None:
+    """Every file: teacher a configured transfer job reads must exist before any job starts (otherwise
+    Snakemake would see a missing input and plan nothing for it, leaving older reports in place)."""
+    s = config.get("transfer") or {}
+    if not s or not [m for m in s.get("methods", []) if m != "scratch"]:
+        return
+    for teacher, spec in (s.get("teachers") or {}).items():
+        if isinstance(spec, str) and spec.startswith("file:") and not os.path.isfile(spec[len("file:"):]):
+            raise ConfigError(f"transfer.teachers.{teacher} is {spec!r}, but {spec[len('file:'):]!r} is not a file "
+                              "here; fix the path (relative paths start at the workflow directory) or remove the "
+                              "teacher")
+
+
 def check_config(config: dict) -> None:
     """Cross-field checks the JSON schema cannot express; raises with the key and the fix.
 
     Also resolves one job of every kind, so that type errors surface before any job runs.
     """
+    check_raw_config(config)
+    check_paths(config)
+    check_teacher_files(config)
     datasets = config.get("datasets", {})
     for q in QUESTIONS:
         section = config.get(q)
@@ -370,6 +461,9 @@ def check_config(config: dict) -> None:
         seeds = section.get("seeds", [])
         if len(set(seeds)) != len(seeds):
             raise ConfigError(f"{q}.seeds has duplicates: {seeds}")
+        too_big = [k for k in seeds if isinstance(k, int) and not 0 <= k <= MAX_SEED]
+        if too_big:
+            raise ConfigError(f"{q}.seeds has {too_big}; seeds must lie in 0..{MAX_SEED} (2^31 - 1)")
     for teacher, spec in ((config.get("transfer") or {}).get("teachers") or {}).items():
         if spec.startswith("pretext:"):
             name = spec[len("pretext:"):]
@@ -394,6 +488,11 @@ def check_config(config: dict) -> None:
     for kind in RESOLVERS:
         for wc in grid(config, kind)[:1]:
             RESOLVERS[kind](config, **wc)
+    jobs = grid_size(config)
+    if jobs > LARGE_GRID_JOBS:
+        logging.getLogger("vitablate").warning(
+            f"[vitablate] warning: this config's grid has {jobs:,} jobs (more than {LARGE_GRID_JOBS:,}); check the "
+            "seeds, datasets and methods lists (`snakemake -n` lists the jobs)")
 
 
 def data_paths(config: dict) -> dict[str, list[str]]:
@@ -416,10 +515,20 @@ def check_data(config: dict, remote: bool = False) -> list[str]:
     With `remote` (jobs run on a Ray cluster at RAY_ADDRESS, which may mount the data where this
     machine does not) missing paths are returned as warnings instead of raising.
     """
+    from .data.datasets import FOLDER_LAYOUTS, _require_class_dirs
+
     missing = [f"{name}: {p}" for name, paths in data_paths(config).items() for p in paths if not os.path.isdir(p)]
     if missing and not remote:
         raise ConfigError(f"dataset paths not found: {missing}; put the data there (see README, Datasets) or "
                           "point data_root / datasets.<name>.data.root / extra_test_dirs at it")
+    for name, paths in data_paths(config).items():  # image folders: every class folder holds images
+        folders = paths if name == "imagefolder" else paths[len(FOLDER_LAYOUTS.get(name, ())):]
+        for path in folders:
+            if os.path.isdir(path):
+                try:
+                    _require_class_dirs(path, "<dir>/<class>/<image>")
+                except FileNotFoundError as e:
+                    raise ConfigError(f"datasets.{name}: {e}") from None
     return missing
 
 
