@@ -38,14 +38,25 @@ include: "rules/report.smk"
 onstart:
     # Without RAY_ADDRESS: a private local Ray cluster for this run only.
     import os
+    import signal
+    import time
 
+    from vitablate.config import TrackingConfig, from_dict
     from vitablate.execution import private_cluster_dir, start_session
-    from vitablate.tracking import prepare
+    from vitablate.tracking import configure_retries, prepare
+    from vitablate.watchdog import reap_leftovers
 
     for missing in vw.check_data(config, remote=bool(os.environ.get("RAY_ADDRESS"))):
         print(f"[vitablate] warning: {missing} is not on this machine; the Ray cluster's nodes must have it")
+    vw.check_results_dir(RESULTS)  # writable, with room, before any job
+    for line in reap_leftovers(RESULTS):  # clusters earlier runs on this results_dir left running
+        print(f"[vitablate] {line}")
+    configure_retries(from_dict(TrackingConfig, dict(config.get("tracking") or {}), "tracking").retry_timeout_s)
     prepare(MLFLOW_URI, vw.active_questions(config))
-    address = start_session(num_cpus=workflow._cores)
+    signal.signal(signal.SIGHUP, signal.default_int_handler)  # a closed terminal stops the run as Ctrl-C does
+    os.environ["VITABLATE_RUN_STARTED"] = str(time.time())  # onerror ends the runs this run left RUNNING
+    address = start_session(num_cpus=workflow._cores, results_dir=RESULTS,
+                            locks=tuple(getattr(workflow.persistence, "_lockfile", {}).values()))
     private = private_cluster_dir()
     print(f"[vitablate] Ray cluster {address}" + (f" (private, {private})" if private else " (RAY_ADDRESS)")
           + f"; MLflow {MLFLOW_URI}")
@@ -58,6 +69,11 @@ onsuccess:
 
 
 onerror:
+    import os
+
     from vitablate.execution import stop_session
 
-    stop_session()
+    stop_session()  # the dispatcher ends the runs of jobs still in flight KILLED
+    for job_dir in vw.end_orphaned_runs(RESULTS, MLFLOW_URI, float(os.environ.get("VITABLATE_RUN_STARTED", "inf")),
+                                        "the workflow stopped with an error before this job ended"):
+        print(f"[vitablate] ended the MLflow run of {job_dir} FAILED (it was left RUNNING)")

@@ -532,6 +532,43 @@ def check_data(config: dict, remote: bool = False) -> list[str]:
     return missing
 
 
+MIN_FREE_MB = 200  # results_dir must have this much room before a run starts (checkpoints check again)
+
+
+def check_results_dir(path: str, min_free_mb: float = MIN_FREE_MB) -> None:
+    """Before any job: results_dir can be written (a real file is created and removed) and has room."""
+    import shutil
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check"):
+            pass
+        free_mb = shutil.disk_usage(path).free / 2**20
+    except OSError as e:
+        raise ConfigError(f"results_dir {os.path.abspath(path)} cannot be written ({e.strerror or e}); fix its "
+                          "permissions or mount, or point results_dir elsewhere") from None
+    if free_mb < min_free_mb:
+        raise ConfigError(f"results_dir {os.path.abspath(path)} has {free_mb:.0f} MB free, less than the "
+                          f"{min_free_mb:.0f} MB a run needs to start; free some space or point results_dir elsewhere")
+
+
+def end_orphaned_runs(results: str, uri: str, since: float, message: str) -> list[str]:
+    """The workflow's onerror: end FAILED the MLflow runs that jobs of this run (markers written since `since`)
+    left RUNNING without a record, e.g. because the dispatcher died or the disk filled; returns their dirs."""
+    from .tracking import end_latest, latest_run
+
+    ended = []
+    for root, _, files in os.walk(results):
+        if "mlflow_run.json" not in files or "record.json" in files:
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            if os.path.getmtime(os.path.join(root, "mlflow_run.json")) >= since and latest_run(root):
+                if end_latest(uri, root, message, "FAILED"):
+                    ended.append(root)
+    return ended
+
+
 # --- rule bodies --------------------------------------------------------------------------
 
 @contextlib.contextmanager
