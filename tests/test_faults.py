@@ -1,19 +1,32 @@
 """Faults found by injecting them into the real workflow (issue 14): each ends in a clear message naming the key
 or path, before any job where it can be seen before, and in a state a plain re-run fixes.
 
-Stale reports (a run that plans nothing and leaves old files), validation holes (NaN, huge seeds, an alias bomb,
-a config that is not a mapping, unreadable records, empty image classes, absurd grids).
+1 stale reports (a run that plans nothing and leaves old files); 2 a cluster that outlives a killed Snakemake;
+3 a resource request no node can hold; 4 failures while handling a failure (read-only disk, tracking server down);
+5 validation holes (NaN, huge seeds, an alias bomb, a config that is not a mapping, unreadable records, empty
+image classes, absurd grids); 6 a private cluster listening beyond loopback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
+import logging
+import os
+import re
+import signal
+import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
+import psutil
 import pytest
+import torch
 import yaml
+from mlflow import MlflowClient
 from PIL import Image
 
 from conftest import job_counts, read_config, snakemake, write_config
@@ -193,3 +206,208 @@ def test_image_folder_class_without_images_is_named_before_any_job(tmp_path):
     with pytest.raises(ConfigError) as e:
         check_data(config)
     assert str(root / "val/dog") in str(e.value) and "no images" in str(e.value)
+
+
+# --- 2 and 6. the private cluster is private, and it never outlives its Snakemake ----------------------------
+
+def _env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+
+
+def _wait_for(predicate, timeout_s: float, what: str, proc=None):
+    deadline = time.time() + timeout_s
+    while not (value := predicate()):
+        assert proc is None or proc.poll() is None, f"snakemake ended before {what}"
+        assert time.time() < deadline, f"no {what} within {timeout_s} s"
+        time.sleep(0.2)
+    return value
+
+
+def _cluster_processes(temp_dir: str, pids: set[int]) -> list[psutil.Process]:
+    """Processes naming the cluster's temp dir, or with one of `pids`, and their descendants (Ray's workers)."""
+    found = {}
+    for p in psutil.process_iter(["cmdline", "status"]):
+        with contextlib.suppress(psutil.Error):
+            if p.info["status"] != psutil.STATUS_ZOMBIE and (
+                    p.pid in pids or temp_dir in " ".join(p.info["cmdline"] or [])):
+                found[p.pid] = p
+                for c in p.children(recursive=True):
+                    found[c.pid] = c
+    return [p for p in found.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.slow
+def test_private_cluster_listens_on_loopback_only_and_dies_with_a_killed_snakemake(workflow):
+    """Item 6: during a run no listener of the private cluster is on a non-loopback address, and its temp dir is
+    not world-accessible. Item 2: SIGKILL of Snakemake mid-run leaves no process of that cluster within 30 s (the
+    watchdog stops it), and a plain re-run (no --unlock, no --rerun-incomplete) finishes with one FINISHED MLflow
+    run per job."""
+    config = _architecture_only(workflow, dry_job_sleep_s=300)
+    config["architecture"]["mixers"] = ["identity", "pooling"]
+    write_config(workflow, config)
+    out_path = workflow / "snakemake.out"
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "architecture"]
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=workflow, stdout=out, stderr=subprocess.STDOUT, env=_env())
+    try:
+        markers = [workflow / f"results/architecture/digits/{m}/seed0/mlflow_run.json" for m in ("identity", "pooling")]
+        _wait_for(lambda: all(m.exists() for m in markers), 300, "job in flight", proc)
+        temp_dir = re.search(r"\(private, (/tmp/vtr\w+)\)", out_path.read_text()).group(1)
+        info = json.loads((workflow / f"results/.vitablate/cluster-{proc.pid}.json").read_text())
+        pids = {info["ray"]["pid"], info["dispatcher"]["pid"]}
+        watchdogs = [p.pid for p in psutil.process_iter(["cmdline"])
+                     if f"cluster-{proc.pid}.json" in " ".join(p.info["cmdline"] or [])]
+        assert len(watchdogs) == 1
+        pids.add(watchdogs[0])
+
+        # 6: loopback only (the job workers included), and a private temp dir
+        procs = _cluster_processes(temp_dir, pids)
+        assert any("raylet" in " ".join(p.cmdline()) for p in procs)
+        listeners = [(c.laddr, " ".join(psutil.Process(c.pid).cmdline())[:80])
+                     for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN
+                     and c.pid in {p.pid for p in procs}]
+        assert len(listeners) >= 4, listeners  # GCS, raylet, agents, client server, workers
+        public = [(a, who) for a, who in listeners if not ipaddress.ip_address(a.ip.removeprefix("::ffff:")).is_loopback]
+        assert not public, f"listening beyond loopback: {public}"
+        assert stat.S_IMODE(os.stat(temp_dir).st_mode) & 0o077 == 0, oct(os.stat(temp_dir).st_mode)
+
+        # 2: SIGKILL Snakemake; within 30 s nothing of its cluster is left
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _wait_for(lambda: not _cluster_processes(temp_dir, pids), 30, "end of the orphaned cluster")
+        assert not os.path.exists(temp_dir)
+        assert not list((workflow / "results/.vitablate").glob("cluster-*.json"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    client = MlflowClient(tracking_uri=f"sqlite:///{workflow}/results/mlflow.db")
+    killed = [client.get_run(json.loads(m.read_text())["run_id"]).info.status for m in markers]
+    assert killed == ["KILLED", "KILLED"], killed
+
+    config["execution"]["dry_job_sleep_s"] = 0
+    write_config(workflow, config)
+    r = subprocess.run(cmd, cwd=workflow, capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    runs = client.search_runs([client.get_experiment_by_name("architecture").experiment_id])
+    finished = sorted(r.data.tags["mixer"] for r in runs if r.info.status == "FINISHED")
+    assert finished == ["identity", "pooling"], [(r.data.tags["mixer"], r.info.status) for r in runs]
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+# --- 3. no silent hang on resources ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_job_no_node_can_hold_fails_naming_the_key(workflow):
+    """More CPUs than the private cluster has, or a GPU on a machine without one (more GPUs than it has, where it
+    has some): each job fails at once naming the key and what the cluster offers, instead of waiting forever."""
+    import torch
+
+    gpus = 1 if not torch.cuda.is_available() else torch.cuda.device_count() + 1
+    config = _architecture_only(workflow)
+    config["architecture"]["datasets"] = ["digits", "shapes"]
+    config["datasets"]["digits"]["execution"] = {"num_cpus": 3}
+    config["datasets"]["shapes"]["execution"] = {"num_gpus": gpus}
+    write_config(workflow, config)
+    r = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--keep-going", "architecture"],
+                       cwd=workflow, capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode != 0
+    cpu_log = (workflow / "results/logs/architecture/digits/identity/seed0.log").read_text()
+    gpu_log = (workflow / "results/logs/architecture/shapes/identity/seed0.log").read_text()
+    assert "execution.num_cpus is 3" in cpu_log and "offer: 2 CPUs" in cpu_log, cpu_log[-2000:]
+    assert f"execution.num_gpus is {gpus}" in gpu_log and "GPUs" in gpu_log, gpu_log[-2000:]
+    assert "execution.num_cpus is 3" in r.stdout + r.stderr
+
+
+# --- 4. failures during failure handling keep the real cause -------------------------------------------------
+
+needs_mount = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs to make read-only needs root")
+
+
+@contextlib.contextmanager
+def _tmpfs(path, size="64m"):
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode()[:200]}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@needs_mount
+def test_checkpoint_on_a_read_only_disk_names_the_path_after_logging_the_epoch(tmp_path):
+    """The epoch's metrics reach the logger before the checkpoint that makes the epoch final, and a checkpoint
+    that cannot be written fails naming its path, leaving no temp file."""
+    from vitablate.config import TrainConfig
+    from vitablate.engine import Checkpoint, CheckpointWriteError, classification_loss, fit, pick_precision
+    from vitablate.models import create_model
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, 8, 8, generator=g)
+    y = (x[:, 0, :4].mean((1, 2)) > x[:, 0, 4:].mean((1, 2))).long()
+    model = create_model(mixer="attention", img_size=8, patch_size=2, embed_dim=16, depth=1, num_heads=2,
+                         num_classes=2, in_chans=1)
+    logged = []
+    with _tmpfs(tmp_path / "job") as job:
+        def on_epoch(epoch, metrics):
+            logged.append(epoch)
+            if epoch == 1:  # after epoch 1's metrics, before its checkpoint: the disk turns read-only
+                subprocess.run(["mount", "-o", "remount,ro", str(job)], check=True)
+
+        with pytest.raises(CheckpointWriteError) as e:
+            fit(model, classification_loss(model, 0.0), lambda ep: [(x, y)], 1, TrainConfig(epochs=3, batch_size=64),
+                pick_precision(torch.device("cpu"), "fp32"), Checkpoint(str(job / "checkpoint.pt")), 0,
+                on_epoch=on_epoch)
+        assert str(job / "checkpoint.pt") in str(e.value) and "results_dir" in str(e.value)
+        assert logged == [1]
+        assert os.listdir(job) == []  # no zero-byte temp file
+
+
+@needs_mount
+@pytest.mark.slow
+def test_results_turning_read_only_mid_run_ends_with_the_path_and_no_running_run(workflow):
+    config = read_config(workflow)
+    config = {k: v for k, v in config.items() if k not in ("pretext", "transfer")}
+    config["architecture"].update(mixers=["attention"], seeds=[0])
+    config["architecture"]["train"]["epochs"] = 40
+    write_config(workflow, config)
+    job_dir = workflow / "results/architecture/digits/attention/seed0"
+    with _tmpfs(workflow / "results/architecture") as tree:
+        with open(workflow / "snakemake.out", "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "1", "architecture"], cwd=workflow,
+                                    stdout=out, stderr=subprocess.STDOUT, env=_env())
+        try:
+            _wait_for(lambda: (job_dir / "checkpoint.pt").exists(), 300, "first checkpoint", proc)
+            subprocess.run(["mount", "-o", "remount,ro", str(tree)], check=True)
+            assert proc.wait(timeout=300) != 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        leftovers = [p.name for p in job_dir.iterdir() if ".tmp" in p.name]
+    out = (workflow / "snakemake.out").read_text()
+    log = (workflow / "results/logs/architecture/digits/attention/seed0.log").read_text()
+    assert f"cannot write checkpoint {job_dir}/checkpoint.pt" in log, log[-3000:]
+    assert "Read-only file system" in log and "MLflow tag error failed" not in log + out
+    assert not leftovers, leftovers
+    client = MlflowClient(tracking_uri=f"sqlite:///{workflow}/results/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("architecture").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"], [(r.info.run_id, r.info.status) for r in runs]
+    assert "cannot write checkpoint" in runs[0].data.tags["error"]
+
+
+def test_tracking_server_down_warns_at_each_retry_and_gives_up_at_the_cap(caplog, monkeypatch):
+    """A real MLflow client against a port nobody listens on: warnings while it retries, then a clear error once
+    tracking.retry_timeout_s has passed (not MLflow's silent half hour)."""
+    from vitablate import tracking
+    from vitablate.execution import _free_port
+
+    monkeypatch.setenv(tracking.RETRY_ENV, "3")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    client = MlflowClient(tracking_uri=f"http://127.0.0.1:{_free_port()}")
+    with caplog.at_level(logging.WARNING, logger="vitablate"), pytest.raises(RuntimeError) as e:
+        tracking.retry(lambda: client.get_experiment_by_name("architecture"), "experiment lookup")
+    assert "tracking.retry_timeout_s" in str(e.value) and "did not answer for 3 s" in str(e.value)
+    warnings = [r.getMessage() for r in caplog.records if "does not answer" in r.getMessage()]
+    assert len(warnings) >= 2 and all("tracking.retry_timeout_s" in w for w in warnings), warnings

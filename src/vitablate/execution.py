@@ -155,6 +155,10 @@ def _stop_watchdog() -> None:
         os.waitpid(int(pid), 0)
     with contextlib.suppress(OSError):
         os.remove(path)
+    log = os.path.splitext(path)[0] + ".log"
+    with contextlib.suppress(OSError):
+        if os.path.getsize(log) == 0:  # the watchdog had nothing to say
+            os.remove(log)
 
 
 def _start_private_cluster(num_cpus: Optional[int], num_gpus: Optional[int], timeout_s: float) -> str:
