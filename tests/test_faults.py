@@ -411,3 +411,31 @@ def test_tracking_server_down_warns_at_each_retry_and_gives_up_at_the_cap(caplog
     assert "tracking.retry_timeout_s" in str(e.value) and "did not answer for 3 s" in str(e.value)
     warnings = [r.getMessage() for r in caplog.records if "does not answer" in r.getMessage()]
     assert len(warnings) >= 2 and all("tracking.retry_timeout_s" in w for w in warnings), warnings
+
+
+def test_onerror_ends_the_runs_this_run_left_running_and_only_those(tmp_path):
+    """The dispatcher died (or the store could not be written when the job failed): its jobs' runs stayed RUNNING
+    until the next run. The workflow's onerror ends those of this run FAILED; an older run's marker is left."""
+    from vitablate import tracking
+    from vitablate.workflow import end_orphaned_runs
+
+    uri = f"sqlite:///{tmp_path}/results/mlflow.db"
+    cfg = {"question": "architecture", "job": "train_classifier", "seed": 0, "data": {"name": "digits"},
+           "mixer": "identity"}
+    old = tmp_path / "results/architecture/digits/pooling/seed0"
+    old_run = tracking.start_attempt(uri, cfg | {"output_dir": str(old)})
+    os.utime(old / "mlflow_run.json", (time.time() - 3600, time.time() - 3600))  # a marker of an earlier run
+    since = time.time() - 60
+    done, orphan = (tmp_path / f"results/architecture/digits/{m}/seed0" for m in ("attention", "identity"))
+    done_run = tracking.start_attempt(uri, cfg | {"output_dir": str(done)})
+    tracking.finish_run(uri, done_run, {"top1_test": 1.0})
+    (done / "record.json").write_text("{}")
+    orphan_run = tracking.start_attempt(uri, cfg | {"output_dir": str(orphan)})
+
+    ended = end_orphaned_runs(str(tmp_path / "results"), uri, since, "the workflow stopped with an error")
+    assert ended == [str(orphan)]
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(orphan_run).info.status == "FAILED"
+    assert "stopped with an error" in client.get_run(orphan_run).data.tags["error"]
+    assert client.get_run(done_run).info.status == "FINISHED"
+    assert client.get_run(old_run).info.status == "RUNNING"  # not this run's: the next attempt of it ends it
