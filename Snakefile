@@ -39,7 +39,6 @@ onstart:
     # Without RAY_ADDRESS: a private local Ray cluster for this run only.
     import os
     import signal
-    import time
 
     from vitablate.config import TrackingConfig, from_dict
     from vitablate.execution import private_cluster_dir, start_session
@@ -54,7 +53,7 @@ onstart:
     configure_retries(from_dict(TrackingConfig, dict(config.get("tracking") or {}), "tracking").retry_timeout_s)
     prepare(MLFLOW_URI, vw.active_questions(config))
     signal.signal(signal.SIGHUP, signal.default_int_handler)  # a closed terminal stops the run as Ctrl-C does
-    os.environ["VITABLATE_RUN_STARTED"] = str(time.time())  # onerror ends the runs this run left RUNNING
+    vw.mark_run_started()  # onerror ends the MLflow runs this run's jobs left RUNNING
     address = start_session(num_cpus=workflow._cores, results_dir=RESULTS,
                             locks=tuple(getattr(workflow.persistence, "_lockfile", {}).values()))
     private = private_cluster_dir()
@@ -69,11 +68,8 @@ onsuccess:
 
 
 onerror:
-    import os
-
     from vitablate.execution import stop_session
 
     stop_session()  # the dispatcher ends the runs of jobs still in flight KILLED
-    for job_dir in vw.end_orphaned_runs(RESULTS, MLFLOW_URI, float(os.environ.get("VITABLATE_RUN_STARTED", "inf")),
-                                        "the workflow stopped with an error before this job ended"):
+    for job_dir in vw.end_orphaned_runs(RESULTS, MLFLOW_URI, "the workflow stopped with an error before this job ended"):
         print(f"[vitablate] ended the MLflow run of {job_dir} FAILED (it was left RUNNING)")

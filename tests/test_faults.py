@@ -432,7 +432,7 @@ def test_onerror_ends_the_runs_this_run_left_running_and_only_those(tmp_path):
     (done / "record.json").write_text("{}")
     orphan_run = tracking.start_attempt(uri, cfg | {"output_dir": str(orphan)})
 
-    ended = end_orphaned_runs(str(tmp_path / "results"), uri, since, "the workflow stopped with an error")
+    ended = end_orphaned_runs(str(tmp_path / "results"), uri, "the workflow stopped with an error", since)
     assert ended == [str(orphan)]
     client = MlflowClient(tracking_uri=uri)
     assert client.get_run(orphan_run).info.status == "FAILED"

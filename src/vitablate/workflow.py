@@ -553,11 +553,23 @@ def check_results_dir(path: str, min_free_mb: float = MIN_FREE_MB) -> None:
                           f"{min_free_mb:.0f} MB a run needs to start; free some space or point results_dir elsewhere")
 
 
-def end_orphaned_runs(results: str, uri: str, since: float, message: str) -> list[str]:
-    """The workflow's onerror: end FAILED the MLflow runs that jobs of this run (markers written since `since`)
-    left RUNNING without a record, e.g. because the dispatcher died or the disk filled; returns their dirs."""
+RUN_STARTED_ENV = "VITABLATE_RUN_STARTED"  # when this workflow run started (the onstart's time.time())
+
+
+def mark_run_started() -> None:
+    """The workflow's onstart: remember when this run started, for `end_orphaned_runs`."""
+    import time
+
+    os.environ[RUN_STARTED_ENV] = repr(time.time())
+
+
+def end_orphaned_runs(results: str, uri: str, message: str, since: float | None = None) -> list[str]:
+    """The workflow's onerror: end FAILED the MLflow runs that jobs of this run (markers written since `since`,
+    default: `mark_run_started`'s time) left RUNNING without a record, e.g. because the dispatcher died or the disk
+    filled; returns their dirs."""
     from .tracking import end_latest, latest_run
 
+    since = float(os.environ.get(RUN_STARTED_ENV, "inf")) if since is None else since
     ended = []
     for root, _, files in os.walk(results):
         if "mlflow_run.json" not in files or "record.json" in files:
