@@ -462,3 +462,29 @@ def test_a_job_no_node_can_hold_on_an_external_cluster_is_reported_while_it_wait
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=120)
+
+
+@pytest.mark.slow
+def test_a_closed_terminal_stops_the_run_as_ctrl_c_does(workflow):
+    """SIGHUP (the terminal closes) reaches Snakemake and its job processes: Snakemake must stop as on Ctrl-C, by
+    itself (releasing its lock, stopping its cluster, ending the job's run KILLED), not die of the signal."""
+    config = _architecture_only(workflow, dry_job_sleep_s=300)
+    write_config(workflow, config)
+    marker = workflow / "results/architecture/digits/identity/seed0/mlflow_run.json"
+    with open(workflow / "snakemake.out", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "1", "architecture"], cwd=workflow,
+                                stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    try:
+        _wait_for(marker.exists, 300, "job in flight", proc)
+        temp_dir = re.search(r"\(private, (/tmp/vtr\w+)\)", (workflow / "snakemake.out").read_text()).group(1)
+        os.killpg(proc.pid, signal.SIGHUP)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = (workflow / "snakemake.out").read_text()
+    assert proc.returncode > 0, f"snakemake died of the signal ({proc.returncode}): {out[-2000:]}"
+    assert not list((workflow / ".snakemake/locks").glob("*.lock")), "the lock was not released"
+    assert not os.path.exists(temp_dir) and not list((workflow / "results/.vitablate").glob("cluster-*.json"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{workflow}/results/mlflow.db")
+    assert client.get_run(json.loads(marker.read_text())["run_id"]).info.status == "KILLED"
