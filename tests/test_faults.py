@@ -488,3 +488,35 @@ def test_a_closed_terminal_stops_the_run_as_ctrl_c_does(workflow):
     assert not os.path.exists(temp_dir) and not list((workflow / "results/.vitablate").glob("cluster-*.json"))
     client = MlflowClient(tracking_uri=f"sqlite:///{workflow}/results/mlflow.db")
     assert client.get_run(json.loads(marker.read_text())["run_id"]).info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_the_next_run_reaps_a_cluster_whose_run_and_watchdog_were_killed(tmp_path):
+    """Even the watchdog can die (kill -9 of everything, an OOM kill): the pid file under results_dir lets the next
+    run stop what is left, and a run still alive on the same results directory is only named, never touched."""
+    from vitablate.watchdog import reap_leftovers
+
+    results = tmp_path / "results"
+    code = ("import time; from vitablate.execution import start_session; "
+            f"start_session(num_cpus=1, results_dir={str(results)!r}); print('up', flush=True); time.sleep(600)")
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert owner.stdout.readline().strip() == "up"
+        info = json.loads((results / f".vitablate/cluster-{owner.pid}.json").read_text())
+        pids = {info["ray"]["pid"], info["dispatcher"]["pid"]}
+        assert _cluster_processes(info["ray"]["dir"], pids)
+        lines = reap_leftovers(str(results))  # its Snakemake (here: the owner) is alive: named, left alone
+        assert len(lines) == 1 and f"pid {owner.pid} is still running" in lines[0]
+        assert _cluster_processes(info["ray"]["dir"], pids)
+        for p in psutil.process_iter(["cmdline"]):  # kill -9 the watchdog, then its run
+            if f"cluster-{owner.pid}.json" in " ".join(p.info["cmdline"] or []):
+                p.kill()
+        owner.kill()
+        owner.wait()
+        lines = reap_leftovers(str(results))
+        assert len(lines) == 1 and f"snakemake pid {owner.pid} left behind" in lines[0], lines
+        assert not _cluster_processes(info["ray"]["dir"], pids) and not _cluster_processes(info["dispatcher"]["dir"], pids)
+        assert not (results / f".vitablate/cluster-{owner.pid}.json").exists()
+    finally:
+        if owner.poll() is None:
+            owner.kill()
