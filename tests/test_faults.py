@@ -268,7 +268,8 @@ def test_private_cluster_listens_on_loopback_only_and_dies_with_a_killed_snakema
                      for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN
                      and c.pid in {p.pid for p in procs}]
         assert len(listeners) >= 4, listeners  # GCS, raylet, agents, client server, workers
-        public = [(a, who) for a, who in listeners if not ipaddress.ip_address(a.ip.removeprefix("::ffff:")).is_loopback]
+        public = [(a, who) for a, who in listeners
+                  if not ipaddress.ip_address(a.ip.removeprefix("::ffff:")).is_loopback]
         assert not public, f"listening beyond loopback: {public}"
         assert stat.S_IMODE(os.stat(temp_dir).st_mode) & 0o077 == 0, oct(os.stat(temp_dir).st_mode)
 
@@ -443,7 +444,7 @@ def test_onerror_ends_the_runs_this_run_left_running_and_only_those(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_job_no_node_can_hold_on_an_external_cluster_is_reported_while_it_waits(workflow, two_node_cluster):
+def test_a_job_no_node_can_hold_on_an_external_cluster_is_reported_while_it_waits(workflow, two_node_cluster):  # noqa: F811
     """On a cluster at RAY_ADDRESS (which an autoscaler may grow) the job waits rather than fails, but says so in
     its log, naming the key and what the nodes offer (and again every minute while it stays pending)."""
     cluster, auth = two_node_cluster
@@ -515,7 +516,8 @@ def test_the_next_run_reaps_a_cluster_whose_run_and_watchdog_were_killed(tmp_pat
         owner.wait()
         lines = reap_leftovers(str(results))
         assert len(lines) == 1 and f"snakemake pid {owner.pid} left behind" in lines[0], lines
-        assert not _cluster_processes(info["ray"]["dir"], pids) and not _cluster_processes(info["dispatcher"]["dir"], pids)
+        assert not _cluster_processes(info["ray"]["dir"], pids)
+        assert not _cluster_processes(info["dispatcher"]["dir"], pids)
         assert not (results / f".vitablate/cluster-{owner.pid}.json").exists()
     finally:
         if owner.poll() is None:

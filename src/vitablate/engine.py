@@ -160,8 +160,8 @@ class Checkpoint:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             raise CheckpointWriteError(
-                f"cannot write checkpoint {os.path.abspath(self.path)} ({e}); results_dir must be writable and have room: free "
-                "space or fix the mount, then re-run (the job resumes from its last checkpoint)") from e
+                f"cannot write checkpoint {os.path.abspath(self.path)} ({e}); results_dir must be writable and have "
+                "room: free space or fix the mount, then re-run (the job resumes from its last checkpoint)") from e
 
     def load(self) -> Optional[dict]:
         if not os.path.exists(self.path):
