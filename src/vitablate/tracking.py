@@ -109,13 +109,14 @@ def configure_retries(timeout_s: float) -> None:
     """Cap how long a call waits for a tracking server that does not answer (tracking.retry_timeout_s).
 
     MLflow's own HTTP client retries 7 times with growing back-off and a 120 s timeout per try, silently
-    (up to half an hour); here each try fails within 30 s and `retry` below waits, with a warning per attempt,
-    until the cap. Exported through the environment, so the dispatcher and the private cluster's workers
-    (started after this) inherit it; a user's own MLFLOW_HTTP_REQUEST_* settings are kept.
+    (up to half an hour); here MLflow tries once (a server that is down refuses at once; one that hangs times out
+    after min(120 s, the cap), a bound on socket silence, not on a large upload) and `retry` below waits, with a
+    warning per attempt, until the cap. Exported through the environment, so the dispatcher and the private
+    cluster's workers (started after this) inherit it; a user's own MLFLOW_HTTP_REQUEST_* settings are kept.
     """
     os.environ[RETRY_ENV] = f"{timeout_s:g}"
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(min(30.0, timeout_s)))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(min(120.0, timeout_s)))))
 
 
 def _server_down(text: str) -> bool:
