@@ -374,8 +374,9 @@ def check_raw_config(config: Any, source: str = "the config") -> None:
     aliases are expanded (an alias bomb would make the schema check, and its error message, explode),
     and finite numbers (`.nan` and `.inf` pass the schema's bounds)."""
     if not isinstance(config, dict):
-        raise ConfigError(f"{source} is a YAML {type(config).__name__}, not a mapping of keys (results_dir:, "
-                          "execution:, architecture:, ...); see config/config.yaml")
+        what = "empty" if config is None else f"a YAML {type(config).__name__}"
+        raise ConfigError(f"{source} is {what}, not a mapping of keys (results_dir:, execution:, architecture:, "
+                          "...); see config/config.yaml")
     sizes: dict[int, int] = {}
 
     def size(value: Any) -> int:  # expanded size, each shared (aliased) node counted once per use
