@@ -1,6 +1,6 @@
-# reports/summary.md (+ .html, which Snakemake's report shows inline): each question's answer
+# results/reports/summary.md (+ .html, which Snakemake's report shows inline): each question's answer
 # stated from the run records (vitablate.summary), and the `report` target.
-# `snakemake --report reports/report.html` then bundles every table and figure annotated with
+# `snakemake --report results/reports/report.html` then bundles every table and figure annotated with
 # report() in rules/*.smk, one category per question.
 
 

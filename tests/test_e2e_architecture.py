@@ -41,14 +41,14 @@ def test_tiny_architecture_run_fills_table_and_mlflow(workflow):
     r = snakemake(workflow, "--cores", "2", "architecture")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
 
-    table = pl.read_csv(workflow / "reports/tables/architecture.csv")
+    table = pl.read_csv(workflow / "results/reports/tables/architecture.csv")
     assert table.columns == ["dataset", "mixer", "model", "params_m", "n_seeds", "top1_mean", "top1_std"]
     assert sorted(table["mixer"].to_list()) == ["attention", "feedforward"]
     assert table["n_seeds"].to_list() == [1, 1]
     assert all(0 <= v <= 100 for v in table["top1_mean"].to_list())
-    assert (workflow / "reports/tables/architecture.md").exists()
+    assert (workflow / "results/reports/tables/architecture.md").exists()
     for fig in ("architecture.png", "architecture_curves.png"):
-        assert (workflow / "reports/figures" / fig).read_bytes()[:4] == b"\x89PNG"
+        assert (workflow / "results/reports/figures" / fig).read_bytes()[:4] == b"\x89PNG"
 
     # every job ran as a Ray task, and left its record, config, checkpoint and weights
     for mixer in ("attention", "feedforward"):

@@ -27,10 +27,10 @@ def test_tiny_pretext_run(workflow):
     r = snakemake(workflow, "--cores", "2")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
 
-    table = pl.read_csv(workflow / "reports/tables/pretext.csv")
+    table = pl.read_csv(workflow / "results/reports/tables/pretext.csv")
     assert table.columns == ["dataset", "pretext", "eval", "n_seeds", "top1_mean", "top1_std"]
     assert table.height == 2 * 3 and set(table["eval"]) == {"linear_probe", "finetune", "knn"}
-    rep = pl.read_csv(workflow / "reports/tables/representation.csv")
+    rep = pl.read_csv(workflow / "results/reports/tables/representation.csv")
     assert rep.columns == ["dataset", "pretext", "layer", "metric", "value_mean", "value_std"]
     assert set(rep["metric"]) == {"attention_distance", "nmi", "token_cosine", "fourier_hf"}
     depth = 4  # vit_shapes
@@ -39,13 +39,13 @@ def test_tiny_pretext_run(workflow):
     # the token metrics and layer probes also read the embedding output: layer 0, then block i at layer i
     for metric in ("fourier_hf", "token_cosine"):
         assert sorted(rep.filter(pl.col("metric") == metric)["layer"].unique()) == list(range(depth + 1))
-    assert pl.read_csv(workflow / "reports/tables/layer_probe.csv").height == 2 * (depth + 1)
+    assert pl.read_csv(workflow / "results/reports/tables/layer_probe.csv").height == 2 * (depth + 1)
     nmi = rep.filter(pl.col("metric") == "nmi")["value_mean"]
     assert nmi.min() >= 0 and nmi.max() <= 1
-    bias = pl.read_csv(workflow / "reports/tables/shape_bias.csv")
+    bias = pl.read_csv(workflow / "results/reports/tables/shape_bias.csv")
     assert set(bias["pretext"]) == {"moco", "mae"} and bias["shape_bias_mean"].is_between(0, 1).all()
     for fig in ("pretext_eval.png", "representation.png", "pretext_curves.png", "pretext_attention.png"):
-        assert (workflow / "reports/figures" / fig).read_bytes()[:4] == b"\x89PNG"
+        assert (workflow / "results/reports/figures" / fig).read_bytes()[:4] == b"\x89PNG"
     parquet = workflow / "results/pretext/shapes/mae/seed0/analysis/representation.parquet"
     per_head = pl.read_parquet(parquet).filter(pl.col("metric") == "attention_distance")
     assert per_head.height == depth * 4  # one value per layer and head

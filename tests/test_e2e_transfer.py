@@ -29,7 +29,7 @@ def test_tiny_transfer_run(workflow, tmp_path):
     r = snakemake(workflow, "--cores", "2", "transfer")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
 
-    table = pl.read_csv(workflow / "reports/tables/transfer.csv")
+    table = pl.read_csv(workflow / "results/reports/tables/transfer.csv")
     assert table.columns[:8] == ["dataset", "teacher", "method", "layers", "n_seeds", "top1_mean", "top1_std",
                                  "gap_closed"]
     shift_cols = [c for c in table.columns if c.startswith("shift_")]
@@ -43,7 +43,7 @@ def test_tiny_transfer_run(workflow, tmp_path):
         gap = {r["method"]: r["gap_closed"] for r in sub.filter(pl.col("layers") == "all").iter_rows(named=True)}
         assert gap["scratch"] == pytest.approx(0) and gap["finetune"] == pytest.approx(1)
     for fig in ("transfer.png", "transfer_layers.png", "transfer_curves.png", "transfer_attention.png"):
-        assert (workflow / "reports/figures" / fig).read_bytes()[:4] == b"\x89PNG"
+        assert (workflow / "results/reports/figures" / fig).read_bytes()[:4] == b"\x89PNG"
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workflow}/results/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("transfer").experiment_id])

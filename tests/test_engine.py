@@ -68,7 +68,7 @@ def test_resume_equals_uninterrupted(tmp_path):
                              num_classes=2, in_chans=1)
         return model
 
-    # first process: dies after epoch 2 (its checkpoint holds epochs 1-2)
+    # first process: dies in epoch 3, after logging its metrics, before its checkpoint (which holds epochs 1-2)
     model = interrupted()
     cfg = TrainConfig(epochs=4, batch_size=16, lr=3e-3, warmup_epochs=1)
 
@@ -76,14 +76,14 @@ def test_resume_equals_uninterrupted(tmp_path):
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
         return [(x[perm[i:i + 16]], y[perm[i:i + 16]]) for i in range(0, len(x), 16)]
 
-    def stop_at_2(epoch, metrics):
-        if epoch == 2:
+    def stop_at_3(epoch, metrics):
+        if epoch == 3:
             raise Stop
 
     prec = pick_precision(torch.device("cpu"), "fp32")
     with pytest.raises(Stop):
         fit(model, classification_loss(model, 0.1), batches, 6, cfg, prec, Checkpoint(str(ck_path)), 0,
-            on_epoch=stop_at_2)
+            on_epoch=stop_at_3)
     # second process: a fresh model resumes from the checkpoint
     model2 = interrupted()
     with torch.no_grad():

@@ -3,7 +3,7 @@
 The report is a React app: its results and captions are JSON in <script> tags until JavaScript
 renders them, so every check here reads what the browser rendered, never the HTML source.
 What Snakemake renders inline is images and HTML; CSV and markdown tables are embedded as
-downloadable data URIs. The tables are seen inline through reports/summary.html.
+downloadable data URIs. The tables are seen inline through results/reports/summary.html.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def report(tmp_path_factory):
     write_config(wf, config)
     r = snakemake(wf, "--cores", "2", "report")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    r = snakemake(wf, "--report", "reports/report.html")
+    r = snakemake(wf, "--report", "results/reports/report.html")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     return wf
 
@@ -55,13 +55,13 @@ def _mean_std(wf) -> dict[str, str]:
 
 
 def test_report_target_writes_the_summary_of_the_configured_questions(report):
-    md = (report / "reports/summary.md").read_text()
+    md = (report / "results/reports/summary.md").read_text()
     assert "## Q1 architecture" in md and "## Q2" not in md and "## Q3" not in md
     assert "**Answer.**" in md and "Welch's t" in md and "n = 2 vs 2" in md
     for mixer, cell in _mean_std(report).items():  # the records' numbers, as the summary's table prints them
         assert re.search(rf"\| `{mixer}` \| [0-9.]+ \| {re.escape(cell)} \| 2 \|", md), (mixer, cell)
     assert "77.9" in md and "74.9" in md  # the paper's reference numbers beside this run's
-    assert (report / "reports/summary.html").read_text().startswith("<!DOCTYPE html>")
+    assert (report / "results/reports/summary.html").read_text().startswith("<!DOCTYPE html>")
 
 
 def _visible_dom(html: str) -> str:
@@ -73,7 +73,7 @@ def _visible_dom(html: str) -> str:
 @needs_chromium
 def test_html_report_renders_in_headless_chromium(report, tmp_path):
     assert CHROMIUM is not None, "CI=true but no chromium on PATH: .ci/run installs Debian's chromium"
-    page = report / "reports/report.html"
+    page = report / "results/reports/report.html"
     url = page.resolve().as_uri()
 
     # 1. the plain command-line way: the DOM after JavaScript ran shows the report's menu
@@ -91,26 +91,26 @@ def test_html_report_renders_in_headless_chromium(report, tmp_path):
         # 2. the Q1 category lists its table and figure, the table embedded as data
         browser.click_link("Q1 architecture")
         text = browser.wait_for("document.body.innerText.includes('architecture.csv') && document.body.innerText")
-        for name in ("reports/tables/architecture.csv", "reports/tables/architecture.md",
-                     "reports/figures/architecture.png"):
+        for name in ("results/reports/tables/architecture.csv", "results/reports/tables/architecture.md",
+                     "results/reports/figures/architecture.png"):
             assert name in text
         href = browser.eval("""Array.from(document.querySelectorAll('td')).find(
-            t => t.innerText.trim() === 'reports/tables/architecture.csv').parentElement.querySelector('a').href""")
+            t => t.innerText.trim() === 'results/reports/tables/architecture.csv').parentElement.querySelector('a').href""")
         assert href.startswith("data:text/csv")
         embedded = base64.b64decode(urllib.parse.unquote(href.split("base64,", 1)[1]))
-        assert embedded == (report / "reports/tables/architecture.csv").read_bytes()
+        assert embedded == (report / "results/reports/tables/architecture.csv").read_bytes()
 
         # its figure opens inline
         browser.eval("""Array.from(document.querySelectorAll('td')).find(
-            t => t.innerText.trim() === 'reports/figures/architecture.png').parentElement.querySelector('a').click()""")
+            t => t.innerText.trim() === 'results/reports/figures/architecture.png').parentElement.querySelector('a').click()""")
         assert browser.wait_for("(document.querySelector('img[src^=\"data:image/png\"]') || {}).naturalWidth > 100")
 
-        # 3. the summary, with the tables, renders inline (an iframe of reports/summary.html)
+        # 3. the summary, with the tables, renders inline (an iframe of results/reports/summary.html)
         browser.click_link("Results")
         browser.click_link("Summary")
-        browser.wait_for("document.body.innerText.includes('reports/summary.html')")
+        browser.wait_for("document.body.innerText.includes('results/reports/summary.html')")
         browser.eval("""Array.from(document.querySelectorAll('td')).find(
-            t => t.innerText.trim() === 'reports/summary.html').parentElement.querySelector('a').click()""")
+            t => t.innerText.trim() === 'results/reports/summary.html').parentElement.querySelector('a').click()""")
         browser.wait_for("!!document.querySelector('iframe')")
         frame = browser.frame_context()
         inner = browser.wait_for("document.body && document.body.innerText.includes('Answer') && "

@@ -20,12 +20,25 @@ SCALAR = (int, float, str, bool, type(None))
 log = logging.getLogger(__name__)
 
 
+def read_record(path: str) -> dict:
+    """One run record; an unreadable, truncated or foreign file is an error naming it and the fix."""
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"run record {path} cannot be read ({type(e).__name__}: {e}); delete it and re-run "
+                         "snakemake, which re-runs that job") from e
+    if not isinstance(rec, dict):
+        raise ValueError(f"run record {path} holds a {type(rec).__name__}, not a record; delete it and re-run "
+                         "snakemake, which re-runs that job")
+    return rec
+
+
 def load_records(paths: Iterable[str]) -> pl.DataFrame:
     """One row per record: its scalar fields (history and config are left out)."""
     rows = []
     for path in paths:
-        with open(path) as f:
-            rec = json.load(f)
+        rec = read_record(path)
         rows.append({k: v for k, v in rec.items() if isinstance(v, SCALAR)})
     if not rows:
         raise ValueError("no run records to aggregate; run the training rules first")
@@ -98,8 +111,7 @@ def load_analyses(paths: Iterable[str]) -> pl.DataFrame:
     """Long per-head rows of every analysis record: dataset, pretext, seed, layer, head, metric, value."""
     frames = []
     for path in paths:
-        with open(path) as f:
-            rec = json.load(f)
+        rec = read_record(path)
         frames.append(pl.read_parquet(rec["analysis_path"]).with_columns(
             pl.lit(rec["dataset"]).alias("dataset"), pl.lit(rec["pretext"]).alias("pretext"),
             pl.lit(rec["seed"]).alias("seed")))
@@ -171,8 +183,7 @@ def transfer_table(df: pl.DataFrame) -> pl.DataFrame:
 def _read_records(paths: Iterable[str], where: Callable[[dict], bool] | None = None) -> list[dict]:
     out = []
     for path in paths:
-        with open(path) as f:
-            rec = json.load(f)
+        rec = read_record(path)
         if where is None or where(rec):
             out.append(rec | {"_path": path})
     return out

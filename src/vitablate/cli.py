@@ -54,10 +54,11 @@ def _check(args: argparse.Namespace) -> int:
     import yaml
     from snakemake.utils import validate
 
-    from .workflow import check_config
+    from .workflow import check_config, check_raw_config
 
     with open(args.config) as f:
         config = yaml.safe_load(f)
+    check_raw_config(config, args.config)
     here = os.path.dirname(os.path.abspath(args.config))
     candidates = [os.path.join(here, "schema.yaml"), os.path.join(os.path.dirname(here), "schema.yaml")]
     schema = args.schema or next((c for c in candidates if os.path.exists(c)), candidates[0])
@@ -65,6 +66,19 @@ def _check(args: argparse.Namespace) -> int:
     check_config(config)
     print(f"{args.config}: ok")
     return 0
+
+
+def _check_cmd(args: argparse.Namespace) -> int:
+    """`vitablate check`: a bad config is one line naming the key, not a traceback."""
+    from snakemake.exceptions import WorkflowError
+
+    from .config import ConfigError
+
+    try:
+        return _check(args)
+    except (ConfigError, WorkflowError, OSError) as e:
+        print(f"{args.config}: {e}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="validate a workflow config")
     p.add_argument("config", nargs="?", default="config/config.yaml")
     p.add_argument("--schema", help="default: schema.yaml beside the config")
-    p.set_defaults(fn=_check)
+    p.set_defaults(fn=_check_cmd)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -170,6 +170,7 @@ class TrackingConfig:
 
     system_metrics: bool = False  # MLflow system metrics (CPU, memory, disk, network, GPU) in every job's run
     system_metrics_interval_s: float = 10.0  # seconds between samples; a job shorter than this logs none
+    retry_timeout_s: float = 300.0  # how long a job waits, warning, for a tracking server that does not answer
 
 
 @dataclass

@@ -100,6 +100,9 @@ def serve(path: str) -> None:
 
     connect()  # fail before binding: start_session waits for the socket, so it sees the error
     signal.signal(signal.SIGTERM, _terminate)
+    # MLflow's client, imported now in the background: a SIGTERM (stop_session, the watchdog) must end the
+    # in-flight runs KILLED within the grace period, not spend it importing MLflow
+    threading.Thread(target=lambda: __import__("mlflow.tracking"), daemon=True).start()
     with _Server(path, _Handler) as server:
         server.serve_forever()
 

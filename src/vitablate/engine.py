@@ -10,9 +10,11 @@ continues exactly as the uninterrupted run would on CPU.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
@@ -39,6 +41,10 @@ def progress_line(metrics: dict, epochs: int) -> str:
     val = f" top1_val {metrics['top1_val']:.2f}" if "top1_val" in metrics else ""
     return (f"epoch {metrics['epoch']}/{epochs} loss {metrics['train_loss']:.4f}{val} lr {metrics['lr']:.2e} "
             f"{metrics['images_per_s']:.0f} img/s eta {format_duration(metrics['eta_s'])}")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full or read-only disk); the message names the path."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -195,10 +201,24 @@ class Checkpoint:
     path: str
 
     def save(self, state: dict) -> None:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        """Write atomically; a disk that is full or read-only fails naming the path, and leaves no temp file."""
+        folder = os.path.dirname(self.path) or "."
         tmp = f"{self.path}.tmp{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)  # a reader sees the old or the new file, never half of one
+        try:
+            os.makedirs(folder, exist_ok=True)
+            # room for another copy of the last checkpoint (the new one replaces it only once it is whole)
+            need = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+            free = shutil.disk_usage(folder).free
+            if free < need + 2**20:
+                raise OSError(errno.ENOSPC, f"{free / 2**20:.0f} MB free, a checkpoint needs {need / 2**20:.0f} MB")
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)  # a reader sees the old or the new file, never half of one
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {os.path.abspath(self.path)} ({e}); results_dir must be writable and have "
+                "room: free space or fix the mount, then re-run (the job resumes from its last checkpoint)") from e
 
     def load(self) -> Optional[dict]:
         if not os.path.exists(self.path):
@@ -251,7 +271,7 @@ def fit(
     train_batches(epoch) -> iterable of (x, y) for that epoch (shuffled from (seed, epoch)).
     transform(x, generator) -> x: batched augmentation and normalisation on the device.
     evaluate() -> metrics dict, run after each epoch (e.g. val top-1).
-    on_epoch(epoch, metrics) is called after each epoch's checkpoint (progress, MLflow).
+    on_epoch(epoch, metrics) is called after each epoch, before its checkpoint (progress, MLflow).
     extra_state: other modules whose state the checkpoint must carry (heads, EMA encoders).
     meta: saved in the checkpoint as is (the resolved config, so a resume can check it).
     after_step(step, total_steps): called after each optimiser step (e.g. MoCo's EMA update).
@@ -337,6 +357,10 @@ def fit(
         metrics["eta_s"] = (time.perf_counter() - t_start) / done_here * (cfg.epochs - epoch - 1)
         progress_log.info(progress_line(metrics, cfg.epochs))
         result.history.append(metrics)
+        # the epoch's metrics first: a job that dies before the checkpoint re-runs the epoch and logs it again
+        # (a reader keeps a step's last value), one that dies after it has logged it already
+        if on_epoch is not None:
+            on_epoch(epoch + 1, metrics)
         checkpoint.save({
             "modules": {name: m.state_dict() for name, m in modules.items()},
             "optimizer": optimizer.state_dict(),
@@ -344,7 +368,5 @@ def fit(
             "history": result.history,
             "meta": meta or {},
         })
-        if on_epoch is not None:
-            on_epoch(epoch + 1, metrics)
     result.train_s = time.perf_counter() - t_start
     return result

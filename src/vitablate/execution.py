@@ -31,6 +31,8 @@ from .io import write_json
 
 _remote_execute = None  # ray.remote(_execute), made on first submit
 _PRIVATE_ENV = "VITABLATE_PRIVATE_RAY"  # set while a private cluster started by this run is up
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps a node on 127.0.0.1 (private cluster)
+_WATCHDOG_ENV = "VITABLATE_WATCHDOG"  # "<pid>:<pid file>" of this run's watchdog (vitablate.watchdog)
 CHECKPOINTS = ("encoder.pt", "model.pt")  # what a job leaves in its output_dir for other jobs to read
 # record fields naming files the report rules read on the Snakemake host (logged as run artifacts)
 HOST_OUTPUTS = ("analysis_path", "attention_maps_path")
@@ -89,13 +91,16 @@ def _free_port() -> int:
 
 
 def start_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None, timeout_s: float = 90,
-                  dispatcher: bool = True) -> str:
+                  dispatcher: bool = True, results_dir: Optional[str] = None, locks: tuple[str, ...] = ()) -> str:
     """Connect to RAY_ADDRESS, or start a private local cluster; returns its address.
 
     The private cluster is a `ray start --head --block` child in its own process group,
     with its own temp dir and port and token authentication on, so that Snakemake's own
     process never becomes a Ray driver (its Ctrl-C handling stays Snakemake's) and
-    `stop_session` stops exactly this cluster.
+    `stop_session` stops exactly this cluster. A watchdog (vitablate.watchdog) stops the
+    cluster and the dispatcher if this process dies without calling `stop_session`; its pid
+    file goes under `results_dir` (the next run reaps what a dead run left), and it removes
+    `locks` (this Snakemake run's lock files) when it has to stop the run's processes.
     """
     if os.environ.get("RAY_ADDRESS"):
         _probe(os.environ["RAY_ADDRESS"])
@@ -105,18 +110,72 @@ def start_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None
         address = _start_private_cluster(num_cpus, num_gpus, timeout_s)
     if dispatcher:  # for Snakemake's job processes; a caller that submits itself (`vitablate job`) needs none
         _start_dispatcher(timeout_s)
+    if os.environ.get(_PRIVATE_ENV) or os.environ.get(_dispatcher_env()):
+        _start_watchdog(results_dir, locks)
     return address
+
+
+def _dispatcher_env() -> str:
+    from .dispatcher import ENV
+
+    return ENV
+
+
+def _start_watchdog(results_dir: Optional[str], locks: tuple[str, ...]) -> None:
+    """Start this run's watchdog (vitablate.watchdog) on this process, with the pid file naming what it started."""
+    from . import watchdog
+
+    info = {"snakemake_pid": os.getpid(), "snakemake_create_time": watchdog.create_time(os.getpid()),
+            "snakemake_locks": [os.path.abspath(p) for p in locks], "results_dir": results_dir}
+    private, disp = os.environ.get(_PRIVATE_ENV), os.environ.get(_dispatcher_env())
+    if private:
+        pid, temp_dir = private.split(":", 1)
+        info["ray"] = {"pid": int(pid), "dir": temp_dir}
+    if disp:
+        pid, path = disp.split(":", 1)
+        info["dispatcher"] = {"pid": int(pid), "dir": os.path.dirname(path)}
+    path = (watchdog.pid_file(results_dir, os.getpid()) if results_dir
+            else os.path.join(info.get("dispatcher", info.get("ray"))["dir"], "owner.json"))
+    watchdog.write_pid_file(path, info)
+    with open(os.path.splitext(path)[0] + ".log", "a") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "vitablate.watchdog", path], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    os.environ[_WATCHDOG_ENV] = f"{proc.pid}:{path}"
+
+
+def _stop_watchdog() -> None:
+    """stop_session: end the watchdog first (it must not mistake the orderly stop for a crash), drop the pid file."""
+    entry = os.environ.pop(_WATCHDOG_ENV, None)
+    if not entry:
+        return
+    pid, path = entry.split(":", 1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(int(pid), signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(int(pid), 0)
+    with contextlib.suppress(OSError):
+        os.remove(path)
+    log = os.path.splitext(path)[0] + ".log"
+    with contextlib.suppress(OSError):
+        if os.path.getsize(log) == 0:  # the watchdog had nothing to say
+            os.remove(log)
 
 
 def _start_private_cluster(num_cpus: Optional[int], num_gpus: Optional[int], timeout_s: float) -> str:
     ray_cli = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
-    # short path: Ray's unix sockets live under the temp dir and must stay < 108 bytes
+    # short path: Ray's unix sockets live under the temp dir and must stay < 108 bytes. Ray makes its temp dir
+    # world-writable (0777, re-applied by every process that joins), so it lives inside a 0700 directory of ours.
     temp_dir = tempfile.mkdtemp(prefix="vtr", dir="/tmp")
     port = _free_port()
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     if os.environ["RAY_AUTH_MODE"] == "token":
         os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))  # inherited by every job
-    cmd = [ray_cli, "start", "--head", "--block", f"--port={port}", f"--temp-dir={temp_dir}",
+    # Loopback only: Ray resolves --node-ip-address=127.0.0.1 to the machine's network address (and its servers
+    # then listen there and on the wildcard address) unless multi-node clusters are off, which a private
+    # single-node cluster can afford; every process that joins it inherits the setting.
+    # ray-project/ray: python/ray/_private/services.py, resolve_ip_for_localhost / get_node_ip_address
+    os.environ[_LOOPBACK_ENV] = "0"
+    cmd = [ray_cli, "start", "--head", "--block", f"--port={port}", f"--temp-dir={temp_dir}/r",
            "--include-dashboard=false", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
@@ -216,6 +275,7 @@ def stop_session() -> None:
     """Stop the private cluster started by `start_session` (an external one is left running)."""
     from .dispatcher import ENV
 
+    _stop_watchdog()
     dispatcher = os.environ.pop(ENV, None)
     if dispatcher:
         pid, path = dispatcher.split(":", 1)
@@ -227,6 +287,7 @@ def stop_session() -> None:
     if private:
         pid, temp_dir = private.split(":", 1)
         os.environ.pop("RAY_ADDRESS", None)
+        os.environ.pop(_LOOPBACK_ENV, None)
         _stop(int(pid), temp_dir)
 
 
@@ -335,7 +396,7 @@ def _execute(cfg_dict: dict, uri: Optional[str], run_name: str = "", sources: Op
                     record["checkpoint_artifacts"] = tracking.log_checkpoints(uri, run_id, produced)
         except BaseException as e:
             if run_id:
-                tracking.fail_run(uri, run_id, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+                _end_failed_run(uri, run_id, e)
             raise
     record["mlflow_run_id"] = run_id
     record |= placed
@@ -344,6 +405,52 @@ def _execute(cfg_dict: dict, uri: Optional[str], run_name: str = "", sources: Op
         files = tuple(record[k] for k in HOST_OUTPUTS if record.get(k))
         tracking.finish_run(uri, run_id, record, artifacts=files)
     return record
+
+
+def _end_failed_run(uri: str, run_id: str, error: BaseException) -> None:
+    """End the job's run FAILED with its error; if that fails too (the disk that broke the job holds the store),
+    say so beside the job's own error, which stays the one raised."""
+    try:
+        tracking.fail_run(uri, run_id, f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+    except Exception as e:
+        logging.getLogger("vitablate.jobs").warning(f"[vitablate] could not end MLflow run {run_id} FAILED ({e}); "
+                                                    "the workflow's onerror ends it")
+        error.add_note(f"(ending its MLflow run {run_id} failed too: {e})")
+
+
+def unschedulable(num_cpus: float, num_gpus: float) -> Optional[str]:
+    """None when some alive node of the cluster has the CPUs and GPUs a job asks for, else what it offers.
+
+    Ray would keep such a task pending forever (or until an autoscaler adds a node that fits)."""
+    nodes = [n.get("Resources") or {} for n in _ray().nodes() if n.get("Alive")]
+    if any(r.get("CPU", 0) >= num_cpus and r.get("GPU", 0) >= num_gpus for r in nodes):
+        return None
+    short = [f"execution.num_cpus is {num_cpus:g}" if not any(r.get("CPU", 0) >= num_cpus for r in nodes) else "",
+             f"execution.num_gpus is {num_gpus:g}" if not any(r.get("GPU", 0) >= num_gpus for r in nodes) else ""]
+    offers = "; ".join(f"{r.get('CPU', 0):g} CPUs and {r.get('GPU', 0):g} GPUs" for r in nodes) or "no alive node"
+    return (f"{' and '.join(x for x in short if x) or 'execution.num_cpus with execution.num_gpus'}, but no node of "
+            f"the Ray cluster has that much (its nodes offer: {offers})")
+
+
+def check_resources(cfg: JobConfig) -> Optional[str]:
+    """Before submitting: on the private cluster a request no node can hold is an error (it would wait forever);
+    on an external cluster (RAY_ADDRESS), which an autoscaler may grow, it is a warning, returned for repeating."""
+    problem = unschedulable(cfg.execution.num_cpus, cfg.execution.num_gpus)
+    if problem is None:
+        return None
+    if os.environ.get(_PRIVATE_ENV):
+        raise JobFailed(f"job {cfg.output_dir} cannot start: {problem}. Lower it in the config, or give the "
+                        "private cluster more (snakemake --cores N sets its CPUs; GPUs are those of this machine), "
+                        "or run on a cluster that has them (RAY_ADDRESS)")
+    return f"job {cfg.output_dir} is pending: {problem}; waiting for the cluster (an autoscaler) to add such a node"
+
+
+def _warn_pending(message: str, log_path: Optional[str]) -> None:
+    """A warning for the dispatcher's log and the job's own log file (where the user looks while a job waits)."""
+    logging.getLogger("vitablate").warning(f"[vitablate] warning: {message}")
+    if log_path:
+        with contextlib.suppress(OSError), open(log_path, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [vitablate] warning: {message}\n")
 
 
 def _unwrap(e: BaseException) -> str:
@@ -374,15 +481,23 @@ def submit(cfg: JobConfig, uri: Optional[str], sources: Optional[dict] = None, l
     return task.remote(to_dict(cfg), uri, _run_name(cfg), sources, log_path, system_metrics_s)
 
 
-def _wait(ref, cancelled: Optional[Callable[[], bool]]):
-    """ray.get, but give up (cancel the task, raise KeyboardInterrupt) once `cancelled()` is true."""
+PENDING_WARNING_S = 60.0  # while a job no node can hold stays pending on an external cluster, warn this often
+
+
+def _wait(ref, cancelled: Optional[Callable[[], bool]], pending: Optional[Callable[[], Optional[str]]] = None):
+    """ray.get, but give up (cancel the task, raise KeyboardInterrupt) once `cancelled()` is true, and while
+    `pending()` returns a message (the request fits no node), repeat it every PENDING_WARNING_S seconds."""
     ray = _ray()
-    if cancelled is None:
+    if cancelled is None and pending is None:
         return ray.get(ref)
+    next_warning = time.monotonic() + PENDING_WARNING_S
     while not ray.wait([ref], timeout=0.5)[0]:
-        if cancelled():
+        if cancelled is not None and cancelled():
             ray.cancel(ref, force=True)
             raise KeyboardInterrupt("the job's Snakemake process went away")
+        if pending is not None and time.monotonic() >= next_warning:
+            next_warning = time.monotonic() + PENDING_WARNING_S
+            pending()
     return ray.get(ref)
 
 
@@ -398,8 +513,19 @@ def run_job(cfg: JobConfig, record_path: str, uri: Optional[str] = None, sources
     waiting) lets the dispatcher drop a job whose Snakemake process is gone.
     """
     connect()
+    log_path = log_path and os.path.abspath(log_path)
+    waiting = check_resources(cfg)  # raises on the private cluster; a message on an external one
+    pending = None
+    if waiting:
+        _warn_pending(waiting, log_path)
+
+        def pending() -> Optional[str]:
+            message = check_resources(cfg)
+            if message:
+                _warn_pending(message, log_path)
+            return message
     try:
-        record = _wait(submit(cfg, uri, sources, log_path and os.path.abspath(log_path), system_metrics_s), cancelled)
+        record = _wait(submit(cfg, uri, sources, log_path, system_metrics_s), cancelled, pending)
     except BaseException as e:
         message = _unwrap(e)
         # the worker died on its last attempt, or we were interrupted: end its run

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import random
 import socket
@@ -102,19 +103,58 @@ def prepare(uri: str, experiments: list[str]) -> None:
             retry(lambda: experiment_id(c, name), f"create experiment {name}")
 
 
+RETRY_ENV = "VITABLATE_TRACKING_RETRY_S"  # tracking.retry_timeout_s, exported by the workflow's onstart
+DEFAULT_RETRY_S = 300.0
+log = logging.getLogger("vitablate.tracking")
+
+
+def configure_retries(timeout_s: float) -> None:
+    """Cap how long a call waits for a tracking server that does not answer (tracking.retry_timeout_s).
+
+    MLflow's own HTTP client retries 7 times with growing back-off and a 120 s timeout per try, silently
+    (up to half an hour); here MLflow tries once (a server that is down refuses at once; one that hangs times out
+    after min(120 s, the cap), a bound on socket silence, not on a large upload) and `retry` below waits, with a
+    warning per attempt, until the cap. Exported through the environment, so the dispatcher and the private
+    cluster's workers (started after this) inherit it; a user's own MLFLOW_HTTP_REQUEST_* settings are kept.
+    """
+    os.environ[RETRY_ENV] = f"{timeout_s:g}"
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(min(120.0, timeout_s)))))
+
+
+def _server_down(text: str) -> bool:
+    return any(m in text for m in ("connection", "max retries exceeded", "timed out", "timeout", " 502", " 503",
+                                   " 504", "temporarily unavailable"))
+
+
 def retry(fn: Callable[[], T], what: str, attempts: int = 8) -> T:
-    """Retry transient store errors (SQLite 'database is locked', a server hiccup)."""
-    for i in range(attempts):
+    """Retry transient store errors: a SQLite lock a few times, quickly; a tracking server that does not answer
+    with a warning per attempt, for at most tracking.retry_timeout_s seconds in all."""
+    budget = float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
+    deadline, i = None, 0
+    while True:
         try:
             with _lock:
                 return fn()
         except Exception as e:  # MlflowException wraps sqlalchemy's OperationalError
             text = str(e).lower()
-            transient = "locked" in text or "busy" in text or "temporarily" in text or "connection" in text
-            if not transient or i == attempts - 1:
-                raise RuntimeError(f"MLflow {what} failed: {e}") from e
-            time.sleep(0.05 * 2**i * (1 + random.random()))
-    raise AssertionError("unreachable")
+            if not _server_down(text):
+                transient = "locked" in text or "busy" in text or "temporarily" in text
+                if not transient or i >= attempts - 1:
+                    raise RuntimeError(f"MLflow {what} failed: {e}") from e
+                time.sleep(0.05 * 2**i * (1 + random.random()))
+                i += 1
+                continue
+            now = time.monotonic()
+            deadline = deadline if deadline is not None else now + budget
+            if now >= deadline:
+                raise RuntimeError(f"MLflow {what} failed: the tracking server did not answer for {budget:g} s "
+                                   f"(tracking.retry_timeout_s): {str(e)[:300]}") from e
+            wait = min(2.0**min(i, 4), deadline - now)
+            log.warning(f"[vitablate] MLflow {what}: the tracking server does not answer ({str(e)[:200]}); retrying "
+                        f"in {wait:.0f} s, giving up in {deadline - now:.0f} s (tracking.retry_timeout_s)")
+            time.sleep(wait)
+            i += 1
 
 
 def artifact_root(uri: str) -> str | None:
@@ -302,19 +342,24 @@ def fail_run(uri: str, run_id: str, error: str, status: str = "FAILED") -> None:
         retry(lambda: c.set_terminated(run_id, status), "end run")
 
 
-def end_if_running(uri: str, run_id: str, error: str, status: str = "FAILED") -> None:
-    """End a run the job could not end itself (its worker died): FAILED with the error, or KILLED."""
+def end_if_running(uri: str, run_id: str, error: str, status: str = "FAILED") -> bool:
+    """End a run the job could not end itself (its worker died): FAILED with the error, or KILLED. True if it was
+    RUNNING."""
     c = client(uri)
     if retry(lambda: c.get_run(run_id).info.status, "read run") == "RUNNING":
         fail_run(uri, run_id, error, status)
+        return True
+    return False
 
 
-def end_latest(uri: str | None, output_dir: str, error: str, status: str = "FAILED") -> None:
-    """End the job's latest run (its marker) if still RUNNING; an unreachable store is left to the next attempt."""
+def end_latest(uri: str | None, output_dir: str, error: str, status: str = "FAILED") -> bool:
+    """End the job's latest run (its marker) if still RUNNING (True if it was); an unreachable store is left to the
+    next attempt."""
     latest = latest_run(output_dir) if uri else None
     if latest:
         with contextlib.suppress(Exception):
-            end_if_running(uri, latest["run_id"], error, status)
+            return end_if_running(uri, latest["run_id"], error, status)
+    return False
 
 
 def readable_store(uri: str) -> str | None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
 import sys
 import traceback
@@ -49,12 +51,23 @@ def active_questions(config: dict) -> list[str]:
     return [q for q in QUESTIONS if config.get(q)]
 
 
+def _path_setting(config: dict, key: str, default: str) -> str:
+    """A directory setting, normalised: 'results/' and 'results' name the same outputs (the rules'
+    paths are built from it, so a trailing slash would otherwise plan none of the existing files)."""
+    value = config.get(key, default)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key} is {value!r}; give a directory path (default: {default!r})")
+    return os.path.normpath(value.strip())
+
+
 def results_dir(config: dict) -> str:
-    return config.get("results_dir", "results")
+    return _path_setting(config, "results_dir", "results")
 
 
 def reports_dir(config: dict) -> str:
-    return config.get("reports_dir", "reports")
+    """Generated reports: under the git-ignored results directory by default; the committed example
+    reports live in examples/, where no rule writes."""
+    return _path_setting(config, "reports_dir", "results/reports")
 
 
 # --- checkpoints handed between jobs ------------------------------------------------------
@@ -372,11 +385,90 @@ def job_params(config: dict, kind: str, wildcards) -> dict:
     return to_dict(RESOLVERS[kind](config, **dict(wildcards.items())))
 
 
+MAX_CONFIG_VALUES = 1_000_000  # values in the config once YAML aliases are expanded
+MAX_SEED = 2**31 - 1  # numpy / torch generators take 32-bit seeds
+LARGE_GRID_JOBS = 5_000  # more jobs than this in one run is warned about (a typo such as range(20000) of seeds)
+
+
+def check_raw_config(config: Any, source: str = "the config") -> None:
+    """Checks that must come before the JSON schema's: a mapping at the top, a bounded size once YAML
+    aliases are expanded (an alias bomb would make the schema check, and its error message, explode),
+    and finite numbers (`.nan` and `.inf` pass the schema's bounds)."""
+    if not isinstance(config, dict):
+        what = "empty" if config is None else f"a YAML {type(config).__name__}"
+        raise ConfigError(f"{source} is {what}, not a mapping of keys (results_dir:, execution:, architecture:, "
+                          "...); see config/config.yaml")
+    sizes: dict[int, int] = {}
+
+    def size(value: Any) -> int:  # expanded size, each shared (aliased) node counted once per use
+        if id(value) in sizes:
+            return sizes[id(value)]
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        sizes[id(value)] = n = 1 + sum(size(v) for v in children)
+        return n
+
+    total = size(config)
+    if total > MAX_CONFIG_VALUES:
+        raise ConfigError(f"{source} expands to {total:,} values (more than {MAX_CONFIG_VALUES:,}): YAML aliases "
+                          "(&name / *name) nested inside each other multiply; write the values out")
+
+    def walk(value: Any, key: str, seen: set) -> None:
+        if id(value) in seen:
+            return
+        if isinstance(value, (dict, list)):
+            seen.add(id(value))
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} is {value}; give a finite number")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k), seen)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]", seen)
+
+    walk(config, "", set())
+
+
+def grid_size(config: dict) -> int:
+    """Jobs in the whole grid (every question's training, evaluation and analysis jobs)."""
+    kinds = {"architecture": ["architecture"], "pretext": ["pretrain", "pretext_eval", "analysis"],
+             "transfer": ["transfer"]}
+    return sum(len(grid(config, k)) for q in active_questions(config) for k in kinds[q])
+
+
+def check_paths(config: dict) -> None:
+    """Path settings: not empty, and reports never written where the committed examples live."""
+    results_dir(config), reports_dir(config)
+    if "data_root" in config:
+        _path_setting(config, "data_root", "data")
+    reports = os.path.abspath(reports_dir(config))
+    examples = os.path.abspath("examples")
+    if reports == examples or reports.startswith(examples + os.sep):
+        raise ConfigError(f"reports_dir {config['reports_dir']!r} is inside examples/, which holds committed "
+                          "example reports that a run must never overwrite; use results/reports (the default)")
+
+
+def check_teacher_files(config: dict) -> None:
+    """Every file: teacher a configured transfer job reads must exist before any job starts (otherwise
+    Snakemake would see a missing input and plan nothing for it, leaving older reports in place)."""
+    s = config.get("transfer") or {}
+    if not s or not [m for m in s.get("methods", []) if m != "scratch"]:
+        return
+    for teacher, spec in (s.get("teachers") or {}).items():
+        if isinstance(spec, str) and spec.startswith("file:") and not os.path.isfile(spec[len("file:"):]):
+            raise ConfigError(f"transfer.teachers.{teacher} is {spec!r}, but {spec[len('file:'):]!r} is not a file "
+                              "here; fix the path (relative paths start at the workflow directory) or remove the "
+                              "teacher")
+
+
 def check_config(config: dict) -> None:
     """Cross-field checks the JSON schema cannot express; raises with the key and the fix.
 
     Also resolves one job of every kind, so that type errors surface before any job runs.
     """
+    check_raw_config(config)
+    check_paths(config)
+    check_teacher_files(config)
     datasets = config.get("datasets", {})
     for q in QUESTIONS:
         section = config.get(q)
@@ -391,6 +483,9 @@ def check_config(config: dict) -> None:
         seeds = section.get("seeds", [])
         if len(set(seeds)) != len(seeds):
             raise ConfigError(f"{q}.seeds has duplicates: {seeds}")
+        too_big = [k for k in seeds if isinstance(k, int) and not 0 <= k <= MAX_SEED]
+        if too_big:
+            raise ConfigError(f"{q}.seeds has {too_big}; seeds must lie in 0..{MAX_SEED} (2^31 - 1)")
     for teacher, spec in ((config.get("transfer") or {}).get("teachers") or {}).items():
         if spec.startswith("pretext:"):
             name = spec[len("pretext:"):]
@@ -415,6 +510,11 @@ def check_config(config: dict) -> None:
     for kind in RESOLVERS:
         for wc in grid(config, kind)[:1]:
             RESOLVERS[kind](config, **wc)
+    jobs = grid_size(config)
+    if jobs > LARGE_GRID_JOBS:
+        logging.getLogger("vitablate").warning(
+            f"[vitablate] warning: this config's grid has {jobs:,} jobs (more than {LARGE_GRID_JOBS:,}); check the "
+            "seeds, datasets and methods lists (`snakemake -n` lists the jobs)")
 
 
 def data_paths(config: dict) -> dict[str, list[str]]:
@@ -437,11 +537,70 @@ def check_data(config: dict, remote: bool = False) -> list[str]:
     With `remote` (jobs run on a Ray cluster at RAY_ADDRESS, which may mount the data where this
     machine does not) missing paths are returned as warnings instead of raising.
     """
+    from .data.datasets import FOLDER_LAYOUTS, _require_class_dirs
+
     missing = [f"{name}: {p}" for name, paths in data_paths(config).items() for p in paths if not os.path.isdir(p)]
     if missing and not remote:
         raise ConfigError(f"dataset paths not found: {missing}; put the data there (see README, Datasets) or "
                           "point data_root / datasets.<name>.data.root / extra_test_dirs at it")
+    for name, paths in data_paths(config).items():  # image folders: every class folder holds images
+        folders = paths if name == "imagefolder" else paths[len(FOLDER_LAYOUTS.get(name, ())):]
+        for path in folders:
+            if os.path.isdir(path):
+                try:
+                    _require_class_dirs(path, "<dir>/<class>/<image>")
+                except FileNotFoundError as e:
+                    raise ConfigError(f"datasets.{name}: {e}") from None
     return missing
+
+
+MIN_FREE_MB = 200  # results_dir must have this much room before a run starts (checkpoints check again)
+
+
+def check_results_dir(path: str, min_free_mb: float = MIN_FREE_MB) -> None:
+    """Before any job: results_dir can be written (a real file is created and removed) and has room."""
+    import shutil
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check"):
+            pass
+        free_mb = shutil.disk_usage(path).free / 2**20
+    except OSError as e:
+        raise ConfigError(f"results_dir {os.path.abspath(path)} cannot be written ({e.strerror or e}); fix its "
+                          "permissions or mount, or point results_dir elsewhere") from None
+    if free_mb < min_free_mb:
+        raise ConfigError(f"results_dir {os.path.abspath(path)} has {free_mb:.0f} MB free, less than the "
+                          f"{min_free_mb:.0f} MB a run needs to start; free some space or point results_dir elsewhere")
+
+
+RUN_STARTED_ENV = "VITABLATE_RUN_STARTED"  # when this workflow run started (the onstart's time.time())
+
+
+def mark_run_started() -> None:
+    """The workflow's onstart: remember when this run started, for `end_orphaned_runs`."""
+    import time
+
+    os.environ[RUN_STARTED_ENV] = repr(time.time())
+
+
+def end_orphaned_runs(results: str, uri: str, message: str, since: float | None = None) -> list[str]:
+    """The workflow's onerror: end FAILED the MLflow runs that jobs of this run (markers written since `since`,
+    default: `mark_run_started`'s time) left RUNNING without a record, e.g. because the dispatcher died or the disk
+    filled; returns their dirs."""
+    from .tracking import end_latest, latest_run
+
+    since = float(os.environ.get(RUN_STARTED_ENV, "inf")) if since is None else since
+    ended = []
+    for root, _, files in os.walk(results):
+        if "mlflow_run.json" not in files or "record.json" in files:
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            if os.path.getmtime(os.path.join(root, "mlflow_run.json")) >= since and latest_run(root):
+                if end_latest(uri, root, message, "FAILED"):
+                    ended.append(root)
+    return ended
 
 
 # --- rule bodies --------------------------------------------------------------------------

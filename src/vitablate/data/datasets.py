@@ -256,6 +256,13 @@ def _require_class_dirs(path: str, layout: str) -> None:
         raise FileNotFoundError(f"directory {path} not found; expected the ImageFolder layout {layout}")
     if not any(e.is_dir() for e in os.scandir(path)):
         raise FileNotFoundError(f"no class folders in {path}; expected the ImageFolder layout {layout}")
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    for entry in os.scandir(path):  # torchvision's own error names the class, not where it is
+        if entry.is_dir() and not any(f.lower().endswith(IMG_EXTENSIONS) for _, _, files in os.walk(entry.path)
+                                       for f in files):
+            raise FileNotFoundError(f"class folder {entry.path} has no images ({', '.join(IMG_EXTENSIONS)}); "
+                                    f"add some or remove the folder (layout {layout})")
 
 
 def _resize(x: torch.Tensor, img_size: int) -> torch.Tensor:
