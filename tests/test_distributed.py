@@ -190,3 +190,5 @@ def test_workflow_runs_a_grid_with_two_workers_per_job(workflow):
         assert [w["rank"] for w in ranks] == [0, 1] and len({w["pid"] for w in ranks}) == 2
         assert all(w["ray_node_id"] and w["ray_node_ip"] and w["device"] == "cpu" for w in ranks)
         assert len(record["history"]) == 2
+        job_dir = workflow / f"results/architecture/digits/{mixer}/seed0"  # relative paths resolve as for 1 worker
+        assert (job_dir / "model.pt").exists() and (job_dir / "checkpoint.pt").exists()

@@ -70,7 +70,9 @@ def load_data(cfg: JobConfig, device: torch.device) -> DatasetBundle:
         a = cfg.train.augment
         extra = dict(crop_scale=tuple(a.crop_scale) if a.crop_scale else None, flip=a.flip,
                      micro_batch=dist.check_batch(cfg.train.batch_size, cfg.train.accum_steps),
-                     pin_memory=device.type == "cuda")
+                     pin_memory=device.type == "cuda",
+                     # MoCo, SimMIM, MAE, hybrid crop their own views (on the device) from the whole image
+                     train_crop=not (cfg.job == "pretrain" and cfg.pretext.name != "supervised"))
     bundle = load_dataset(d.name, root=d.root, img_size=cfg.model.img_size, label_by=d.label_by,
                           extra_test_dirs=d.extra_test_dirs or None, num_workers=d.num_workers, **extra)
     if cfg.execution.data_on_device and device.type == "cuda":

@@ -101,6 +101,7 @@ def _worker_loop(config: dict) -> None:
     from . import distributed, jobs
     from .execution import _execute, placement
 
+    os.chdir(config["cwd"])  # Ray Train starts workers in its own directory; the job's paths are the launcher's
     if torch.cuda.is_available() and config["cfg"]["execution"]["num_gpus"] > 0:
         import ray.train.torch
 
@@ -147,7 +148,7 @@ def run_group(cfg_dict: dict, uri: Optional[str], run_name: str, sources: Option
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"cfg": cfg_dict, "uri": uri, "run_name": run_name, "log_path": log_path,
-                           "system_metrics_s": system_metrics_s, "mailbox": mailbox},
+                           "system_metrics_s": system_metrics_s, "mailbox": mailbox, "cwd": os.getcwd()},
         scaling_config=ScalingConfig(num_workers=ex.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(name=os.path.basename(output_dir.rstrip("/")) or "job",
                              storage_path=os.path.join(output_dir, "ray_train"),

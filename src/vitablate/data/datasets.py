@@ -569,6 +569,7 @@ def load_imagefolder(
     flip: bool = True,
     micro_batch: int | None = None,
     pin_memory: bool = False,
+    train_crop: bool = True,
     **kw,
 ) -> DatasetBundle:
     """ImageNet-style root/train/<class>/* and root/val/<class>/*.
@@ -576,7 +577,8 @@ def load_imagefolder(
     root/val becomes the TEST split; val is a fixed stratified `val_fraction`
     of root/train (seed 0), and train is the rest. All splits read lazily through
     `ImageFolderStream` (data/pipeline.py): uint8 batches, the train split's crops
-    (area `crop_scale`, default 0.08..1, and `flip`) taken from the full-resolution image.
+    (area `crop_scale`, default 0.08..1, and `flip`) taken from the full-resolution image;
+    train_crop False: the whole image resized instead (a pretext that crops its own views).
     seed and micro_batch are unused (fixed split; batches are sized by the caller).
     """
     from .pipeline import ImageFolderStream
@@ -598,8 +600,8 @@ def load_imagefolder(
             "both must have the same class folders"
         )
 
-    def fs(sub: str, indices=None, train: bool = False) -> ImageFolderStream:
-        return ImageFolderStream(os.path.join(root, sub), img_size, train=train, indices=indices,
+    def fs(sub: str, indices=None, mode: str = "eval") -> ImageFolderStream:
+        return ImageFolderStream(os.path.join(root, sub), img_size, mode=mode, indices=indices,
                                  num_workers=num_workers, crop_scale=crop_scale, flip=flip, pin_memory=pin_memory)
 
     full = fs("train")
@@ -607,7 +609,7 @@ def load_imagefolder(
     return DatasetBundle(
         name="imagefolder", num_classes=len(full.classes), in_chans=3, img_size=img_size,
         mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        train=fs("train", keep, train=True), val=fs("train", hold), test=fs("val"), class_names=full.classes,
+        train=fs("train", keep, "train" if train_crop else "view"), val=fs("train", hold), test=fs("val"), class_names=full.classes,
     )
 
 

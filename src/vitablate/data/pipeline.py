@@ -11,6 +11,8 @@ Here:
   per-sample seed that depends on (epoch, image) only, so neither the number of loader workers
   nor the number of training workers changes what a given image becomes;
 - evaluation resizes the shorter side to img_size * 256 / 224 (bicubic) and centre-crops img_size;
+- a pretext that crops its own views (MoCo, SimMIM, MAE) gets the whole image, shorter side resized
+  to img_size and centre-cropped (mode "view"), and crops it on the device as on in-memory data;
 - batches are uint8 (N, C, H, W), a quarter of float32's bytes, and are scaled and normalised on
   the device (`to_unit` then `normalize`);
 - loader batches have the micro-batch size (`micro` pieces per batch), not the optimiser batch.
@@ -83,16 +85,21 @@ def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor]:
 class ImageFolderStream(FolderSplit):
     """A lazily-read ImageFolder split decoded at full resolution (see the module docstring).
 
-    train: random-resized crops (`crop_scale`, aspect 3/4..4/3) and flips (`flip`); else the
-    evaluation resize and centre crop. Batches are uint8 (N, C, img_size, img_size).
+    mode "train": random-resized crops (`crop_scale`, aspect 3/4..4/3) and flips (`flip`); "eval": the
+    evaluation resize and centre crop; "view": shorter side to img_size, centre crop (a pretext crops
+    its views itself). Batches are uint8 (N, C, img_size, img_size). A split that trains ("train",
+    "view") keeps its loader workers for the whole job.
     """
 
-    def __init__(self, root: str | os.PathLike, img_size: int, train: bool = False, in_chans: int = 3,
+    def __init__(self, root: str | os.PathLike, img_size: int, mode: str = "eval", in_chans: int = 3,
                  indices=None, class_names: Optional[list[str]] = None, num_workers: int = 0,
                  crop_scale: Optional[tuple[float, float]] = None, flip: bool = True, pin_memory: bool = False):
+        if mode not in ("train", "eval", "view"):
+            raise ValueError(f"ImageFolderStream mode must be train, eval or view, got {mode!r}")
         super().__init__(root, img_size, in_chans=in_chans, indices=indices, class_names=class_names,
                          num_workers=num_workers)
-        self.train = train
+        self.mode = mode
+        self.train = mode != "eval"  # persistent workers, per-sample seeds
         self.crop_scale = tuple(crop_scale) if crop_scale else (0.08, 1.0)
         self.flip = flip
         self.pin_memory = pin_memory
@@ -116,14 +123,15 @@ class ImageFolderStream(FolderSplit):
             raise RuntimeError(f"image {path} cannot be read ({type(e).__name__}: {e}); "
                                "replace or delete the file, then re-run") from e
         size = self.img_size
-        if self.train:
+        if self.mode == "train":
             gen = torch.Generator().manual_seed(seed if seed is not None else i)
             top, left, h, w = resized_crop_box(img.width, img.height, self.crop_scale, (3 / 4, 4 / 3), gen)
             img = TF.resized_crop(img, top, left, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True)
             if self.flip and torch.rand(1, generator=gen).item() < 0.5:
                 img = TF.hflip(img)
         else:
-            img = TF.resize(img, round(size * EVAL_RESIZE), InterpolationMode.BICUBIC, antialias=True)
+            shorter = round(size * EVAL_RESIZE) if self.mode == "eval" else size
+            img = TF.resize(img, shorter, InterpolationMode.BICUBIC, antialias=True)
             img = TF.center_crop(img, [size, size])
         arr = np.asarray(img, dtype=np.uint8)
         arr = arr[:, :, None] if arr.ndim == 2 else arr
