@@ -116,9 +116,11 @@ class ImageFolderStream(FolderSplit):
         from torchvision.transforms import functional as TF
 
         path = self.folder.samples[int(self.indices[i])][0]
+        mode = "L" if self.in_chans == 1 else "RGB"
         try:
             with Image.open(path) as f:
-                img = f.convert("L" if self.in_chans == 1 else "RGB")  # decoded at full resolution
+                f.load()  # decoded at full resolution
+                img = f if f.mode == mode else f.convert(mode)
         except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
             raise RuntimeError(f"image {path} cannot be read ({type(e).__name__}: {e}); "
                                "replace or delete the file, then re-run") from e
@@ -126,9 +128,10 @@ class ImageFolderStream(FolderSplit):
         if self.mode == "train":
             gen = torch.Generator().manual_seed(seed if seed is not None else i)
             top, left, h, w = resized_crop_box(img.width, img.height, self.crop_scale, (3 / 4, 4 / 3), gen)
-            img = TF.resized_crop(img, top, left, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True)
+            # crop and resize in one resampling pass (PIL's box), bilinear with antialiasing as torchvision's
+            img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
             if self.flip and torch.rand(1, generator=gen).item() < 0.5:
-                img = TF.hflip(img)
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
         else:
             shorter = round(size * EVAL_RESIZE) if self.mode == "eval" else size
             img = TF.resize(img, shorter, InterpolationMode.BICUBIC, antialias=True)
