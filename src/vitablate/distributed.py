@@ -143,7 +143,8 @@ def wrap_loss(module: nn.Module, loss_fn, device: torch.device):
         return loss_fn, lambda last: contextlib.nullcontext()
     ddp = nn.parallel.DistributedDataParallel(
         _LossModule(module, loss_fn), device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False,  # BatchNorm heads are SyncBatchNorm; EMA encoders update identically everywhere
+        # no buffer broadcast each forward: BatchNorm heads are synchronised, EMA encoders update the same everywhere
+        forward_sync_buffers=False,
     )
 
     def sync(last: bool):
