@@ -192,3 +192,11 @@ def test_workflow_runs_a_grid_with_two_workers_per_job(workflow):
         assert len(record["history"]) == 2
         job_dir = workflow / f"results/architecture/digits/{mixer}/seed0"  # relative paths resolve as for 1 worker
         assert (job_dir / "model.pt").exists() and (job_dir / "checkpoint.pt").exists()
+
+
+def test_a_group_larger_than_the_cluster_is_refused():
+    from vitablate.train_launch import _check_cluster_fits
+
+    _check_cluster_fits({"CPU": 4.0, "GPU": 2.0}, 2, {"CPU": 2, "GPU": 1})
+    with pytest.raises(ValueError, match=r"execution.workers 4 .*4 GPU \(the cluster has 2\)"):
+        _check_cluster_fits({"CPU": 64.0, "GPU": 2.0}, 4, {"CPU": 2, "GPU": 1})

@@ -79,6 +79,15 @@ def group_record() -> dict:
     return {"workers": list(_group_placements)} if _group_placements else {}
 
 
+def _check_cluster_fits(total: dict, workers: int, per_worker: dict) -> None:
+    """A group the whole cluster cannot hold would wait forever: refuse it with the numbers."""
+    short = {k: (workers * v, total.get(k, 0)) for k, v in per_worker.items() if workers * v > total.get(k, 0)}
+    if short:
+        need = ", ".join(f"{workers * per_worker[k]:g} {k} (the cluster has {have:g})" for k, (_, have) in short.items())
+        raise ValueError(f"execution.workers {workers} x execution.num_cpus/num_gpus/memory_gb needs {need}; "
+                         "lower execution.workers or the per-worker resources, or add nodes")
+
+
 class _Mailbox:
     """Holds rank 0's record for the launcher (workers may run on other nodes)."""
 
@@ -143,6 +152,7 @@ def run_group(cfg_dict: dict, uri: Optional[str], run_name: str, sources: Option
     memory = memory_bytes(cfg)
     if memory:
         per_worker["memory"] = memory
+    _check_cluster_fits(ray.cluster_resources(), ex.workers, per_worker)
     mailbox = ray.remote(num_cpus=0)(_Mailbox).remote()
     output_dir = os.path.abspath(cfg.output_dir)
     trainer = TorchTrainer(
