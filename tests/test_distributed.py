@@ -200,3 +200,24 @@ def test_a_group_larger_than_the_cluster_is_refused():
     _check_cluster_fits({"CPU": 4.0, "GPU": 2.0}, 2, {"CPU": 2, "GPU": 1})
     with pytest.raises(ValueError, match=r"execution.workers 4 .*4 GPU \(the cluster has 2\)"):
         _check_cluster_fits({"CPU": 64.0, "GPU": 2.0}, 4, {"CPU": 2, "GPU": 1})
+
+
+@pytest.mark.slow
+def test_moco_pretraining_on_two_workers_gathers_keys(private_cluster, tmp_path):
+    """MoCo v3 through Ray Train: 2 workers x 8 images, every query meets the 16 keys of the global batch;
+    one worker at the per-worker batch of 8 meets 8. The heads' BatchNorm is synchronised (CPU: all-reduced)."""
+    from vitablate import execution, jobs
+
+    def moco(workers: int, batch: int, out) -> JobConfig:
+        return from_dict(JobConfig, {
+            "job": "pretrain", "question": "pretext", "output_dir": str(out), "data": {"name": "digits"},
+            "model": {"variant": "vit_digits", "depth": 1, "embed_dim": 16, "num_heads": 2},
+            "pretext": {"name": "moco", "moco_dim": 16, "moco_mlp_dim": 32},
+            "train": {"epochs": 1, "batch_size": batch, "lr": 1e-3, "warmup_epochs": 0},
+            "execution": {"workers": workers, "num_cpus": 1}})
+
+    two = execution.run_job(moco(2, 16, tmp_path / "two"), str(tmp_path / "two/record.json"))
+    one = jobs.run(moco(1, 8, tmp_path / "one"))
+    assert two["history"][0]["moco_keys"] == 16 and one["history"][0]["moco_keys"] == 8
+    assert [w["rank"] for w in two["workers"]] == [0, 1] and (tmp_path / "two/encoder.pt").exists()
+    assert two["history"][0]["train_loss"] > 0

@@ -145,6 +145,9 @@ def wrap_loss(module: nn.Module, loss_fn, device: torch.device):
         _LossModule(module, loss_fn), device_ids=[device.index] if device.type == "cuda" else None,
         # no buffer broadcast each forward: BatchNorm heads are synchronised, EMA encoders update the same everywhere
         forward_sync_buffers=False,
+        # some objectives leave trainable weights out of the loss (SimMIM's and MAE's encoder never uses its
+        # fc_norm); DDP must not wait for their gradients. Costs one walk of the autograd graph per forward.
+        find_unused_parameters=True,
     )
 
     def sync(last: bool):
@@ -197,7 +200,9 @@ def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
         if type(child) is nn.BatchNorm1d:
             new = CrossRankBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
                                        child.track_running_stats)
-            new.load_state_dict(child.state_dict())
+            # the same parameters and buffers (a momentum branch's stay frozen, an optimiser's stay valid)
+            for key, value in [*child.named_parameters(recurse=False), *child.named_buffers(recurse=False)]:
+                setattr(new, key, value)
             setattr(module, name, new)
         else:
             sync_batchnorm(child, device)

@@ -115,16 +115,17 @@ def epoch_batches(split, batch_size: int, seed: int, accum_steps: int = 1):
 
     def batches(epoch: int):
         gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-        return split.batches(batch_size, shuffle=True, generator=gen, drop_last=True, shard=dist.shard(),
-                             micro=accum_steps)
+        return split.batches(batch_size, shuffle=True, generator=gen, drop_last=True,
+                             shard=dist.shard() if dist.is_distributed() else None, micro=accum_steps)
 
     return batches
 
 
 def sharded_predict(forward, split, batch_size: int, precision, transform):
     """`predict` over a whole split, each worker evaluating its share of every batch (gathered on all ranks)."""
-    return predict(forward, split.batches(batch_size, shard=dist.shard()), precision, transform,
-                   gather=dist.is_distributed())
+    if not dist.is_distributed():
+        return predict(forward, split.batches(batch_size), precision, transform)
+    return predict(forward, split.batches(batch_size, shard=dist.shard()), precision, transform, gather=True)
 
 
 def shifted_sets(cfg: JobConfig, data: DatasetBundle) -> dict:

@@ -144,6 +144,13 @@ class ImageFolderStream(FolderSplit):
         i, seed = key if isinstance(key, tuple) else (key, None)
         return self.decode(i, seed), int(self.targets[i])
 
+    def load(self, batch_size: int = 256):
+        """Every image in an in-memory Split, float32 in [0, 1] like the other splits'."""
+        from .datasets import Split
+
+        split = super().load(batch_size)
+        return Split(to_unit(split.x), split.y)
+
     def loader(self) -> torch.utils.data.DataLoader:
         """The split's DataLoader; a training split's workers persist across epochs (built once per job)."""
         if self._loader is not None:
