@@ -78,6 +78,8 @@ class TrainConfig:
 class ExecutionConfig:
     num_cpus: float = 1  # per job (Ray task); torch uses this many threads
     num_gpus: float = 0  # per job; fractional values pack small runs on one GPU
+    workers: int = 1  # data-parallel processes of one job (Ray Train), each with num_cpus CPUs and num_gpus GPUs
+    memory_gb: Optional[float] = None  # host memory per worker declared to Ray; None: computed for imagefolder
     max_retries: int = 2  # Ray re-runs a job whose worker died; it resumes from its checkpoint
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False  # torch.compile the model (GPU runs)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
+from . import distributed as dist
 from .config import TrainConfig
 
 
@@ -175,8 +176,11 @@ def classification_loss(model: nn.Module, label_smoothing: float) -> Callable:
 
 @torch.no_grad()
 def predict(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, precision: Precision,
-            transform: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class probabilities and labels over a split: (N, K) float32, (N,) int64, on CPU."""
+            transform: Optional[Callable] = None, gather: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities and labels over a split: (N, K) float32, (N,) int64, on CPU.
+
+    gather: `batches` is this worker's shard of the split; return every worker's rows (all ranks).
+    """
     probs, labels = [], []
     for x, y in batches:
         x = x.to(precision.device, non_blocking=True)
@@ -186,6 +190,10 @@ def predict(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, 
             logits = forward(x)
         probs.append(logits.float().softmax(-1).cpu())
         labels.append(y.cpu())
+    if gather:
+        k = probs[0].shape[-1] if probs else 0
+        probs = [dist.gather_rows(torch.cat(probs) if probs else torch.zeros(0, k))]
+        labels = [dist.gather_rows(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64))]
     return torch.cat(probs), torch.cat(labels)
 
 
@@ -264,6 +272,7 @@ def fit(
     extra_state: Optional[dict[str, nn.Module]] = None,
     meta: Optional[dict] = None,
     after_step: Optional[Callable[[int, int], None]] = None,
+    micro_batches: bool = False,
 ) -> FitResult:
     """Train `model` for cfg.epochs with cfg.optimizer (AdamW by default) and warm-up + cosine, resuming if a
     checkpoint exists.
@@ -275,13 +284,20 @@ def fit(
     extra_state: other modules whose state the checkpoint must carry (heads, EMA encoders).
     meta: saved in the checkpoint as is (the resolved config, so a resume can check it).
     after_step(step, total_steps): called after each optimiser step (e.g. MoCo's EMA update).
+    micro_batches: train_batches yields micro-batches, cfg.accum_steps of them per optimiser step
+    (default: one (x, y) per step, cut into accum_steps micro-batches here).
+
+    Several workers (a torch.distributed process group, see vitablate.distributed): train_batches
+    yields this rank's share of each step; gradients are all-reduced through DDP once per step;
+    metrics and the non-finite flag are summed over ranks; rank 0 alone writes the checkpoint and
+    calls on_epoch, and every rank resumes from the state rank 0 read.
     """
     device = precision.device
     optimizer = build_optimizer(model, cfg, device)  # every parameter of `model` that requires grad
     modules = {"model": model, **(extra_state or {})}
     result = FitResult()
     start_epoch = 0
-    state = checkpoint.load()
+    state = dist.broadcast_object(checkpoint.load() if dist.is_main() else None)
     if state is not None and not _same_job(state.get("meta", {}), meta or {}):
         # a checkpoint of another config (the job's settings changed since): never resume it
         print(f"[vitablate] {checkpoint.path} belongs to a different config; training from scratch", flush=True)
@@ -297,6 +313,7 @@ def fit(
     if accum < 1 or cfg.batch_size % accum:
         raise ValueError(f"train.accum_steps {accum} must be >= 1 and divide train.batch_size {cfg.batch_size}; "
                          "pick a divisor (batch_size / accum_steps images go through the model at once)")
+    step_loss, sync = dist.wrap_loss(model, loss_fn, device)  # DDP with several workers
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
     # non-finite check: every step on CPU (cheap), every 25 on GPU (a host sync each time)
@@ -304,31 +321,35 @@ def fit(
     t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        es = epoch_seed(seed, epoch)
+        es = epoch_seed(seed, epoch) + 7919 * dist.rank()  # each worker draws its own augmentations
         seed_everything(es)  # drop-path and any other global randomness
         gen = torch.Generator(device=device).manual_seed(es) if transform is not None else None
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         n_images, step = 0, epoch * steps_per_epoch
         logs_sum: dict[str, torch.Tensor] = {}
-        for i, (x, y) in enumerate(train_batches(epoch)):
+
+        def prepare(x, y):  # onto the device, augmented there
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if transform is not None:
-                x = transform(x, gen)
+            return (transform(x, gen) if transform is not None else x), y
+
+        for i, micro in enumerate(_steps(train_batches(epoch), accum, micro_batches, prepare)):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
             optimizer.zero_grad(set_to_none=True)
+            step_images = sum(ym.shape[0] for _, ym in micro)
             # gradient accumulation: the mean loss over the batch, one micro-batch's share at a time
-            for xm, ym in zip(x.chunk(accum), y.chunk(accum)):
-                with precision.autocast():
-                    loss, logs = loss_fn(xm, ym)
-                if (i + 1) % check_every == 0 and not torch.isfinite(loss).item():
+            for j, (xm, ym) in enumerate(micro):
+                with precision.autocast(), sync(j == len(micro) - 1):
+                    loss, logs = step_loss(xm, ym)
+                if (i + 1) % check_every == 0 and dist.any_rank(not torch.isfinite(loss).item(), device):
                     raise NonFiniteLossError(
                         f"loss is {loss.item()} at epoch {epoch + 1}, step {i + 1}; the last good checkpoint "
                         f"({checkpoint.path}, epoch {epoch}) is kept. Lower train.lr (now {cfg.lr}) or set "
                         "train.grad_clip, then re-run to resume."
                     )
-                (loss * (xm.shape[0] / x.shape[0]) if accum > 1 else loss).backward()
+                with sync(j == len(micro) - 1):
+                    (loss * (xm.shape[0] / step_images) if accum > 1 else loss).backward()
                 loss_sum += loss.detach().float() * xm.shape[0]
                 for k, v in logs.items():  # device tensors: no host sync per step
                     logs_sum[k] = logs_sum.get(k, 0.0) + torch.as_tensor(v, device=device).float() * xm.shape[0]
@@ -337,8 +358,13 @@ def fit(
             optimizer.step()
             if after_step is not None:
                 after_step(step, total_steps)
-            n_images += x.shape[0]
+            n_images += step_images
             step += 1
+        # every worker's share: sums over ranks (identity with one worker)
+        totals = dist.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(n_images), device=device),
+                                                  *logs_sum.values()]))
+        loss_sum, n_images = totals[0], int(totals[1].item())
+        logs_sum = dict(zip(logs_sum, totals[2:]))
         train_loss = (loss_sum / max(1, n_images)).item()
         if not math.isfinite(train_loss):
             raise NonFiniteLossError(
@@ -355,8 +381,11 @@ def fit(
         # time left: the mean wall time of this process's epochs (evaluation and checkpoints included)
         done_here = epoch + 1 - start_epoch
         metrics["eta_s"] = (time.perf_counter() - t_start) / done_here * (cfg.epochs - epoch - 1)
-        progress_log.info(progress_line(metrics, cfg.epochs))
+        if dist.is_main():
+            progress_log.info(progress_line(metrics, cfg.epochs))
         result.history.append(metrics)
+        if not dist.is_main():
+            continue  # rank 0 alone reports the epoch and writes the checkpoint
         # the epoch's metrics first: a job that dies before the checkpoint re-runs the epoch and logs it again
         # (a reader keeps a step's last value), one that dies after it has logged it already
         if on_epoch is not None:
@@ -370,3 +399,18 @@ def fit(
         })
     result.train_s = time.perf_counter() - t_start
     return result
+
+
+def _steps(batches: Iterable, accum: int, micro_batches: bool, prepare: Callable):
+    """Lists of prepared (x, y) micro-batches on the device, one list per optimiser step."""
+    if not micro_batches:  # one batch per step, augmented whole, then cut
+        for x, y in batches:
+            x, y = prepare(x, y)
+            yield list(zip(x.chunk(accum), y.chunk(accum)))
+        return
+    group = []
+    for x, y in batches:  # micro-batches, each augmented as it arrives
+        group.append(prepare(x, y))
+        if len(group) == accum:
+            yield group
+            group = []

@@ -25,7 +25,7 @@ import time
 import traceback
 from typing import Callable, Optional
 
-from . import tracking
+from . import tracking, train_launch
 from .config import JobConfig, from_dict, replace_checkpoints, to_dict
 from .io import write_json
 
@@ -372,6 +372,8 @@ def _execute(cfg_dict: dict, uri: Optional[str], run_name: str = "", sources: Op
     from . import jobs
 
     cfg = from_dict(JobConfig, cfg_dict)
+    if train_launch.launches_group(cfg):  # execution.workers > 1: this task launches Ray Train's worker group
+        return train_launch.run_group(cfg_dict, uri, run_name, sources, log_path, system_metrics_s)
     placed = placement()
     with job_log(log_path):
         logging.getLogger("vitablate.jobs").info(f"[vitablate] {cfg.job} {cfg.output_dir} {where(placed)} "
@@ -400,6 +402,7 @@ def _execute(cfg_dict: dict, uri: Optional[str], run_name: str = "", sources: Op
             raise
     record["mlflow_run_id"] = run_id
     record |= placed
+    record |= train_launch.group_record()  # every rank's node and devices, in a worker group
     write_json(os.path.join(cfg.output_dir, "config.json"), cfg_dict)
     if run_id:
         files = tuple(record[k] for k in HOST_OUTPUTS if record.get(k))
@@ -475,7 +478,7 @@ def submit(cfg: JobConfig, uri: Optional[str], sources: Optional[dict] = None, l
         _remote_execute = _ray().remote(_execute)
     ex = cfg.execution
     task = _remote_execute.options(
-        num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_retries=ex.max_retries, retry_exceptions=False,
+        **train_launch.task_options(cfg), max_retries=ex.max_retries, retry_exceptions=False,
         name=f"{cfg.question}:{os.path.basename(cfg.output_dir.rstrip('/'))}",
     )
     return task.remote(to_dict(cfg), uri, _run_name(cfg), sources, log_path, system_metrics_s)

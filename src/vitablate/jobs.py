@@ -16,8 +16,9 @@ from typing import Callable, Optional
 import torch
 
 from . import __version__
+from . import distributed as dist
 from .config import JobConfig, ModelConfig, to_dict
-from .data import BatchAugment, DatasetBundle, load_dataset, normalize
+from .data import BatchAugment, DatasetBundle, load_dataset, normalize, to_unit
 from .engine import (
     Checkpoint,
     classification_loss,
@@ -68,9 +69,16 @@ def load_data(cfg: JobConfig, device: torch.device, train_crop: bool = False) ->
     skips them: `build_augment`)."""
     d = cfg.data
     extra = {}
-    a = cfg.train.augment
-    if train_crop and d.name == "imagefolder" and a.crop_scale:
-        extra = dict(train_crop=tuple(a.crop_scale), train_flip=a.flip)
+    if d.name == "imagefolder":  # the loader decodes the full-resolution images (see data/pipeline.py)
+        a = cfg.train.augment
+        self_cropping = cfg.job == "pretrain" and cfg.pretext.name != "supervised"
+        # "train": random-resized crops and flips of the full image for a job that trains with train.augment;
+        # "view": the whole image for a pretext that crops its own views (MoCo, SimMIM, MAE, hybrid) on the
+        # device; "eval": resize and centre crop for jobs that only read features (probes, k-NN, analysis)
+        mode = "train" if train_crop and a.crop_scale else "view" if self_cropping else "eval"
+        extra = dict(crop_scale=tuple(a.crop_scale) if a.crop_scale else None, flip=a.flip,
+                     micro_batch=dist.check_batch(cfg.train.batch_size, cfg.train.accum_steps),
+                     pin_memory=device.type == "cuda", train_mode=mode)
     bundle = load_dataset(d.name, root=d.root, img_size=cfg.model.img_size, label_by=d.label_by,
                           extra_test_dirs=d.extra_test_dirs or None, num_workers=d.num_workers, **extra)
     if cfg.execution.data_on_device and device.type == "cuda":
@@ -82,14 +90,13 @@ def load_data(cfg: JobConfig, device: torch.device, train_crop: bool = False) ->
 
 
 def build_augment(cfg: JobConfig, data: Optional[DatasetBundle] = None) -> BatchAugment:
-    """The dataset's supervised augmentation (train.augment), less the crop and flip its loader already
-    applied to the full-resolution images (`load_data(train_crop=True)`)."""
+    """The dataset's supervised augmentation (train.augment), less the crop and flip an image folder's
+    loader already took from the full-resolution image (`load_data(train_crop=True)`)."""
     a = cfg.train.augment
-    if getattr(getattr(data, "train", None), "crop_scale", None) is not None:
-        return BatchAugment(crop_scale=None, flip=False, color_jitter=a.color_jitter, grayscale_p=0.0,
-                            pad_crop=a.pad_crop)
-    return BatchAugment(crop_scale=tuple(a.crop_scale) if a.crop_scale else None, flip=a.flip,
-                        color_jitter=a.color_jitter, grayscale_p=0.0, pad_crop=a.pad_crop)
+    in_loader = getattr(getattr(data, "train", None), "mode", None) == "train"
+    return BatchAugment(crop_scale=tuple(a.crop_scale) if a.crop_scale and not in_loader else None,
+                        flip=a.flip and not in_loader, color_jitter=a.color_jitter, grayscale_p=0.0,
+                        pad_crop=a.pad_crop)
 
 
 def make_transforms(cfg: JobConfig, data: DatasetBundle, device: torch.device):
@@ -99,22 +106,32 @@ def make_transforms(cfg: JobConfig, data: DatasetBundle, device: torch.device):
     aug = build_augment(cfg, data)
 
     def eval_transform(x: torch.Tensor) -> torch.Tensor:
-        return normalize(x, mean, std)
+        return normalize(to_unit(x), mean, std)
 
     def train_transform(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return normalize(aug(x, generator=gen), mean, std)
+        return normalize(aug(to_unit(x), generator=gen), mean, std)
 
     return train_transform, eval_transform
 
 
-def epoch_batches(split, batch_size: int, seed: int):
-    """train_batches(epoch) for `fit`: a fresh shuffle drawn from (seed, epoch)."""
+def epoch_batches(split, batch_size: int, seed: int, accum_steps: int = 1):
+    """train_batches(epoch) for `fit(micro_batches=True)`: a fresh shuffle drawn from (seed, epoch), the same on
+    every worker; this worker's share of each step's `batch_size` images, as accum_steps micro-batches."""
+    dist.check_batch(batch_size, accum_steps)
 
     def batches(epoch: int):
         gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-        return split.batches(batch_size, shuffle=True, generator=gen, drop_last=True)
+        return split.batches(batch_size, shuffle=True, generator=gen, drop_last=True,
+                             shard=dist.shard() if dist.is_distributed() else None, micro=accum_steps)
 
     return batches
+
+
+def sharded_predict(forward, split, batch_size: int, precision, transform):
+    """`predict` over a whole split, each worker evaluating its share of every batch (gathered on all ranks)."""
+    if not dist.is_distributed():
+        return predict(forward, split.batches(batch_size), precision, transform)
+    return predict(forward, split.batches(batch_size, shard=dist.shard()), precision, transform, gather=True)
 
 
 def shifted_sets(cfg: JobConfig, data: DatasetBundle) -> dict:
@@ -133,9 +150,9 @@ def shifted_sets(cfg: JobConfig, data: DatasetBundle) -> dict:
 
 def evaluate_splits(forward, data: DatasetBundle, batch_size: int, precision, transform, shifted: dict) -> dict:
     """Top-1 on test and, as top1_shift_<name>, on every shifted set (`shifted_sets`)."""
-    out = {"top1_test": top1(*predict(forward, data.test.batches(batch_size), precision, transform))}
+    out = {"top1_test": top1(*sharded_predict(forward, data.test, batch_size, precision, transform))}
     for name, split in shifted.items():
-        out[f"top1_shift_{name}"] = top1(*predict(forward, split.batches(batch_size), precision, transform))
+        out[f"top1_shift_{name}"] = top1(*sharded_predict(forward, split, batch_size, precision, transform))
     return out
 
 
@@ -159,6 +176,7 @@ def save_query_maps(model: torch.nn.Module, forward: Callable, data: DatasetBund
     if not blocks or not all(isinstance(getattr(b, "attn", None), MixingAttention) for b in blocks):
         return {}
     x, _ = next(iter(data.test.batches(1)))  # the first test image, unshuffled: the same for every job
+    x = to_unit(x)
     grid = tuple(model.patch_embed.grid_size)
     was_training = model.training
     model.eval()
@@ -213,20 +231,22 @@ def classifier_job(cfg: JobConfig, on_epoch: OnEpoch, build: Callable) -> dict:
 
     def evaluate() -> dict:
         fit_module.eval()
-        return {"top1_val": top1(*predict(forward, data.val.batches(tc.eval_batch_size), precision, eval_transform))}
+        return {"top1_val": top1(*sharded_predict(forward, data.val, tc.eval_batch_size, precision, eval_transform))}
 
     result = fit(
-        fit_module, loss_fn, epoch_batches(data.train, tc.batch_size, cfg.seed), steps_per_epoch, tc, precision,
-        Checkpoint(os.path.join(cfg.output_dir, "checkpoint.pt")), cfg.seed, transform=train_transform,
-        evaluate=evaluate, on_epoch=on_epoch, meta={"config": to_dict(cfg), "model": kw},
+        fit_module, loss_fn, epoch_batches(data.train, tc.batch_size, cfg.seed, tc.accum_steps), steps_per_epoch, tc,
+        precision, Checkpoint(os.path.join(cfg.output_dir, "checkpoint.pt")), cfg.seed, transform=train_transform,
+        evaluate=evaluate, on_epoch=on_epoch, meta={"config": to_dict(cfg), "model": kw}, micro_batches=True,
     )
     fit_module.eval()
     final = evaluate() | evaluate_splits(forward, data, tc.eval_batch_size, precision, eval_transform,
                                          shifted_sets(cfg, data))
-    path = os.path.join(cfg.output_dir, "model.pt")
-    torch.save({"model": model.state_dict(), "model_kwargs": kw, "config": to_dict(cfg)}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    maps = save_query_maps(model, eager_forward, data, eval_transform, cfg.output_dir)
+    maps = {}
+    if dist.is_main():  # rank 0 alone writes the job's outputs
+        path = os.path.join(cfg.output_dir, "model.pt")
+        torch.save({"model": model.state_dict(), "model_kwargs": kw, "config": to_dict(cfg)}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        maps = save_query_maps(model, eager_forward, data, eval_transform, cfg.output_dir)
     return base_record(cfg) | maps | {
         "params_m": count_params(model) / 1e6, "epochs": tc.epochs, "device": str(device),
         "precision": str(precision.dtype or "float32"), "resumed_from_epoch": result.resumed_from_epoch,
@@ -316,19 +336,22 @@ def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     objective, kw = build_objective(cfg, data)
     encoder = objective.encoder
     objective = objective.to(device)
+    objective = dist.sync_batchnorm(objective, device)  # several workers: heads normalise over the global batch
     tc = cfg.train
     steps_per_epoch = len(data.train) // tc.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size {tc.batch_size} exceeds the {len(data.train)} training images; lower it")
     result = fit(
-        objective, lambda x, y: objective(x, y), epoch_batches(data.train, tc.batch_size, cfg.seed), steps_per_epoch,
-        tc, precision, Checkpoint(os.path.join(cfg.output_dir, "checkpoint.pt")), cfg.seed, on_epoch=on_epoch,
-        after_step=objective.after_step, meta={"config": to_dict(cfg)},
+        objective, lambda x, y: objective(x, y), epoch_batches(data.train, tc.batch_size, cfg.seed, tc.accum_steps),
+        steps_per_epoch, tc, precision, Checkpoint(os.path.join(cfg.output_dir, "checkpoint.pt")), cfg.seed,
+        on_epoch=on_epoch, after_step=objective.after_step, meta={"config": to_dict(cfg)}, micro_batches=True,
+        transform=lambda x, gen: to_unit(x),  # uint8 image-folder batches -> [0, 1] on the device
     )
-    path = os.path.join(cfg.output_dir, "encoder.pt")
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"model": encoder.state_dict(), "model_kwargs": kw, "config": to_dict(cfg)}, tmp)
-    os.replace(tmp, path)
+    if dist.is_main():
+        path = os.path.join(cfg.output_dir, "encoder.pt")
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save({"model": encoder.state_dict(), "model_kwargs": kw, "config": to_dict(cfg)}, tmp)
+        os.replace(tmp, path)
     return base_record(cfg) | {
         "pretext": pretext_id(cfg), "params_m": count_params(encoder) / 1e6, "epochs": tc.epochs,
         "final_loss": result.history[-1]["train_loss"], "device": str(device), "train_s": result.train_s,

@@ -70,24 +70,51 @@ class Split:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         drop_last: bool = False,
+        shard: tuple[int, int] | None = None,
+        micro: int = 1,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (x, y) batches by slicing the tensors (no per-sample Python loop).
 
         With shuffle, the permutation comes from `generator` (on the generator's
         device, CPU by default), so a seeded generator makes runs repeatable.
+        shard=(rank, world): yield only this worker's contiguous part of each batch (see
+        `batch_plan`); micro: yield each (part of a) batch as this many consecutive micro-batches.
         """
         _check_batch_size(batch_size)
-        n = len(self)
-        if shuffle:
-            gen_device = generator.device if generator is not None else "cpu"
-            order = torch.randperm(n, generator=generator, device=gen_device).to(self.x.device)
-        stop = n - n % batch_size if drop_last else n
-        for start in range(0, stop, batch_size):
-            if shuffle:
-                idx = order[start : start + batch_size]
-                yield self.x[idx], self.y[idx]
-            else:
+        if not shuffle and shard is None and micro == 1:  # plain slices, no index tensors
+            for start in range(0, len(self), batch_size):
+                if drop_last and start + batch_size > len(self):
+                    break
                 yield self.x[start : start + batch_size], self.y[start : start + batch_size]
+            return
+        for idx in batch_plan(len(self), batch_size, shuffle, generator, drop_last, shard, micro):
+            idx = idx.to(self.x.device)
+            yield self.x[idx], self.y[idx]
+
+
+def batch_plan(
+    n: int,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+    shard: tuple[int, int] | None = None,
+    micro: int = 1,
+) -> Iterator[torch.Tensor]:
+    """Index tensors of the batches of n items: the (seeded) permutation cut into batches; with
+    shard=(rank, world), each batch cut into `world` contiguous parts and this rank's part kept (the
+    parts of all ranks make up exactly the one-worker batch); each kept part cut into `micro` pieces."""
+    if shuffle:
+        gen_device = generator.device if generator is not None else "cpu"
+        order = torch.randperm(n, generator=generator, device=gen_device).cpu()
+    else:
+        order = torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        if shard is not None:
+            idx = torch.tensor_split(idx, shard[1])[shard[0]]
+        yield from (part for part in torch.tensor_split(idx, micro) if len(part))
 
 
 class FolderSplit(torch.utils.data.Dataset):
@@ -190,17 +217,17 @@ class FolderSplit(torch.utils.data.Dataset):
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         drop_last: bool = False,
+        shard: tuple[int, int] | None = None,
+        micro: int = 1,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Same contract as Split.batches; reads through a DataLoader (self.num_workers)."""
         _check_batch_size(batch_size)
         if generator is not None and generator.device.type != "cpu":
             raise ValueError("FolderSplit.batches needs a CPU generator for shuffling; pass torch.Generator()")
+        plan = [idx.tolist() for idx in batch_plan(len(self), batch_size, shuffle, generator, drop_last, shard, micro)]
         loader = torch.utils.data.DataLoader(
             self,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            drop_last=drop_last,
+            batch_sampler=plan,
             num_workers=self.num_workers,
             pin_memory=self.device is not None and self.device.type == "cuda",
         )
@@ -561,18 +588,26 @@ def load_imagefolder(
     label_by: str = "shape",
     val_fraction: float = 0.1,
     num_workers: int = 0,
-    train_crop: tuple[float, float] | None = None,
-    train_flip: bool = False,
+    crop_scale: tuple[float, float] | None = None,
+    flip: bool = True,
+    micro_batch: int | None = None,
+    pin_memory: bool = False,
+    train_mode: str = "train",
     **kw,
 ) -> DatasetBundle:
     """ImageNet-style root/train/<class>/* and root/val/<class>/*.
 
     root/val becomes the TEST split; val is a fixed stratified `val_fraction`
-    of root/train (seed 0), and train is the rest. All splits read lazily.
-    seed is unused (fixed split). `train_crop` (an area range) and `train_flip`: the train
-    split decodes random-resized crops of the full image (see FolderSplit); evaluation splits
-    resize to img_size / 0.875 and centre-crop.
+    of root/train (seed 0), and train is the rest. All splits read lazily through
+    `ImageFolderStream` (data/pipeline.py) as uint8 batches. The train split's `train_mode`:
+    "train" takes random-resized crops (area `crop_scale`, default 0.08..1) and flips (`flip`) from
+    the full-resolution image; "view" resizes the whole image (a pretext that crops its own views);
+    "eval" resizes to img_size / 0.875 (bicubic) and centre-crops, as val and test always do
+    (jobs that only read features). seed and micro_batch are unused (fixed split; batches are
+    sized by the caller).
     """
+    from .pipeline import ImageFolderStream
+
     _no_extra_kwargs("imagefolder", kw)
     _only_shape_labels("imagefolder", label_by)
     _check_val_fraction(val_fraction)
@@ -590,19 +625,16 @@ def load_imagefolder(
             "both must have the same class folders"
         )
 
-    def fs(sub: str, indices=None, resize=None, **crop) -> FolderSplit:
-        return FolderSplit(os.path.join(root, sub), img_size, indices=indices, num_workers=num_workers, resize=resize,
-                           **crop)
+    def fs(sub: str, indices=None, mode: str = "eval") -> ImageFolderStream:
+        return ImageFolderStream(os.path.join(root, sub), img_size, mode=mode, indices=indices,
+                                 num_workers=num_workers, crop_scale=crop_scale, flip=flip, pin_memory=pin_memory)
 
     full = fs("train")
     keep, hold = _stratified_holdout(full.targets.numpy(), val_fraction)
-    evaluate = eval_resize(img_size)
     return DatasetBundle(
         name="imagefolder", num_classes=len(full.classes), in_chans=3, img_size=img_size,
         mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        train=fs("train", keep, crop_scale=train_crop, flip=train_flip), val=fs("train", hold, evaluate),
-        test=fs("val", resize=evaluate),
-        class_names=full.classes,
+        train=fs("train", keep, train_mode), val=fs("train", hold), test=fs("val"), class_names=full.classes,
     )
 
 
@@ -666,5 +698,5 @@ def load_dataset(
         raise ValueError(f"unknown dataset {name!r}; known datasets: {sorted(DATASETS)}")
     bundle = DATASETS[name](root=root, img_size=img_size, seed=seed, label_by=label_by, val_fraction=val_fraction, **kw)
     for test_name, path in (extra_test_dirs or {}).items():
-        _add_extra_test_dir(bundle, test_name, os.fspath(path), kw.get("num_workers", 0))
+            _add_extra_test_dir(bundle, test_name, os.fspath(path), kw.get("num_workers", 0))
     return bundle

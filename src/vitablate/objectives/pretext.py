@@ -34,6 +34,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from vitablate.data.augment import BatchAugment, normalize, two_views
+from vitablate.distributed import concat_all_gather
+from vitablate.distributed import rank as dist_rank
 
 __all__ = [
     "PretextObjective",
@@ -323,11 +325,17 @@ class MoCo(PretextObjective):
         return [(self.encoder, self.momentum_encoder), (self.projector, self.momentum_projector)]
 
     def contrastive_loss(self, q: Tensor, k: Tensor) -> Tensor:
-        """q, k: (N, dim) -> scalar; positives on the diagonal, the other N - 1 keys are negatives."""
+        """q, k: (N, dim) -> scalar; positives on the diagonal, the other keys are negatives.
+
+        With several workers the keys of every worker's images are gathered, so each of this
+        worker's N queries meets W * N keys (W * N - 1 negatives); its positive is its own image's
+        key, at offset N * rank (facebookresearch/moco-v3: moco/builder.py, contrastive_loss).
+        """
         q = F.normalize(q.float(), dim=1)
-        k = F.normalize(k.float(), dim=1)
-        logits = q @ k.T / self.temperature  # (N, N) cosine similarities / T
-        labels = torch.arange(q.shape[0], device=q.device)
+        k = concat_all_gather(F.normalize(k.float(), dim=1))  # (W * N, dim); constants, no gradient
+        logits = q @ k.T / self.temperature  # (N, W * N) cosine similarities / T
+        labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * dist_rank()
+        self.last_num_keys = k.shape[0]
         return F.cross_entropy(logits, labels) * (2 * self.temperature)
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None,
@@ -341,7 +349,7 @@ class MoCo(PretextObjective):
             k1 = self.momentum_projector(self.momentum_encoder(x1))
             k2 = self.momentum_projector(self.momentum_encoder(x2))
         loss = self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)
-        return loss, {"loss_moco": loss.detach(), "momentum": float(self.momentum)}
+        return loss, {"loss_moco": loss.detach(), "momentum": float(self.momentum), "moco_keys": self.last_num_keys}
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
