@@ -475,22 +475,23 @@ def test_imagenet_scale_training_crops_come_from_the_full_resolution_image(tmp_p
 
     _striped_folder(tmp_path)
     torch.manual_seed(0)
-    bundle = load_dataset("imagefolder", root=str(tmp_path), img_size=32, train_crop=(0.08, 1.0), train_flip=True)
-    crops = torch.stack([bundle.train[i][0] for i in range(len(bundle.train)) for _ in range(5)])
+    bundle = load_dataset("imagefolder", root=str(tmp_path), img_size=32, crop_scale=(0.08, 1.0), flip=True)
+    # uint8 images; each (index, seed) draws its own crop
+    crops = torch.stack([bundle.train[(i, s)][0] for i in range(len(bundle.train)) for s in range(5)]) / 255
     # DeiT/MAE's RandomResizedCrop of the whole image reaches the red quarters; the old crop of the centre square
     # (and the evaluation splits' 256/224 centre crop) never does
     assert (crops[:, 0] > 0.9).any()
     assert crops.shape[-2:] == (32, 32)
     for split in (bundle.val, bundle.test):
         x, _ = split[0]
-        assert x[0].max() < 0.1  # the centre crop: green only
+        assert x[0].max() / 255 < 0.1  # the centre crop: green only
     # a training job reads that split and its device augmentation no longer crops or flips
     cfg = JobConfig(data=dataclasses.replace(JobConfig().data, name="imagefolder", root=str(tmp_path)),
                     model=ModelConfig(img_size=32), train=TrainConfig(
                         augment=dataclasses.replace(TrainConfig().augment, crop_scale=[0.08, 1.0], flip=True)))
     data = jobs.load_data(cfg, torch.device("cpu"), train_crop=True)
-    assert data.train.crop_scale == (0.08, 1.0) and data.train.flip
+    assert data.train.mode == "train" and data.train.crop_scale == (0.08, 1.0) and data.train.flip
     aug = jobs.build_augment(cfg, data)
     assert aug.crop_scale is None and not aug.flip
     frozen = jobs.load_data(cfg, torch.device("cpu"))  # feature extraction (L-BFGS probe, k-NN): centre images
-    assert frozen.train.crop_scale is None and jobs.build_augment(cfg, frozen).crop_scale == (0.08, 1.0)
+    assert frozen.train.mode == "eval" and jobs.build_augment(cfg, frozen).crop_scale == (0.08, 1.0)
