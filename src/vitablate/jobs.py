@@ -64,8 +64,9 @@ def setup(cfg: JobConfig) -> tuple[torch.device, object]:
 
 def load_data(cfg: JobConfig, device: torch.device) -> DatasetBundle:
     d = cfg.data
+    subsets = {k: v for k, v in dict(n_train=d.n_train, n_val=d.n_val, n_test=d.n_test).items() if v is not None}
     bundle = load_dataset(d.name, root=d.root, img_size=cfg.model.img_size, label_by=d.label_by,
-                          extra_test_dirs=d.extra_test_dirs or None, num_workers=d.num_workers)
+                          extra_test_dirs=d.extra_test_dirs or None, num_workers=d.num_workers, **subsets)
     if cfg.execution.data_on_device and device.type == "cuda":
         for name in ("train", "val", "test"):
             split = getattr(bundle, name)

@@ -420,7 +420,24 @@ def check_data(config: dict, remote: bool = False) -> list[str]:
     if missing and not remote:
         raise ConfigError(f"dataset paths not found: {missing}; put the data there (see README, Datasets) or "
                           "point data_root / datasets.<name>.data.root / extra_test_dirs at it")
-    return missing
+    return missing + _check_idx_files(config, remote)
+
+
+def _check_idx_files(config: dict, remote: bool) -> list[str]:
+    """fashion_mnist: its four IDX files must be found and whole (the error names the path and the fix)."""
+    from .data.datasets import find_fashion_mnist
+
+    if "fashion_mnist" not in data_paths(config):
+        return []
+    entry = (config.get("datasets") or {}).get("fashion_mnist") or {}
+    root = deep_merge({"root": config.get("data_root", "data")}, entry.get("data") or {})["root"]
+    try:
+        find_fashion_mnist(root)
+    except (FileNotFoundError, ValueError) as e:
+        if not remote:
+            raise ConfigError(str(e)) from None
+        return [str(e)]
+    return []
 
 
 # --- rule bodies --------------------------------------------------------------------------
