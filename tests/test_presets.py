@@ -113,7 +113,8 @@ def test_imagenet_preset_resolves_each_papers_recipe():
     assert job["transfer"]["layers"] == "first:21" and job["model"]["variant"] == "vit_large_patch16_224"
     ensemble = vw.job_params(config, "transfer", dict(method="ensemble", layers="all", **t))
     assert [Path(p).parts[-4:-2] for p in ensemble["transfer"]["ensemble_members"]] == [
-        ("attn_distill", "first18"), ("finetune", "all")]
+        ("attn_distill", "first21"), ("finetune", "all")]  # the reference layer set: the released code's first 21
+    assert vw.reference_layers(config) == "first:21"
 
 
 def test_a_real_run_without_the_data_stops_before_any_job_naming_the_path(tmp_path):

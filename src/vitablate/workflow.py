@@ -213,6 +213,12 @@ def teacher_checkpoint(config: dict, dataset: str, teacher: str, seed) -> str | 
     return None
 
 
+def reference_layers(config: dict) -> str:
+    """The transfer layer set the answer, the tests against scratch, the paper column and the ensemble use:
+    the first `transfer.layers` value (the imagenet preset's `first:21`, what the released code transfers)."""
+    return layers_spec(layers_id(((config.get("transfer") or {}).get("layers") or ["all"])[0]))
+
+
 def ensemble_members(config: dict, dataset: str, teacher: str, seed) -> list[str]:
     """Output dirs of an ensemble's members: the student distilled over the first `layers` value of the
     grid (the reference distils all but the last layers) and the fine-tuned teacher."""
@@ -561,5 +567,5 @@ def run_summary(smk) -> None:
     with logging_to(smk.log[0] if smk.log else None):
         text = write_summary(smk.output.md, smk.output.html, architecture=list(smk.input.architecture),
                              pretext=list(smk.input.evals), analyses=list(smk.input.analyses),
-                             transfer=list(smk.input.transfer))
+                             transfer=list(smk.input.transfer), reference_layers=smk.params.reference_layers)
         print(text, file=sys.stdout)
