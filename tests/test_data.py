@@ -468,7 +468,8 @@ def test_corruption_errors_and_split(digits):
 # --------------------------------------------------------------------------- Fashion-MNIST (the real files)
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist (.ci/run installs it)
-FMNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+FMNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
 
 def _parse_idx(path: Path) -> np.ndarray:
@@ -512,18 +513,18 @@ def test_fashion_mnist_sizes_and_label_balance(fmnist, fmnist_files):
 
 def test_fashion_mnist_pixels_are_the_files(fmnist, fmnist_files):
     x_tr = fmnist_files["train-images-idx3-ubyte"].astype(np.float64) / 255.0
-    x_te = fmnist_files["t10k-images-idx3-ubyte"].astype(np.float64) / 255.0
+    bytes_of = lambda x: np.rint(x[:, 0].double().numpy() * 255).astype(np.uint8)  # noqa: E731  back to the file's bytes
     # the test split is the official test file, image for image, in order
-    assert np.array_equal(fmnist.test.x[:, 0].double().numpy(), x_te)
+    assert np.array_equal(bytes_of(fmnist.test.x), fmnist_files["t10k-images-idx3-ubyte"])
     assert np.array_equal(fmnist.test.y.numpy(), fmnist_files["t10k-labels-idx1-ubyte"])
-    # train + val are the 60,000 training images, each once: per-class pixel sums and the image set match
-    both_x = torch.cat([fmnist.train.x, fmnist.val.x])[:, 0].double().numpy()
+    # train + val are the 60,000 training images, each once: per-class pixel sums and the image multiset match
+    both_x = bytes_of(torch.cat([fmnist.train.x, fmnist.val.x]))
     both_y = torch.cat([fmnist.train.y, fmnist.val.y]).numpy()
-    y_tr = fmnist_files["train-labels-idx1-ubyte"]
+    x_tr_u8, y_tr = fmnist_files["train-images-idx3-ubyte"], fmnist_files["train-labels-idx1-ubyte"]
     for c in range(10):
-        assert both_x[both_y == c].sum() == pytest.approx(x_tr[y_tr == c].sum(), rel=1e-9)
-    as_u8 = lambda x: sorted(r.tobytes() for r in np.rint(x * 255).astype(np.uint8).reshape(len(x), -1))  # noqa: E731
-    assert as_u8(both_x) == as_u8(x_tr)  # the same multiset of images
+        assert both_x[both_y == c].sum(dtype=np.int64) == x_tr_u8[y_tr == c].sum(dtype=np.int64)
+    rows = lambda x: sorted(r.tobytes() for r in x.reshape(len(x), -1))  # noqa: E731
+    assert rows(both_x) == rows(x_tr_u8)
     # normalisation statistics are the training split's own
     train_px = fmnist.train.x.double()
     assert fmnist.mean[0] == pytest.approx(train_px.mean().item(), abs=1e-6)

@@ -58,8 +58,8 @@ PAPER: dict[str, dict] = {
         "mae": {"linear_probe": Ref(68.0, f"{MAE}, ViT-B linear probing"),
                 "finetune": Ref(83.6, f"{MAE}, Table 3, ViT-B")},
     },
-    "transfer": {method: Ref(v, ATTN_TRANSFER) for method, v in
-                 {"scratch": 83.0, "finetune": 85.7, "attn_copy": 85.1, "attn_distill": 85.7, "ensemble": 86.3}.items()},
+    "transfer": {method: Ref(v, ATTN_TRANSFER) for method, v in (
+        ("scratch", 83.0), ("finetune", 85.7), ("attn_copy", 85.1), ("attn_distill", 85.7), ("ensemble", 86.3))},
 }
 
 
@@ -376,7 +376,8 @@ def pretext_section(evals: pl.DataFrame, analyses: pl.DataFrame | None = None) -
         for p in pretexts:
             cells = [mean_std(samples[(p, e)]) if (p, e) in samples else "—" for e in ev_names]
             n = max((len(samples[(p, e)]) for e in ev_names if (p, e) in samples), default=0)
-            refs = [f"{paper[p][e].value:.1f}" if e in paper.get(p, {}) else "—" for e in ("linear_probe", "finetune")]
+            refs = [f"{paper[p][e].value:.1f}" if e in paper.get(p, {}) else "—"
+                    for e in ("linear_probe", "finetune")]
             rows.append([f"`{p}`", *cells, n, *refs])
         out.append(aggregate.md_table(header, rows))
         if comparisons:
