@@ -36,7 +36,8 @@ def test_tiny_fashion_mnist_run_of_all_three_questions(tmp_path):
     assert r.returncode == 0, out[-4000:]
 
     results = wf / config["results_dir"]
-    records = [json.loads(p.read_text()) for p in results.rglob("record.json")]
+    records = [json.loads(p.read_text()) for q in ("architecture", "pretext", "transfer")
+               for p in (results / q).rglob("record.json")]
     # 2 mixers, 2 pre-trainings x (3 evaluations + analysis), 4 transfer methods
     assert len(records) == 2 + 2 * 4 + 4
     trained = [r for r in records if r.get("history")]

@@ -174,6 +174,18 @@ def test_q1_answer_follows_the_numbers_and_cites_the_paper(tmp_path):
     assert "Melas-Kyriazi" in md and "Touvron" in md
 
 
+def test_q1_on_fashion_mnist_sets_the_mixers_beside_the_published_baselines(tmp_path):
+    paths = _records(tmp_path, "fm", [dict(question="architecture", dataset="fashion_mnist", mixer=m, model="vit",
+                                           seed=s, params_m=0.2, top1_test=a)
+                                      for m, values in {"attention": [82.0, 83.0], "feedforward": [84.0, 85.5]}.items()
+                                      for s, a in enumerate(values)])
+    md = build_summary(architecture=paths)
+    line = next(x for x in md.splitlines() if x.startswith("Published fashion_mnist baselines"))
+    assert "MLP 256-128-64 90.0" in line and "zalandoresearch/fashion-mnist" in line
+    assert line.endswith("This run's mixers: `feedforward` 84.8; `attention` 82.5.")
+    assert "Published" not in build_summary(architecture=_arch(tmp_path, {"attention": [90.0, 91.0]}))
+
+
 def test_q1_disagreeing_with_the_paper_is_said_plainly(tmp_path):
     md = build_summary(architecture=_arch(tmp_path, {"attention": [80.0, 81.0, 79.0],
                                                      "feedforward": [95.0, 96.0, 95.5]}))

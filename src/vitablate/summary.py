@@ -63,6 +63,19 @@ PAPER: dict[str, dict] = {
 }
 
 
+FASHION_MNIST_BENCHMARK = ("the benchmark table of Fashion-MNIST's repository, github.com/zalandoresearch/fashion-mnist "
+                           "(README, Benchmark; Xiao, Rasul & Vollgraf 2017, arXiv:1708.07747), trained on all "
+                           "60,000 training images")
+# Published baselines per dataset, test top-1 (%): so a reader can see whether this run's models are sane.
+DATASET_BASELINES: dict[str, dict[str, Ref]] = {
+    "fashion_mnist": {
+        "human (crowd-sourced, 1,000 test images)": Ref(83.5, FASHION_MNIST_BENCHMARK),
+        "MLP 256-128-64": Ref(90.0, FASHION_MNIST_BENCHMARK),
+        "2 conv layers, <100K parameters": Ref(92.5, FASHION_MNIST_BENCHMARK),
+    },
+}
+
+
 def paper_gap_closed(method: str) -> float:
     """The paper's gap closed, from its top-1 numbers: (method - scratch) / (finetune - scratch)."""
     t = {m: r.value for m, r in PAPER["transfer"].items()}
@@ -294,6 +307,12 @@ def architecture_section(df: pl.DataFrame) -> str:
             rows.append((f"`{m}`", f"{params[m]:.2f}", mean_std(samples[m]), len(samples[m]), refs or "—"))
         out.append(aggregate.md_table(["mixer", "params (M)", "top-1 % (mean ± std)", "n", "paper top-1 % (ImageNet-1K)"],
                              rows))
+        if dataset in DATASET_BASELINES:
+            refs = DATASET_BASELINES[dataset]
+            out.append(f"Published {dataset} baselines, test top-1 %: "
+                       + "; ".join(f"{name} {r.value:.1f}" for name, r in refs.items())
+                       + f" ({next(iter(refs.values())).source}). This run's mixers: "
+                       + "; ".join(f"`{m}` {statistics.fmean(samples[m]):.1f}" for m in order) + ".\n")
         against = [t for (a, b), t in tests.items() if b == "attention"]
         if against:
             out.append("Each mixer against `attention` (the ViT):\n\n"
