@@ -246,3 +246,27 @@ def test_ensemble_averages_the_student_distilled_over_the_first_layers_value():
     config["transfer"]["layers"] = ["first:2", "all"]
     inputs = vw.transfer_inputs(config, "digits", "moco", "ensemble", "all", 0)
     assert [Path(p).parts[-4:-2] for p in inputs] == [("attn_distill", "first2"), ("finetune", "all")]
+
+
+def test_seeds_by_narrows_each_axis_value_and_keeps_ensembles_whole():
+    from vitablate import workflow as vw
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    t = config["transfer"]
+    t.update(seeds=[0, 1, 2], layers=["all", "first:2"], methods=["scratch", "attn_copy", "finetune", "attn_distill",
+                                                                  "ensemble"],
+             teachers={"mae": "pretext:mae", "moco": "pretext:moco"},
+             seeds_by={"moco": [0, 2], "first:2": [1, 2], "ensemble": [0]})
+    jobs = {(j["teacher"], j["method"], j["layers"], j["seed"]) for j in vw.grid(config, "transfer")}
+    assert {s for te, m, lay, s in jobs if (te, m, lay) == ("none", "scratch", "all")} == {0, 1, 2}
+    assert {s for te, m, lay, s in jobs if (te, m, lay) == ("mae", "attn_copy", "all")} == {0, 1, 2}
+    assert {s for te, m, lay, s in jobs if (te, m, lay) == ("mae", "attn_copy", "first2")} == {1, 2}
+    assert {s for te, m, lay, s in jobs if (te, m, lay) == ("moco", "attn_copy", "first2")} == {2}  # both apply
+    assert {s for te, m, lay, s in jobs if (te, m) == ("moco", "ensemble")} == {0}
+    # a teacher encoder is the seed-matched pre-training
+    assert vw.teacher_checkpoint(config, "digits", "mae", 2).endswith("pretext/digits/mae/seed2/encoder.pt")
+    vw.check_config(config)
+    # an ensemble needs its members at its own seeds
+    t["seeds_by"].update(ensemble=[1], attn_distill=[0])
+    with pytest.raises(vw.ConfigError, match="ensemble of teacher 'mae', seed 1, needs attn_distill"):
+        vw.check_config(config)
