@@ -83,16 +83,14 @@ def paper_gap_closed(method: str) -> float:
 
 
 def paper_sources(question: str) -> list[str]:
-    """One line per paper number of a question: what it is, the value, and its source."""
-    lines = []
+    """One line per source of a question's paper numbers: each number (what it is, its value), then the source."""
+    by_source: dict[str, list[str]] = {}
     for key, by in PAPER[question].items():
-        if isinstance(by, Ref):
-            lines.append(f"`{key}` {by.value:.1f}: {by.source}")
-            continue
-        for sub, ref in by.items():
-            label = f"`{sub}`, {key}" if question == "architecture" else f"`{key}`, {sub}"
-            lines.append(f"{label} {ref.value:.1f}: {ref.source}")
-    return lines
+        items = [(None, by)] if isinstance(by, Ref) else list(by.items())
+        for sub, ref in items:
+            label = f"`{key}`" if sub is None else f"`{sub}`, {key}" if question == "architecture" else f"`{key}`, {sub}"
+            by_source.setdefault(ref.source, []).append(f"{label} {ref.value:.1f}")
+    return [f"{'; '.join(numbers)}: {source}" for source, numbers in by_source.items()]
 
 
 CL, MIM = ("moco",), ("simmim", "mae")  # pretext families (hybrid_<lambda> -> hybrid)
@@ -222,9 +220,9 @@ def holm(tests: Sequence[Welch]) -> list[Welch]:
 
 
 def family_note(what: str, tests: Sequence[Welch]) -> str:
-    """The sentence that names a Holm family."""
+    """The sentence that names a Holm family ('' when none of its tests could be run)."""
     k = sum(t.p is not None for t in tests)
-    return f"*Holm family:* {what} ({k} test{'s' if k != 1 else ''})."
+    return f"*Holm family:* {what} ({k} test{'s' if k != 1 else ''})." if k else ""
 
 
 def mean_std(values: Sequence[float], digits: int = 2) -> str:
@@ -552,7 +550,7 @@ def transfer_section(df: pl.DataFrame, reference_layers: str = "all") -> str:
                            + "\n".join(f"- {_cap(t.sentence())}." for t in tests.values()) + "\n\n"
                            + family_note(f"every method against `scratch` with the `{teacher}` teacher on {dataset}",
                                          list(tests.values())) + "\n")
-            if further:
+            if family_note("", [t for _, t in further]):
                 out.append(family_note(f"the ensemble against fine-tuning and the shift drops against fine-tuning "
                                        f"with the `{teacher}` teacher", [t for _, t in further]) + "\n")
     return "\n".join(out)
