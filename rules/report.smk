@@ -25,6 +25,8 @@ rule summary:
             category="Summary",
             caption="../reports/captions/summary.rst",
         ),
+    params:
+        reference_layers=vw.reference_layers(config),
     log:
         f"{RESULTS}/logs/summary.log",
     conda:

@@ -41,7 +41,8 @@ def test_jobs_spread_over_two_gpu_nodes(workflow, two_node_cluster):
     cluster, auth = two_node_cluster
     config = read_config(workflow)
     config = {k: v for k, v in config.items() if k not in ("pretext", "transfer")}
-    config["architecture"].update(mixers=["attention", "feedforward", "pooling", "identity"], seeds=[0, 1, 2])
+    config["architecture"].update(mixers=["attention", "feedforward", "pooling", "identity"], seeds=[0, 1, 2],
+                                  seeds_by={})
     config["execution"].update(num_gpus=0.5, num_cpus=0.5, dry_jobs=True, dry_job_sleep_s=15)  # room for 8 starts on 2 cores
     write_config(workflow, config)
     r = snakemake(workflow, "--cores", "12", "architecture", env={"RAY_ADDRESS": cluster.address, **auth})

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import colorsys
+import gzip
+import os
 import pickle
+import shutil
+import struct
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +28,8 @@ from vitablate.data import (
     normalize,
     two_views,
 )
+from vitablate.data import datasets as datasets_module
+from vitablate.data.datasets import find_fashion_mnist
 
 # --------------------------------------------------------------------------- helpers
 
@@ -493,3 +500,124 @@ def test_color_jitter_p_and_strength_validation():
         BatchAugment(color_jitter=(0.4, 0.4, 0.2))
     with pytest.raises(ValueError, match="color_jitter_p"):
         BatchAugment(color_jitter_p=1.5)
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST (the real files)
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist (.ci/run installs it)
+FMNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+def _parse_idx(path: Path) -> np.ndarray:
+    """The IDX format written out here (not vitablate's reader): magic 0x0000 0x08 ndim, big-endian dims."""
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    assert (zero, dtype) == (0, 0x08)
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    return np.frombuffer(data[4 + 4 * ndim:], dtype=np.uint8).reshape(dims)
+
+
+@pytest.fixture(scope="module")
+def fmnist_files() -> dict[str, np.ndarray]:
+    if not all((FMNIST_DIR / f"{f}.gz").is_file() for f in FMNIST_FILES):
+        if os.environ.get("CI"):
+            pytest.fail(f"{FMNIST_DIR} lacks the Fashion-MNIST IDX files; .ci/run installs dataset-fashion-mnist")
+        pytest.skip(f"Fashion-MNIST is not installed in {FMNIST_DIR}; run tools/get-data.sh fashion-mnist")
+    return {f: _parse_idx(FMNIST_DIR / f"{f}.gz") for f in FMNIST_FILES}
+
+
+@pytest.fixture(scope="module")
+def fmnist(fmnist_files, tmp_path_factory) -> DatasetBundle:
+    # an empty data_root: the loader must fall back to the Debian package's directory
+    return load_dataset("fashion_mnist", root=str(tmp_path_factory.mktemp("empty_root")))
+
+
+def test_fashion_mnist_sizes_and_label_balance(fmnist, fmnist_files):
+    x_tr, y_tr = fmnist_files["train-images-idx3-ubyte"], fmnist_files["train-labels-idx1-ubyte"]
+    x_te, y_te = fmnist_files["t10k-images-idx3-ubyte"], fmnist_files["t10k-labels-idx1-ubyte"]
+    assert x_tr.shape == (60_000, 28, 28) and x_te.shape == (10_000, 28, 28)
+    # the files themselves: 6,000 training and 1,000 test images per class
+    assert np.bincount(y_tr).tolist() == [6000] * 10 and np.bincount(y_te).tolist() == [1000] * 10
+    assert (fmnist.num_classes, fmnist.in_chans, fmnist.img_size) == (10, 1, 28)
+    for s in (fmnist.train, fmnist.val, fmnist.test):
+        _check_split(s, 1, 28)
+    assert (len(fmnist.train), len(fmnist.val), len(fmnist.test)) == (54_000, 6_000, 10_000)
+    # stratified 10 % validation split: exactly 600 per class, 5,400 left for training
+    assert torch.bincount(fmnist.val.y, minlength=10).tolist() == [600] * 10
+    assert torch.bincount(fmnist.train.y, minlength=10).tolist() == [5400] * 10
+
+
+def test_fashion_mnist_pixels_are_the_files(fmnist, fmnist_files):
+    x_tr = fmnist_files["train-images-idx3-ubyte"].astype(np.float64) / 255.0
+    bytes_of = lambda x: np.rint(x[:, 0].double().numpy() * 255).astype(np.uint8)  # noqa: E731  back to the file's bytes
+    # the test split is the official test file, image for image, in order
+    assert np.array_equal(bytes_of(fmnist.test.x), fmnist_files["t10k-images-idx3-ubyte"])
+    assert np.array_equal(fmnist.test.y.numpy(), fmnist_files["t10k-labels-idx1-ubyte"])
+    # train + val are the 60,000 training images, each once: per-class pixel sums and the image multiset match
+    both_x = bytes_of(torch.cat([fmnist.train.x, fmnist.val.x]))
+    both_y = torch.cat([fmnist.train.y, fmnist.val.y]).numpy()
+    x_tr_u8, y_tr = fmnist_files["train-images-idx3-ubyte"], fmnist_files["train-labels-idx1-ubyte"]
+    for c in range(10):
+        assert both_x[both_y == c].sum(dtype=np.int64) == x_tr_u8[y_tr == c].sum(dtype=np.int64)
+    rows = lambda x: sorted(r.tobytes() for r in x.reshape(len(x), -1))  # noqa: E731
+    assert rows(both_x) == rows(x_tr_u8)
+    # normalisation statistics are the training split's own
+    train_px = fmnist.train.x.double()
+    assert fmnist.mean[0] == pytest.approx(train_px.mean().item(), abs=1e-6)
+    assert fmnist.std[0] == pytest.approx(train_px.std().item(), abs=1e-6)
+    # and close to the whole training file's (Fashion-MNIST's widely quoted 0.2860 / 0.3530)
+    assert fmnist.mean[0] == pytest.approx(x_tr.mean(), abs=2e-3)
+    assert fmnist.std[0] == pytest.approx(x_tr.std(), abs=2e-3)
+
+
+def test_fashion_mnist_subsets_are_fixed_balanced_and_nested(fmnist_files):
+    small = load_dataset("fashion_mnist", root=None, n_train=500, n_val=100, n_test=205)
+    big = load_dataset("fashion_mnist", root=None, n_train=1000, n_val=100, n_test=205)
+    again = load_dataset("fashion_mnist", root=None, n_train=500, n_val=100, n_test=205)
+    assert (len(small.train), len(small.val), len(small.test)) == (500, 100, 205)
+    assert torch.bincount(small.train.y).tolist() == [50] * 10
+    assert sorted(torch.bincount(small.test.y).tolist()) == [20] * 5 + [21] * 5
+    assert torch.equal(small.train.x, again.train.x) and torch.equal(small.test.y, again.test.y)
+    assert _rows(small.train.x) <= _rows(big.train.x)  # growing n_train only adds images
+    with pytest.raises(ValueError, match="n_train"):
+        load_dataset("fashion_mnist", root=None, n_train=5)
+
+
+def test_fashion_mnist_reads_torchvision_layout_and_plain_idx(tmp_path, fmnist_files):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in FMNIST_FILES:  # torchvision's download leaves the files unpacked beside the .gz
+        (raw / f).write_bytes(gzip.decompress((FMNIST_DIR / f"{f}.gz").read_bytes()))
+    found = find_fashion_mnist(str(tmp_path))
+    assert set(map(Path, found.values())) == {raw / f for f in FMNIST_FILES}
+    b = load_dataset("fashion_mnist", root=str(tmp_path), n_train=100, n_val=50, n_test=10_000)
+    assert np.array_equal(b.test.y.numpy(), fmnist_files["t10k-labels-idx1-ubyte"])
+
+
+def test_fashion_mnist_missing_or_truncated_files_name_the_path_and_the_fix(tmp_path, fmnist_files, monkeypatch):
+    root = tmp_path / "root"
+    root.mkdir()
+    for f in FMNIST_FILES[:3]:
+        shutil.copy(FMNIST_DIR / f"{f}.gz", root / f"{f}.gz")
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte") as e:
+        find_fashion_mnist(str(root))
+    assert "tools/get-data.sh fashion-mnist" in str(e.value)
+    shutil.copy(FMNIST_DIR / f"{FMNIST_FILES[3]}.gz", root / f"{FMNIST_FILES[3]}.gz")
+    assert len(find_fashion_mnist(str(root))) == 4
+    # a download cut short: the gzip stream stops half way
+    blob = (FMNIST_DIR / f"{FMNIST_FILES[0]}.gz").read_bytes()
+    (root / f"{FMNIST_FILES[0]}.gz").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="truncated") as e:
+        find_fashion_mnist(str(root))
+    assert str(root / f"{FMNIST_FILES[0]}.gz") in str(e.value) and "tools/get-data.sh fashion-mnist" in str(e.value)
+    # an unpacked file cut short
+    (root / f"{FMNIST_FILES[0]}.gz").unlink()
+    (root / FMNIST_FILES[0]).write_bytes(gzip.decompress(blob)[:-784])
+    with pytest.raises(ValueError, match="truncated"):
+        find_fashion_mnist(str(root))
+    # nothing anywhere (the Debian directory pointed elsewhere)
+    monkeypatch.setattr(datasets_module, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="tools/get-data.sh fashion-mnist") as e:
+        find_fashion_mnist(str(tmp_path / "empty"))
+    assert str(tmp_path / "empty") in str(e.value)

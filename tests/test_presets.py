@@ -14,8 +14,8 @@ from conftest import REPO, copy_workflow, job_counts, snakemake
 from vitablate import workflow as vw
 
 PRESETS = sorted((REPO / "config" / "presets").glob("*.yaml"))
-# what each preset is for: small runs packed four to a GPU, paper-scale runs on whole GPUs
-GPUS_PER_JOB = {"cifar100-gpu": 0.25, "imagenet-paper": 1}
+# what each preset is for: small runs packed four to a GPU, paper-scale runs on whole GPUs, CPU-only runs
+GPUS_PER_JOB = {"cifar100-gpu": 0.25, "imagenet-paper": 1, "fashion-mnist-cpu": 0}
 JOB_RULES = {"train_architecture": "architecture", "pretrain": "pretrain", "pretext_eval": "pretext_eval",
              "pretext_analysis": "analysis", "transfer_train": "transfer"}
 LAYERED = ("attn_copy", "attn_distill")
@@ -113,7 +113,8 @@ def test_imagenet_preset_resolves_each_papers_recipe():
     assert job["transfer"]["layers"] == "first:21" and job["model"]["variant"] == "vit_large_patch16_224"
     ensemble = vw.job_params(config, "transfer", dict(method="ensemble", layers="all", **t))
     assert [Path(p).parts[-4:-2] for p in ensemble["transfer"]["ensemble_members"]] == [
-        ("attn_distill", "first18"), ("finetune", "all")]
+        ("attn_distill", "first21"), ("finetune", "all")]  # the reference layer set: the released code's first 21
+    assert vw.reference_layers(config) == "first:21"
 
 
 def test_a_real_run_without_the_data_stops_before_any_job_naming_the_path(tmp_path):
@@ -123,3 +124,42 @@ def test_a_real_run_without_the_data_stops_before_any_job_naming_the_path(tmp_pa
     assert r.returncode != 0
     assert "data/cifar-100-python" in out and "not found" in out, out[-3000:]
     assert not (wf / "results" / "cifar100-gpu" / "cifar100").exists()
+
+
+def test_fashion_mnist_preset_gives_every_headline_arm_five_seeds():
+    config = load(REPO / "config" / "presets" / "fashion-mnist-cpu.yaml")
+    counts = {}
+    for rule, kind in (("train_architecture", "architecture"), ("pretrain", "pretrain"),
+                       ("pretext_eval", "pretext_eval"), ("transfer_train", "transfer")):
+        for wc in vw.grid(config, kind):
+            key = (rule, wc.get("mixer"), wc.get("pretext"), wc.get("eval"), wc.get("teacher"), wc.get("method"),
+                   wc.get("layers"))
+            counts[key] = counts.get(key, 0) + 1
+    headline = [("train_architecture", m, None, None, None, None, None) for m in ("attention", "feedforward")]
+    headline += [("pretext_eval", None, p, e, None, None, None) for p in ("moco", "mae")
+                 for e in ("linear_probe", "finetune")]
+    headline += [("transfer_train", None, None, None, "none", "scratch", "all")]
+    headline += [("transfer_train", None, None, None, "mae", m, "all") for m in ("finetune", "attn_copy", "attn_distill")]
+    assert all(counts.get(k, 0) >= 5 for k in headline), {k: counts.get(k, 0) for k in headline}
+    assert config["execution"]["num_gpus"] == 0 and config["datasets"]["fashion_mnist"]["data"]["n_train"] >= 1000
+
+
+def test_fashion_mnist_with_a_truncated_file_stops_before_any_job(tmp_path):
+    """The files are checked before the first job: a download cut short names the file and the fix."""
+    src = Path("/usr/share/datasets/fashion-mnist")
+    if not (src / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"{src} lacks Fashion-MNIST: tools/get-data.sh fashion-mnist (.ci/run installs it)")
+    bad = tmp_path / "data"
+    bad.mkdir()
+    for f in src.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    blob = (bad / "t10k-images-idx3-ubyte.gz").read_bytes()
+    (bad / "t10k-images-idx3-ubyte.gz").write_bytes(blob[: len(blob) // 3])
+    wf = copy_workflow(tmp_path / "wf")
+    r = snakemake(wf, "--cores", "2", "--configfile", "config/presets/fashion-mnist-cpu.yaml",
+                  "--config", f"data_root={bad}", timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert f"{bad}/t10k-images-idx3-ubyte.gz is truncated" in out, out[-3000:]
+    assert "tools/get-data.sh fashion-mnist" in out
+    assert not list((wf / "results").rglob("record.json"))

@@ -12,29 +12,41 @@ import yaml
 from conftest import REPO, job_counts, read_config, snakemake, write_config
 
 
+def seeds_of(section: dict, *values: str) -> set:
+    """A grid cell's seeds: `seeds` minus those any `seeds_by` entry naming one of its values leaves out."""
+    out = set(section["seeds"])
+    for v in values:
+        out &= set(section.get("seeds_by", {}).get(v, section["seeds"]))
+    return out
+
+
 def grid_size(config: dict) -> int:
     a = config["architecture"]
-    return len(a["datasets"]) * len(a["mixers"]) * len(a["seeds"])
+    return len(a["datasets"]) * sum(len(seeds_of(a, m)) for m in a["mixers"])
+
+
+DEFAULT_ARCHITECTURE_JOBS = 16  # attention and feedforward x 5 seeds, three more mixers x 2 seeds
 
 
 def test_default_dag_has_one_job_per_grid_point(workflow):
     r = snakemake(workflow, "-n", "--cores", "2")
     assert r.returncode == 0, r.stderr
     counts = job_counts(r.stdout + r.stderr)
-    assert counts["train_architecture"] == grid_size(read_config(workflow)) == 15
+    assert counts["train_architecture"] == grid_size(read_config(workflow)) == DEFAULT_ARCHITECTURE_JOBS
     assert counts["architecture_report"] == 1
 
 
 def test_architecture_target(workflow):
     r = snakemake(workflow, "-n", "--cores", "2", "architecture")
     assert r.returncode == 0, r.stderr
-    assert job_counts(r.stdout + r.stderr)["train_architecture"] == 15
+    assert job_counts(r.stdout + r.stderr)["train_architecture"] == DEFAULT_ARCHITECTURE_JOBS
 
 
 def test_changing_the_config_changes_the_dag(workflow):
     config = read_config(workflow)
     config["architecture"]["mixers"] = ["attention", "feedforward"]
     config["architecture"]["seeds"] = [0, 1, 2, 3]
+    config["architecture"]["seeds_by"] = {}
     config["architecture"]["datasets"] = ["digits", "shapes"]
     write_config(workflow, config)
     r = snakemake(workflow, "-n", "--cores", "2")
@@ -45,12 +57,12 @@ def test_changing_the_config_changes_the_dag(workflow):
 def test_finished_jobs_are_not_rerun(workflow):
     """A record already on disk (and newer than nothing it depends on) is not scheduled again."""
     r = snakemake(workflow, "-n", "--cores", "2")
-    assert job_counts(r.stdout + r.stderr)["train_architecture"] == 15
+    assert job_counts(r.stdout + r.stderr)["train_architecture"] == DEFAULT_ARCHITECTURE_JOBS
     done = workflow / "results/architecture/digits/attention/seed0/record.json"
     done.parent.mkdir(parents=True)
     done.write_text("{}")
     r = snakemake(workflow, "-n", "--cores", "2")
-    assert job_counts(r.stdout + r.stderr)["train_architecture"] == 14
+    assert job_counts(r.stdout + r.stderr)["train_architecture"] == DEFAULT_ARCHITECTURE_JOBS - 1
 
 
 def _set(config: dict, dotted: str, value) -> dict:
@@ -97,16 +109,16 @@ def test_lint_is_clean(workflow):
 
 def pretext_grid(config: dict) -> tuple[int, int]:
     p = config["pretext"]
-    n_pretexts = len(p["pretexts"]) - ("hybrid" in p["pretexts"]) + ("hybrid" in p["pretexts"]) * len(
-        p.get("hybrid_lambdas", [0.2]))
-    n = len(p["datasets"]) * n_pretexts * len(p["seeds"])
+    cells = [(name,) for name in p["pretexts"] if name != "hybrid"] + [
+        ("hybrid", f"hybrid_{lam:g}") for lam in p.get("hybrid_lambdas", [0.2]) if "hybrid" in p["pretexts"]]
+    n = len(p["datasets"]) * sum(len(seeds_of(p, *cell)) for cell in cells)
     return n, n * len(p["evals"])
 
 
 def test_pretext_dag_covers_pretext_eval_analysis_grid(workflow):
     config = read_config(workflow)
     n_pretrain, n_eval = pretext_grid(config)
-    assert (n_pretrain, n_eval) == (10, 30)  # 5 pretexts x 2 seeds; x 3 evals
+    assert (n_pretrain, n_eval) == (19, 57)  # moco, simmim, mae x 5 seeds, supervised, hybrid x 2; x 3 evals
     r = snakemake(workflow, "-n", "--cores", "2", "pretext")
     assert r.returncode == 0, r.stderr
     counts = job_counts(r.stdout + r.stderr)
@@ -119,7 +131,7 @@ def test_pretext_grid_axes_change_the_dag(workflow):
     config = read_config(workflow)
     config.pop("transfer")  # its default teachers name pretexts this grid leaves out
     config["pretext"].update(pretexts=["moco", "hybrid"], hybrid_lambdas=[0.2, 0.5, 0.8], seeds=[0, 1, 2],
-                             evals=["knn"])
+                             evals=["knn"], seeds_by={})
     write_config(workflow, config)
     r = snakemake(workflow, "-n", "--cores", "2", "pretext")
     assert r.returncode == 0, r.stderr
@@ -149,15 +161,17 @@ def test_evaluations_depend_on_their_pretraining(workflow):
 def test_transfer_dag_grid_and_dependency_on_pretext_checkpoints(workflow):
     config = read_config(workflow)
     t = config["transfer"]
-    n_teachers, n_layers = len(t["teachers"]), len(t["layers"])
-    per_teacher = len(t["methods"]) - 1 + 2 * (n_layers - 1)  # copy and distill over every layers value
-    expected = len(t["seeds"]) * (1 + n_teachers * per_teacher)
+    expected = len(seeds_of(t, "scratch")) + sum(
+        len(seeds_of(t, teacher, m, *([layers] if m in ("attn_copy", "attn_distill") else [])))
+        for teacher in t["teachers"] for m in t["methods"] if m != "scratch"
+        for layers in (t["layers"] if m in ("attn_copy", "attn_distill") else ["all"]))
     r = snakemake(workflow, "-n", "--cores", "2", "transfer")
     assert r.returncode == 0, r.stderr
     counts = job_counts(r.stdout + r.stderr)
-    assert counts["transfer_train"] == expected == 68
-    # the transfer target builds the teachers' pre-training, not the pretext evaluations
-    assert counts["pretrain"] == n_teachers * len(t["seeds"])
+    # scratch and the mae teacher's fine-tune, copy and distill (all layers) x 5 seeds; the rest x 2
+    assert counts["transfer_train"] == expected == 5 + 3 * 5 + 8 * 2 + 2 * 11 * 2
+    # the transfer target builds the teachers' pre-training (seed-matched), not the pretext evaluations
+    assert counts["pretrain"] == sum(len(seeds_of(t, teacher)) for teacher in t["teachers"])
     assert "pretext_eval" not in counts and "train_architecture" not in counts
     dot = snakemake(workflow, "--cores", "2", "transfer", "--dag", "dot").stdout
     labels = dict(re.findall(r'(\d+)\[label = "([a-z_]+)', dot))
@@ -171,6 +185,7 @@ def test_transfer_with_file_teacher_needs_no_pretext(workflow, tmp_path):
     teacher = tmp_path / "t.pth"
     teacher.write_bytes(b"x")
     config["transfer"]["teachers"] = {"mine": f"file:{teacher}"}
+    config["transfer"]["seeds"], config["transfer"]["seeds_by"] = [0, 1], {}
     write_config(workflow, config)
     r = snakemake(workflow, "-n", "--cores", "2", "transfer")
     assert r.returncode == 0, r.stderr
@@ -231,3 +246,27 @@ def test_ensemble_averages_the_student_distilled_over_the_first_layers_value():
     config["transfer"]["layers"] = ["first:2", "all"]
     inputs = vw.transfer_inputs(config, "digits", "moco", "ensemble", "all", 0)
     assert [Path(p).parts[-4:-2] for p in inputs] == [("attn_distill", "first2"), ("finetune", "all")]
+
+
+def test_seeds_by_narrows_each_axis_value_and_keeps_ensembles_whole():
+    from vitablate import workflow as vw
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    t = config["transfer"]
+    t.update(seeds=[0, 1, 2], layers=["all", "first:2"], methods=["scratch", "attn_copy", "finetune", "attn_distill",
+                                                                  "ensemble"],
+             teachers={"mae": "pretext:mae", "moco": "pretext:moco"},
+             seeds_by={"moco": [0, 2], "first:2": [1, 2], "ensemble": [0]})
+    jobs = {(j["teacher"], j["method"], j["layers"], j["seed"]) for j in vw.grid(config, "transfer")}
+    assert {s for te, m, lay, s in jobs if (te, m, lay) == ("none", "scratch", "all")} == {0, 1, 2}
+    assert {s for te, m, lay, s in jobs if (te, m, lay) == ("mae", "attn_copy", "all")} == {0, 1, 2}
+    assert {s for te, m, lay, s in jobs if (te, m, lay) == ("mae", "attn_copy", "first2")} == {1, 2}
+    assert {s for te, m, lay, s in jobs if (te, m, lay) == ("moco", "attn_copy", "first2")} == {2}  # both apply
+    assert {s for te, m, lay, s in jobs if (te, m) == ("moco", "ensemble")} == {0}
+    # a teacher encoder is the seed-matched pre-training
+    assert vw.teacher_checkpoint(config, "digits", "mae", 2).endswith("pretext/digits/mae/seed2/encoder.pt")
+    vw.check_config(config)
+    # an ensemble needs its members at its own seeds
+    t["seeds_by"].update(ensemble=[1], attn_distill=[0])
+    with pytest.raises(vw.ConfigError, match="ensemble of teacher 'mae', seed 1, needs attn_distill"):
+        vw.check_config(config)

@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 VARIANTS: dict[str, dict] = {
     "vit_digits": dict(img_size=8, patch_size=2, embed_dim=64, depth=4, num_heads=4),
     "vit_shapes": dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4),
+    "vit_fmnist_p7": dict(img_size=28, patch_size=7, embed_dim=64, depth=4, num_heads=4),
     "vit_tiny_patch4_32": dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3),
     "vit_small_patch4_32": dict(img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=6),
     "vit_tiny_patch16_224": dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3),
@@ -97,6 +98,9 @@ class DataConfig:
     label_by: str = "shape"  # shapes only: shape | texture
     num_workers: int = 0  # DataLoader processes decoding on-disk images (imagefolder, extra_test_dirs); 0 = in the job
     extra_test_dirs: dict[str, str] = field(default_factory=dict)  # name -> ImageFolder dir (distribution shift)
+    n_train: Optional[int] = None  # fashion_mnist, shapes: a fixed class-balanced subset of the split; None = all
+    n_val: Optional[int] = None
+    n_test: Optional[int] = None
 
 
 @dataclass

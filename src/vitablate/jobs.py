@@ -79,8 +79,9 @@ def load_data(cfg: JobConfig, device: torch.device, train_crop: bool = False) ->
         extra = dict(crop_scale=tuple(a.crop_scale) if a.crop_scale else None, flip=a.flip,
                      micro_batch=dist.check_batch(cfg.train.batch_size, cfg.train.accum_steps),
                      pin_memory=device.type == "cuda", train_mode=mode)
+    subsets = {k: v for k, v in dict(n_train=d.n_train, n_val=d.n_val, n_test=d.n_test).items() if v is not None}
     bundle = load_dataset(d.name, root=d.root, img_size=cfg.model.img_size, label_by=d.label_by,
-                          extra_test_dirs=d.extra_test_dirs or None, num_workers=d.num_workers, **extra)
+                          extra_test_dirs=d.extra_test_dirs or None, num_workers=d.num_workers, **extra, **subsets)
     if cfg.execution.data_on_device and device.type == "cuda":
         for name in ("train", "val", "test"):
             split = getattr(bundle, name)

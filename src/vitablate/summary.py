@@ -14,52 +14,85 @@ import re
 import statistics
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import polars as pl
 
 from . import aggregate
 from .io import write_text
 
-ALPHA = 0.05  # two-sided, per comparison, uncorrected for the number of comparisons
+ALPHA = 0.05  # two-sided; p-values are Holm-corrected within each question's family of comparisons
+POWER = 0.80  # the power at which the minimum detectable difference is stated
 
-# Reference numbers: top-1 (%) on ImageNet-1K at paper scale, as DESIGN.md's table cites them.
-# Q1: Melas-Kyriazi (2021), "Do You Even Need Attention? A Stack of Feed-Forward Layers Does
-#     Surprisingly Well on ImageNet". Q2: Park et al. (ICLR 2023), "What Do Self-Supervised Vision
-#     Transformers Learn?" (ViT-B/16). Q3: Li et al. (NeurIPS 2024), "On the Surprising
-#     Effectiveness of Attention Transfer for Vision Transformers" (ViT-L, MAE teacher).
-PAPER = {
-    "architecture": {  # model scale -> mixer -> top-1
-        "ViT-B/16": {"attention": 77.9, "feedforward": 74.9},
-        "tiny": {"attention": 72.2, "feedforward": 61.4},  # attention: DeiT-tiny
-        "L/32": {"attention": 71.2, "feedforward": 71.4},
-        "tiny, 4.0M params, 100 epochs": {"attention_only": 28.2},
+
+@dataclass(frozen=True)
+class Ref:
+    """One published number: top-1 (%) on ImageNet-1K at paper scale, with where it is printed."""
+
+    value: float
+    source: str
+
+
+MELAS = "Melas-Kyriazi (2021), *Do You Even Need Attention?*, arXiv:2105.02723"
+DEIT = "Touvron et al. (ICML 2021), *Training data-efficient image transformers & distillation through attention*"
+MOCO3 = "Chen, Xie & He (ICCV 2021), *An Empirical Study of Training Self-Supervised Vision Transformers*"
+MAE = "He et al. (CVPR 2022), *Masked Autoencoders Are Scalable Vision Learners*"
+SIMMIM = "Xie et al. (CVPR 2022), *SimMIM: A Simple Framework for Masked Image Modeling*"
+ATTN_TRANSFER = ("Li et al. (NeurIPS 2024), *On the Surprising Effectiveness of Attention Transfer for Vision "
+                 "Transformers*, ViT-L student, MAE ViT-L teacher")
+
+# Every paper number the summary prints, each with its source; a number without one is not printed.
+PAPER: dict[str, dict] = {
+    "architecture": {  # model size -> mixer -> Ref; attention is DeiT's recipe, the one feedforward is trained with
+        "base": {"attention": Ref(79.9, f"DeiT-B, as quoted in {MELAS}, abstract"),
+                 "feedforward": Ref(74.9, f"{MELAS}, abstract and FF-base in its code's README")},
+        "tiny": {"attention": Ref(72.2, f"DeiT-Ti, {DEIT}"),
+                 "feedforward": Ref(61.4, f"FF-tiny, {MELAS}, its code's README")},
+        "large": {"feedforward": Ref(71.4, f"FF-large, {MELAS}, its code's README")},
     },
-    "pretext": {  # pretext -> eval -> top-1 (ViT-B/16)
-        "moco": {"linear_probe": 76.7, "finetune": 83.2},
-        "simmim": {"linear_probe": 56.7, "finetune": 83.8},
-        "mae": {"linear_probe": 68.0, "finetune": 83.6},
-        "hybrid_0.2": {"finetune": 82.3},  # the best fine-tuning lambda of the hybrid objective
+    "pretext": {  # pretext -> eval -> Ref (ViT-B/16)
+        "moco": {"linear_probe": Ref(76.7, f"{MOCO3}, ViT-B linear probing"),
+                 "finetune": Ref(83.2, f"MoCo v3 ViT-B fine-tuned, {MAE}, Table 3")},
+        "simmim": {"linear_probe": Ref(56.7, f"{SIMMIM}, ViT-B linear probing"),
+                   "finetune": Ref(83.8, f"{SIMMIM}, ViT-B fine-tuning")},
+        "mae": {"linear_probe": Ref(68.0, f"{MAE}, ViT-B linear probing"),
+                "finetune": Ref(83.6, f"{MAE}, Table 3, ViT-B")},
     },
-    "transfer": {  # method -> top-1 (ViT-L student, MAE ViT-L teacher)
-        "scratch": 83.0, "finetune": 85.7, "attn_copy": 85.1, "attn_distill": 85.7, "ensemble": 86.3,
+    "transfer": {method: Ref(v, ATTN_TRANSFER) for method, v in (
+        ("scratch", 83.0), ("finetune", 85.7), ("attn_copy", 85.1), ("attn_distill", 85.7), ("ensemble", 86.3))},
+}
+
+
+FASHION_MNIST_BENCHMARK = ("the benchmark table of Fashion-MNIST's repository, github.com/zalandoresearch/fashion-mnist "
+                           "(README, Benchmark; Xiao, Rasul & Vollgraf 2017, arXiv:1708.07747), trained on all "
+                           "60,000 training images")
+# Published baselines per dataset, test top-1 (%): so a reader can see whether this run's models are sane.
+DATASET_BASELINES: dict[str, dict[str, Ref]] = {
+    "fashion_mnist": {
+        "human (crowd-sourced, 1,000 test images)": Ref(83.5, FASHION_MNIST_BENCHMARK),
+        "MLP 256-128-64": Ref(90.0, FASHION_MNIST_BENCHMARK),
+        "2 conv layers, <100K parameters": Ref(92.5, FASHION_MNIST_BENCHMARK),
     },
 }
 
 
 def paper_gap_closed(method: str) -> float:
     """The paper's gap closed, from its top-1 numbers: (method - scratch) / (finetune - scratch)."""
-    t = PAPER["transfer"]
+    t = {m: r.value for m, r in PAPER["transfer"].items()}
     return (t[method] - t["scratch"]) / (t["finetune"] - t["scratch"])
 
 
-PAPER_SOURCES = {
-    "architecture": "Melas-Kyriazi (2021), *Do You Even Need Attention?*, ImageNet-1K",
-    "pretext": "Park et al. (ICLR 2023), *What Do Self-Supervised Vision Transformers Learn?*, ViT-B/16 on "
-               "ImageNet-1K",
-    "transfer": "Li et al. (NeurIPS 2024), *On the Surprising Effectiveness of Attention Transfer for Vision "
-                "Transformers*, ViT-L with an MAE teacher on ImageNet-1K",
-}
+def paper_sources(question: str) -> list[str]:
+    """One line per source of a question's paper numbers: each number (what it is, its value), then the source."""
+    by_source: dict[str, list[str]] = {}
+    for key, by in PAPER[question].items():
+        items = [(None, by)] if isinstance(by, Ref) else list(by.items())
+        for sub, ref in items:
+            label = f"`{key}`" if sub is None else f"`{sub}`, {key}" if question == "architecture" else f"`{key}`, {sub}"
+            by_source.setdefault(ref.source, []).append(f"{label} {ref.value:.1f}")
+    return [f"{'; '.join(numbers)}: {source}" for source, numbers in by_source.items()]
+
+
 CL, MIM = ("moco",), ("simmim", "mae")  # pretext families (hybrid_<lambda> -> hybrid)
 EVALS = ("linear_probe", "finetune", "knn")
 
@@ -68,7 +101,12 @@ EVALS = ("linear_probe", "finetune", "knn")
 
 @dataclass(frozen=True)
 class Welch:
-    """Welch's two-sided t-test of `a` against `b` across seeds; p is None when not testable."""
+    """Welch's two-sided t-test of `a` against `b` across seeds; p is None when not testable.
+
+    `ci`: the 95 % confidence interval of mean(a) - mean(b) (Welch); `mdd`: the smallest difference
+    this many seeds at this spread detect with 80 % power at α = 0.05 (two-sided, per comparison);
+    `p_holm`: p after Holm's correction over its family of `family_size` comparisons (see holm()).
+    """
 
     a: str
     b: str
@@ -77,6 +115,10 @@ class Welch:
     t: float | None
     p: float | None
     why_not: str = ""
+    ci: tuple[float, float] | None = None
+    mdd: float | None = None
+    p_holm: float | None = None
+    family_size: int = 1
 
     @property
     def diff(self) -> float:
@@ -84,20 +126,35 @@ class Welch:
 
     @property
     def separated(self) -> bool:
-        return self.p is not None and self.p < ALPHA
+        return self.p_holm is not None and self.p_holm < ALPHA
+
+    def flipped(self) -> "Welch":
+        """The same test read as `b` against `a`."""
+        ci = None if self.ci is None else (-self.ci[1], -self.ci[0])
+        return replace(self, a=self.b, b=self.a, xa=self.xb, xb=self.xa, t=None if self.t is None else -self.t,
+                       ci=ci)
+
+    def _p_text(self) -> str:
+        if self.family_size > 1:
+            return f"Holm-adjusted p = {_p(self.p_holm)} of {self.family_size} (raw p = {_p(self.p)})"
+        return f"p = {_p(self.p)}"
 
     def sentence(self, unit: str = "points", digits: int = 1) -> str:
-        """One clause: which side is above (p < ALPHA), or that the seeds do not separate them."""
+        """One clause: which side is above (Holm-adjusted p < ALPHA), or that the seeds do not separate
+        them and how large a difference they could have seen."""
         n = f"n = {len(self.xa)} vs {len(self.xb)}"
         d = f"{self.diff:+.{digits}f} {unit}".strip()
         if self.p is None:
             return f"`{self.a}` against `{self.b}`: Δ = {d}, not testable ({self.why_not})"
         if self.separated:
-            hi, lo, t = (self.a, self.b, self.t) if self.diff > 0 else (self.b, self.a, -self.t)
-            return (f"`{hi}` is above `{lo}` by {abs(self.diff):.{digits}f} {unit}".rstrip()
-                    + f" (Welch's t = {t:.2f}, p = {_p(self.p)}, {n})")
-        return (f"the seeds do not separate `{self.a}` and `{self.b}` "
-                f"(p = {_p(self.p)}; Δ = {d}, Welch's t = {self.t:.2f}, {n})")
+            w = self if self.diff > 0 else self.flipped()
+            lo, hi = w.ci
+            return (f"`{w.a}` is above `{w.b}` by {w.diff:.{digits}f} {unit}".rstrip()
+                    + f" (95% CI {lo:.{digits}f} to {hi:.{digits}f}; Welch's t = {w.t:.2f}, {w._p_text()}, {n})")
+        lo, hi = self.ci
+        return (f"the seeds do not separate `{self.a}` and `{self.b}` (Δ = {d}, 95% CI {lo:+.{digits}f} to "
+                f"{hi:+.{digits}f}; {self._p_text()}, Welch's t = {self.t:.2f}, {n}): a difference below "
+                f"{self.mdd:.{digits}f} {unit} could not be seen at this seed spread".replace("  ", " "))
 
     def verdict(self, paper_a_above_b: bool) -> str:
         """This run's direction against the paper's, as a phrase."""
@@ -112,8 +169,22 @@ def _p(p: float) -> str:
     return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
 
 
+def min_detectable_difference(xa: Sequence[float], xb: Sequence[float], alpha: float = ALPHA,
+                              power: float = POWER) -> float:
+    """The difference in means that a two-sided two-sample t-test at `alpha` detects with `power`, at
+    these sample sizes and their pooled standard deviation (statsmodels' TTestIndPower)."""
+    from statsmodels.stats.power import TTestIndPower
+
+    na, nb = len(xa), len(xb)
+    pooled = math.sqrt(((na - 1) * statistics.variance(xa) + (nb - 1) * statistics.variance(xb)) / (na + nb - 2))
+    d = TTestIndPower().solve_power(effect_size=None, nobs1=na, alpha=alpha, power=power, ratio=nb / na,
+                                    alternative="two-sided")
+    return float(d) * pooled
+
+
 def welch(a: str, xa: Sequence[float], b: str, xb: Sequence[float]) -> Welch:
-    """Welch's t-test (scipy.stats.ttest_ind, equal_var=False); refuses n < 2 or no spread."""
+    """Welch's t-test and its 95 % CI (scipy.stats.ttest_ind, equal_var=False) with the minimum detectable
+    difference; refuses n < 2 or no spread. A family of one until holm() corrects it."""
     xa, xb = tuple(float(v) for v in xa), tuple(float(v) for v in xb)
     if not xa or not xb:
         return Welch(a, b, xa or (math.nan,), xb or (math.nan,), None, None, "a side has no runs")
@@ -127,10 +198,31 @@ def welch(a: str, xa: Sequence[float], b: str, xb: Sequence[float]) -> Welch:
         # one side without spread (equal values) is a valid Welch test; scipy warns about its moments
         warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
         res = ttest_ind(xa, xb, equal_var=False)
+        ci = res.confidence_interval(1 - ALPHA)
     t, p = float(res.statistic), float(res.pvalue)
     if not math.isfinite(p):
         return Welch(a, b, xa, xb, None, None, "the test statistic is undefined for these values")
-    return Welch(a, b, xa, xb, t, p)
+    return Welch(a, b, xa, xb, t, p, ci=(float(ci.low), float(ci.high)), mdd=min_detectable_difference(xa, xb),
+                 p_holm=p)
+
+
+def holm(tests: Sequence[Welch]) -> list[Welch]:
+    """The tests with Holm's step-down correction over the testable ones (statsmodels' multipletests)."""
+    from statsmodels.stats.multitest import multipletests
+
+    testable = [i for i, t in enumerate(tests) if t.p is not None]
+    out = list(tests)
+    if testable:
+        adjusted = multipletests([tests[i].p for i in testable], alpha=ALPHA, method="holm")[1]
+        for i, q in zip(testable, adjusted):
+            out[i] = replace(tests[i], p_holm=float(q), family_size=len(testable))
+    return out
+
+
+def family_note(what: str, tests: Sequence[Welch]) -> str:
+    """The sentence that names a Holm family ('' when none of its tests could be run)."""
+    k = sum(t.p is not None for t in tests)
+    return f"*Holm family:* {what} ({k} test{'s' if k != 1 else ''})." if k else ""
 
 
 def mean_std(values: Sequence[float], digits: int = 2) -> str:
@@ -152,22 +244,34 @@ def _family(pretext: str) -> str:
 
 # --- Q1 architecture ------------------------------------------------------------------------
 
-Q1_PAPER_FINDING = ("attention ahead of feedforward-only at ViT-B/16 (77.9 vs 74.9) and tiny (72.2 vs 61.4), "
-                    "level at L/32 (71.2 vs 71.4)")
+Q1_PAPER_FINDING = ("attention (DeiT's recipe) ahead of feedforward-only at base size (79.9 vs 74.9) and at tiny "
+                    "size (72.2 vs 61.4)")
 
 
-def architecture_answer(samples: dict[str, list[float]], order: list[str]) -> str:
+def architecture_tests(samples: dict[str, list[float]], order: list[str]) -> dict[tuple[str, str], Welch]:
+    """Q1's family, Holm-corrected together: every mixer against `attention`, and the best mixer against the
+    lower bounds (`pooling`, `identity`) when the best is not attention."""
+    pairs = [(m, "attention") for m in order if m != "attention" and "attention" in samples]
+    best = order[0]
+    if best != "attention":
+        pairs += [(best, bound) for bound in ("pooling", "identity") if bound in samples and bound != best]
+    tests = holm([welch(a, samples[a], b, samples[b]) for a, b in pairs])
+    return dict(zip(pairs, tests))
+
+
+def architecture_answer(samples: dict[str, list[float]], order: list[str],
+                        tests: dict[tuple[str, str], Welch]) -> str:
     """One or two sentences: is attention needed, from the best mixer against attention."""
     best = order[0]
     if "attention" not in samples or len(order) == 1:
         return (f"`{best}` is the best token mixer here ({mean_std(samples[best])} %); there is no `attention` run "
                 f"to compare it with.")
     if best == "attention":
-        t = welch("attention", samples["attention"], order[1], samples[order[1]])
+        t = tests[(order[1], "attention")].flipped()
         if t.separated:
             return f"Attention is needed here: {t.sentence()}, the best attention-free mixer."
         return f"`attention` is the best mixer, but {t.sentence()}: this run does not show that attention is needed."
-    t = welch(best, samples[best], "attention", samples["attention"])
+    t = tests[(best, "attention")]
     if t.separated:
         return f"Attention is not needed at this scale: {t.sentence()}."
     return f"The best mixer is `{best}`, but {t.sentence()}: this run cannot say whether attention helps or hurts."
@@ -181,32 +285,40 @@ def architecture_section(df: pl.DataFrame) -> str:
         samples = {k[0]: v for k, v in _samples(sub, ["mixer"]).items()}
         params = {k[0]: v[0] for k, v in _samples(sub, ["mixer"], "params_m").items()}
         order = sorted(samples, key=lambda m: -statistics.fmean(samples[m]))
-        out.append(f"### {dataset}\n\n**Answer.** {architecture_answer(samples, order)}\n")
+        tests = architecture_tests(samples, order)
+        out.append(f"### {dataset}\n\n**Answer.** {architecture_answer(samples, order, tests)}\n")
         details = []
-        if "attention" in samples and "feedforward" in samples:
-            t = welch("attention", samples["attention"], "feedforward", samples["feedforward"])
-            p = _p(t.p) if t.p is not None else "not testable"
+        if ("feedforward", "attention") in tests:
+            t = tests[("feedforward", "attention")].flipped()
+            p = _p(t.p_holm) if t.p is not None else "not testable"
             details.append(f"Against the paper, which has {Q1_PAPER_FINDING}: here `attention` minus `feedforward` "
-                           f"is {t.diff:+.1f} points (p = {p}), {t.verdict(True)}.")
-        best = order[0]
-        for bound in ("pooling", "identity"):
-            if bound in samples and bound != best:
-                t = welch(best, samples[best], bound, samples[bound])
-                details.append(f"The best mixer against the `{bound}` lower bound (no learned token mixing): "
+                           f"is {t.diff:+.1f} points (Holm-adjusted p = {p}), {t.verdict(True)}.")
+        for (a, b), t in tests.items():
+            if b in ("pooling", "identity"):
+                details.append(f"The best mixer against the `{b}` lower bound (no learned token mixing): "
                                f"{t.sentence()}.")
         if details:
             out.append(" ".join(details) + "\n")
         rows = []
         for m in order:
-            refs = "; ".join(f"{scale}: {v:.1f}" for scale, by in paper.items() for mm, v in by.items() if mm == m)
+            refs = "; ".join(f"{size}: {by[m].value:.1f}" for size, by in paper.items() if m in by)
             rows.append((f"`{m}`", f"{params[m]:.2f}", mean_std(samples[m]), len(samples[m]), refs or "—"))
         out.append(aggregate.md_table(["mixer", "params (M)", "top-1 % (mean ± std)", "n", "paper top-1 % (ImageNet-1K)"],
                              rows))
-        tests = [welch(m, samples[m], "attention", samples["attention"]) for m in order
-                 if m != "attention" and "attention" in samples]
-        if tests:
+        if dataset in DATASET_BASELINES:
+            refs = DATASET_BASELINES[dataset]
+            out.append(f"Published {dataset} baselines, test top-1 %: "
+                       + "; ".join(f"{name} {r.value:.1f}" for name, r in refs.items())
+                       + f" ({next(iter(refs.values())).source}). This run's mixers: "
+                       + "; ".join(f"`{m}` {statistics.fmean(samples[m]):.1f}" for m in order) + ".\n")
+        against = [t for (a, b), t in tests.items() if b == "attention"]
+        if against:
             out.append("Each mixer against `attention` (the ViT):\n\n"
-                       + "\n".join(f"- {_cap(t.sentence())}." for t in tests) + "\n")
+                       + "\n".join(f"- {_cap(t.sentence())}." for t in against) + "\n")
+        if tests:
+            what = "every mixer against `attention`" + (
+                ", and the best mixer against the lower bounds" if len(against) < len(tests) else "")
+            out.append(family_note(f"{what} on {dataset}", list(tests.values())) + "\n")
     return "\n".join(out)
 
 
@@ -253,34 +365,43 @@ def pretext_section(evals: pl.DataFrame, analyses: pl.DataFrame | None = None) -
         samples = _samples(sub, ["pretext", "eval"])
         pretexts = _pretext_order(p for p, _ in samples)
         ev_names = [e for e in EVALS if any(k[1] == e for k in samples)]
-        by_eval, lines, comparisons = {}, [], []
+        # Q2's family: every CL-against-MIM test under every evaluation, Holm-corrected together
+        here = {ev: {p: samples[(p, ev)] for p in pretexts if (p, ev) in samples} for ev in ev_names}
+        raw = [(ev, t) for ev in ev_names for t in _cl_mim(here[ev])]
+        by_eval: dict[str, list[Welch]] = {ev: [] for ev in ev_names}
+        for (ev, _), t in zip(raw, holm([t for _, t in raw])):
+            by_eval[ev].append(t)
+        hybrid_raw = [(ev, welch(h, here[ev][h], c, here[ev][c])) for ev in ev_names for h in pretexts
+                      if _family(h) == "hybrid" and h in here[ev] for c in ("moco", "simmim") if c in here[ev]]
+        comparisons = list(zip([ev for ev, _ in hybrid_raw], holm([t for _, t in hybrid_raw])))
+        lines = []
         for ev in ev_names:
-            here = {p: samples[(p, ev)] for p in pretexts if (p, ev) in samples}
-            best = max(here, key=lambda p: statistics.fmean(here[p]))
-            by_eval[ev] = tests = _cl_mim(here)
-            line = f"- `{ev}`: the best encoder is `{best}` ({mean_std(here[best])} %)."
-            for t in tests:
+            best = max(here[ev], key=lambda p: statistics.fmean(here[ev][p]))
+            line = f"- `{ev}`: the best encoder is `{best}` ({mean_std(here[ev][best])} %)."
+            for t in by_eval[ev]:
                 line += f" CL against MIM: {t.sentence()}"
                 if ev in PRETEXT_DIRECTION:
                     line += f": {t.verdict(PRETEXT_DIRECTION[ev])}"
                 line += "."
             lines.append(line)
-            hybrids = [h for h in pretexts if _family(h) == "hybrid" and h in here]
-            comparisons += [(ev, welch(h, here[h], c, here[c]))
-                            for h in hybrids for c in ("moco", "simmim") if c in here]
         out.append(f"### {dataset}\n\n**Answer.** {pretext_answer(by_eval)}\n")
         out.append("\n".join(lines) + "\n")
+        if raw:
+            out.append(family_note(f"CL against MIM under every evaluation on {dataset}", [t for _, t in raw]) + "\n")
         header = ["pretext", *(f"{e} top-1 %" for e in ev_names), "n", "paper linear_probe", "paper finetune"]
         rows = []
         for p in pretexts:
             cells = [mean_std(samples[(p, e)]) if (p, e) in samples else "—" for e in ev_names]
             n = max((len(samples[(p, e)]) for e in ev_names if (p, e) in samples), default=0)
-            refs = [f"{paper[p][e]:.1f}" if e in paper.get(p, {}) else "—" for e in ("linear_probe", "finetune")]
+            refs = [f"{paper[p][e].value:.1f}" if e in paper.get(p, {}) else "—"
+                    for e in ("linear_probe", "finetune")]
             rows.append([f"`{p}`", *cells, n, *refs])
         out.append(aggregate.md_table(header, rows))
         if comparisons:
             out.append("The hybrid objective against its two ingredients:\n\n"
-                       + "\n".join(f"- `{ev}`: {t.sentence()}." for ev, t in comparisons) + "\n")
+                       + "\n".join(f"- `{ev}`: {t.sentence()}." for ev, t in comparisons) + "\n\n"
+                       + family_note(f"the hybrid against `moco` and `simmim` under every evaluation on {dataset}",
+                                     [t for _, t in comparisons]) + "\n")
         if analyses is not None and analyses.height:
             out.append(representation_section(analyses.filter(pl.col("dataset") == dataset)))
     return "\n".join(out)
@@ -295,26 +416,31 @@ REPRESENTATION_CLAIMS = {  # metric -> (name, unit, what the paper reports of CL
 def representation_section(analyses: pl.DataFrame) -> str:
     """Attention distance and NMI per layer; CL against MIM in the late layers (the second half)."""
     per_seed = analyses.group_by(["pretext", "seed", "layer", "metric"]).agg(pl.col("value").mean())  # heads averaged
-    layers = sorted(per_seed["layer"].unique().to_list())
+    # the attention metrics sit at layers 1..depth (layer i: block i); layer 0, the embedding output, has none
+    attention_rows = per_seed.filter(pl.col("metric").is_in(["attention_distance", "nmi"]))
+    layers = sorted(attention_rows["layer"].unique().to_list())
     late = layers[len(layers) // 2:]
     pretexts = _pretext_order(per_seed["pretext"].unique().to_list())
     late_means = per_seed.filter(pl.col("layer").is_in(late)).group_by(["pretext", "seed", "metric"]).agg(
         pl.col("value").mean())
     late_samples = _samples(late_means.sort("seed"), ["pretext", "metric"], "value")
-    sentences = []
-    for metric, (name, unit, claim, cl_above) in REPRESENTATION_CLAIMS.items():
-        here = {p: late_samples[(p, metric)] for p in pretexts if (p, metric) in late_samples}
-        for t in _cl_mim(here):
-            if t.separated and (t.diff > 0) == cl_above:
-                verdict = f"CL is {claim} than MIM there, as the paper reports"
-            elif t.separated:
-                verdict = f"the opposite of the paper, where CL is {claim}"
-            else:
-                verdict = f"the paper reports CL {claim}; these seeds do not show it"
-            sentences.append(f"Late-layer {name} (blocks {late[0]}–{late[-1]}): {t.sentence(unit, 3)}; {verdict}.")
+    sentences, family = [], []
+    raw = [(metric, t) for metric in REPRESENTATION_CLAIMS
+           for t in _cl_mim({p: late_samples[(p, metric)] for p in pretexts if (p, metric) in late_samples})]
+    for (metric, _), t in zip(raw, holm([t for _, t in raw])):
+        name, unit, claim, cl_above = REPRESENTATION_CLAIMS[metric]
+        family.append(t)
+        if t.separated and (t.diff > 0) == cl_above:
+            verdict = f"CL is {claim} than MIM there, as the paper reports"
+        elif t.separated:
+            verdict = f"the opposite of the paper, where CL is {claim}"
+        else:
+            verdict = f"the paper reports CL {claim}; these seeds do not show it"
+        sentences.append(f"Late-layer {name} (blocks {late[0]}–{late[-1]}): {t.sentence(unit, 3)}; {verdict}.")
     out = []
     if sentences:
-        out.append("**Representations.** " + " ".join(sentences) + "\n")
+        out.append("**Representations.** " + " ".join(sentences) + " "
+                   + family_note("late-layer attention distance and NMI, CL against MIM", family) + "\n")
     for metric, label in (("attention_distance", "attention distance (px)"), ("nmi", "NMI(query; key)")):
         samples = _samples(per_seed.filter(pl.col("metric") == metric).sort("seed"), ["pretext", "layer"], "value")
         rows = [[f"`{p}`"] + [mean_std(samples[(p, layer)], 3) if (p, layer) in samples else "—" for layer in layers]
@@ -326,19 +452,25 @@ def representation_section(analyses: pl.DataFrame) -> str:
 
 # --- Q3 transfer ----------------------------------------------------------------------------
 
-def transfer_answer(teacher: str, tests: dict[str, Welch], gap: dict) -> str:
-    """Is the teacher's attention enough: copy and distill against scratch, with the gap closed."""
+LAYERED = ("attn_copy", "attn_distill")  # the methods that take a `layers` set (vitablate.workflow.LAYERED_METHODS)
+
+
+def transfer_answer(teacher: str, tests: dict[str, Welch], gap: dict, reference_layers: str = "all") -> str:
+    """Is the teacher's attention enough: copy and distill (over the reference layers) against scratch."""
     parts = []
+    where = "" if reference_layers == "all" else f" over layers `{reference_layers}` (the reference set)"
     for m, name in (("attn_copy", "copying"), ("attn_distill", "distilling")):
         if m not in tests:
             continue
-        t, g = tests[m], gap.get((m, "all"))
+        t, g = tests[m], gap.get((m, reference_layers))
         if t.p is None:
-            part = f"{name} its attention maps is not testable against scratch ({t.why_not})"
+            part = f"{name} its attention maps{where} is not testable against scratch ({t.why_not})"
         elif t.separated:
-            part = f"{name} its attention maps is {'above' if t.diff > 0 else 'below'} scratch (p = {_p(t.p)})"
+            part = (f"{name} its attention maps{where} is {'above' if t.diff > 0 else 'below'} scratch "
+                    f"(Holm-adjusted p = {_p(t.p_holm)})")
         else:
-            part = f"{name} its attention maps is not separated from scratch (p = {_p(t.p)})"
+            part = (f"{name} its attention maps{where} is not separated from scratch (Holm-adjusted p = "
+                    f"{_p(t.p_holm)}; a difference below {t.mdd:.1f} points could not be seen)")
         gtxt = f"; gap closed {g:.0%}" if g is not None else ""
         parts.append(f"{part}{gtxt} (paper: {paper_gap_closed(m):.0%})")
     if not parts:
@@ -351,17 +483,23 @@ def transfer_answer(teacher: str, tests: dict[str, Welch], gap: dict) -> str:
     return f"With the `{teacher}` teacher, " + "; ".join(parts) + "." + tail
 
 
-def transfer_section(df: pl.DataFrame) -> str:
+def transfer_section(df: pl.DataFrame, reference_layers: str = "all") -> str:
+    """Q3 per dataset and teacher; copy and distill are judged over `reference_layers` (the config's first
+    `transfer.layers` value, the set the paper's numbers and the ensemble use)."""
     out = ["## Q3 transfer: are attention patterns enough?\n"]
     paper = PAPER["transfer"]
     shift_cols = sorted(c for c in df.columns if c.startswith("top1_shift_"))
     table = aggregate.transfer_table(df)
     if shift_cols:  # per-seed top-1 lost under distribution shift: clean test minus the mean shifted test
         df = df.with_columns((pl.col("top1_test") - pl.mean_horizontal(shift_cols)).alias("shift_drop"))
+    ref_of = lambda m: reference_layers if m in LAYERED else "all"  # noqa: E731
     for dataset in df["dataset"].unique(maintain_order=True).to_list():
         sub = df.filter(pl.col("dataset") == dataset)
         per_teacher = aggregate.scratch_per_teacher(sub)
         out.append(f"### {dataset}\n")
+        if reference_layers != "all":
+            out.append(f"`attn_copy` and `attn_distill` are judged over layers `{reference_layers}`, the reference "
+                       "set (the first `transfer.layers` value); other layer sets are in the table.\n")
         for teacher in [t for t in sub["teacher"].unique(maintain_order=True).to_list() if t != "none"]:
             rows_df = per_teacher.filter(pl.col("teacher") == teacher)
             samples = _samples(rows_df, ["method", "layers"])
@@ -369,23 +507,31 @@ def transfer_section(df: pl.DataFrame) -> str:
             tab = table.filter((pl.col("dataset") == dataset) & (pl.col("teacher") == teacher))
             gap = {(r["method"], r["layers"]): r["gap_closed"] for r in tab.iter_rows(named=True)}
             s = samples.get(("scratch", "all"))
-            methods = sorted({m for m, lay in samples if lay == "all" and m != "scratch"},
+            methods = sorted({m for m, lay in samples if lay == ref_of(m) and m != "scratch"},
                              key=aggregate.method_rank)
-            tests = {m: welch(m, samples[(m, "all")], "scratch", s) for m in methods} if s else {}
-            out.append(f"**Teacher `{teacher}`. Answer.** {transfer_answer(teacher, tests, gap)}\n")
-            details = []
+            # Q3's family per teacher: every method (at its reference layers) against scratch
+            tests = dict(zip(methods, holm([welch(m, samples[(m, ref_of(m))], "scratch", s) for m in methods]))) \
+                if s else {}
+            out.append(f"**Teacher `{teacher}`. Answer.** {transfer_answer(teacher, tests, gap, reference_layers)}\n")
+            details, further = [], []
+            if ("ensemble", "all") in samples and ("finetune", "all") in samples:
+                further.append(("ensemble", welch("ensemble", samples[("ensemble", "all")], "finetune",
+                                                  samples[("finetune", "all")])))
+            for m in LAYERED:
+                key = (m, reference_layers)
+                if drops and key in drops and ("finetune", "all") in drops:
+                    further.append((m, welch(m, drops[key], "finetune", drops[("finetune", "all")])))
+            further = list(zip([k for k, _ in further], holm([t for _, t in further])))
             if "finetune" in tests:
                 details.append(f"Fine-tuning the teacher against scratch: {tests['finetune'].sentence()}.")
-            if ("ensemble", "all") in samples and ("finetune", "all") in samples:
-                t = welch("ensemble", samples[("ensemble", "all")], "finetune", samples[("finetune", "all")])
-                details.append(f"Ensemble against fine-tuning (paper: {paper['ensemble']} vs {paper['finetune']}): "
-                               f"{t.sentence()}.")
-            for m in ("attn_copy", "attn_distill"):
-                if drops and (m, "all") in drops and ("finetune", "all") in drops:
-                    t = welch(m, drops[(m, "all")], "finetune", drops[("finetune", "all")])
+            for k, t in further:
+                if k == "ensemble":
+                    details.append(f"Ensemble against fine-tuning (paper: {paper['ensemble'].value} vs "
+                                   f"{paper['finetune'].value}): {t.sentence()}.")
+                else:
                     details.append(
                         f"Under distribution shift (mean of {len(shift_cols)} shifted test sets), top-1 drops by "
-                        f"{statistics.fmean(t.xa):.1f} points for `{m}` and {statistics.fmean(t.xb):.1f} for "
+                        f"{statistics.fmean(t.xa):.1f} points for `{k}` and {statistics.fmean(t.xb):.1f} for "
                         f"`finetune`; comparing the drops, {t.sentence()}; the paper finds transfer degrades more "
                         f"than fine-tuning; here: {t.verdict(True)}.")
             if details:
@@ -396,42 +542,57 @@ def transfer_section(df: pl.DataFrame) -> str:
                 vals = samples.get(key, [])
                 drop = f"{statistics.fmean(drops[key]):.1f}" if drops.get(key) else "—"
                 g = "—" if r["gap_closed"] is None else f"{r['gap_closed']:.2f}"
-                ref = f"{paper[r['method']]:.1f}" if r["layers"] == "all" and r["method"] in paper else "—"
+                ref = f"{paper[r['method']].value:.1f}" if r["layers"] == ref_of(r["method"]) and r["method"] in paper \
+                    else "—"
                 rows.append((f"`{r['method']}`", r["layers"], mean_std(vals) if vals else "—", len(vals), g, drop, ref))
             out.append(aggregate.md_table(["method", "layers", "top-1 % (mean ± std)", "n", "gap closed",
                                   "top-1 drop under shift", "paper top-1 % (MAE ViT-L teacher)"], rows))
             if tests:
-                out.append("Each method (all layers) against `scratch`:\n\n"
-                           + "\n".join(f"- {_cap(t.sentence())}." for t in tests.values()) + "\n")
+                out.append("Each method against `scratch`:\n\n"
+                           + "\n".join(f"- {_cap(t.sentence())}." for t in tests.values()) + "\n\n"
+                           + family_note(f"every method against `scratch` with the `{teacher}` teacher on {dataset}",
+                                         list(tests.values())) + "\n")
+            if family_note("", [t for _, t in further]):
+                out.append(family_note(f"the ensemble against fine-tuning and the shift drops against fine-tuning "
+                                       f"with the `{teacher}` teacher", [t for _, t in further]) + "\n")
     return "\n".join(out)
 
 
 # --- the document ---------------------------------------------------------------------------
 
 def build_summary(architecture: Sequence[str] = (), pretext: Sequence[str] = (), analyses: Sequence[str] = (),
-                  transfer: Sequence[str] = ()) -> str:
-    """The whole summary.md from record paths; a question with no records is left out."""
+                  transfer: Sequence[str] = (), reference_layers: str = "all") -> str:
+    """The whole summary.md from record paths; a question with no records is left out. `reference_layers`:
+    the transfer layer set copy and distillation are judged on (the config's first `transfer.layers`)."""
     n = len(architecture) + len(pretext) + len(analyses) + len(transfer)
     parts = [
         "# vitablate summary\n",
         f"Written by the `report` target from {n} run records alone. Numbers are test top-1 (%) as "
-        "mean ± sample std over seeds (n = seeds). Comparisons are two-sided Welch's t-tests across seeds "
-        f"(scipy.stats.ttest_ind, equal_var=False) at α = {ALPHA}, uncorrected for the number of comparisons; "
-        "with two or three seeds they only separate large differences, and where they do not, this says so. "
-        "Paper numbers are ImageNet-1K at paper scale, this run is tiny models on small bundled data for minutes: "
-        "compare directions, not values.\n",
+        "mean ± sample std over seeds (n = seeds). Each comparison is a two-sided Welch's t-test across seeds "
+        "(scipy.stats.ttest_ind, equal_var=False) with the 95% confidence interval of the difference; its p-value "
+        f"is Holm-corrected (statsmodels) within the question's family of comparisons, named under each list, and "
+        f"a difference counts as separated at Holm-adjusted p < {ALPHA}. Where the seeds do not separate two "
+        "settings, the sentence gives the smallest difference this many seeds could have seen at their spread "
+        f"({POWER:.0%} power, two-sided α = {ALPHA} per comparison, pooled standard deviation; statsmodels' "
+        "TTestIndPower). Paper numbers are ImageNet-1K at paper scale, each with its source below; this run is "
+        "small models on small data: compare directions, not values.\n",
     ]
+
+    def sources(question: str) -> str:
+        return "Paper numbers (ImageNet-1K top-1 %) and their sources:\n\n" + "\n".join(
+            f"- {line}." for line in paper_sources(question)) + "\n"
+
     if architecture:
         parts.append(architecture_section(aggregate.load_records(architecture)))
-        parts.append(f"Paper: {PAPER_SOURCES['architecture']}.\n")
+        parts.append(sources("architecture"))
     if pretext:
         evals = aggregate.load_records(pretext)
         rep = aggregate.load_analyses(analyses) if analyses else None
         parts.append(pretext_section(evals, rep))
-        parts.append(f"Paper: {PAPER_SOURCES['pretext']}.\n")
+        parts.append(sources("pretext"))
     if transfer:
-        parts.append(transfer_section(aggregate.load_records(transfer)))
-        parts.append(f"Paper: {PAPER_SOURCES['transfer']}.\n")
+        parts.append(transfer_section(aggregate.load_records(transfer), reference_layers))
+        parts.append(sources("transfer"))
     if len(parts) == 2:
         raise ValueError("no run records for the summary: the config has no architecture, pretext or transfer section")
     return "\n".join(parts)

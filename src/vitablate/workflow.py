@@ -43,6 +43,7 @@ from .config import (
 )
 from .io import write_text
 
+log = logging.getLogger(__name__)
 QUESTIONS = ("architecture", "pretext", "transfer")
 LAYERED_METHODS = ("attn_copy", "attn_distill")  # the methods the `layers` axis applies to
 
@@ -113,6 +114,20 @@ def checkpoint_sources(cfg: JobConfig) -> dict[str, str]:
     return out
 
 
+def _check_ensemble_members(config: dict) -> None:
+    """With seeds_by, an ensemble's seed must also be a seed of both its members."""
+    jobs = {(j["dataset"], j["teacher"], j["method"], j["layers"], j["seed"]) for j in transfer_grid(config)}
+    ref = layers_id(((config.get("transfer") or {}).get("layers") or ["all"])[0])
+    for d, teacher, method, _, seed in sorted(jobs, key=str):
+        if method != "ensemble":
+            continue
+        for m, lid in (("attn_distill", ref), ("finetune", "all")):
+            if (d, teacher, m, lid, seed) not in jobs:
+                raise ConfigError(f"transfer: the ensemble of teacher {teacher!r}, seed {seed}, needs {m} "
+                                  f"({layers_spec(lid)}) at that seed, which transfer.seeds_by leaves out; give the "
+                                  "ensemble no more seeds than its members (seeds_by.ensemble)")
+
+
 def check_tracking(config: dict, uri: str) -> None:
     """Without a shared filesystem, every node must reach the tracking server and its artifact store."""
     if shared_fs(config) or uri.startswith(("http://", "https://")):
@@ -157,15 +172,38 @@ def parse_pretext(pretext_id: str) -> tuple[str, dict]:
     return pretext_id, {}
 
 
+def seeds_for(section: dict, *values: str) -> list:
+    """The seeds of one grid cell: the question's `seeds`, narrowed by every `seeds_by.<value>` that names
+    one of the cell's axis values (a mixer; a pretext; a teacher, method or layer set). Headline arms keep
+    every seed; axes beyond the headline can run fewer."""
+    seeds = list(section.get("seeds", []))
+    by = section.get("seeds_by") or {}
+    for value in values:
+        if value in by:
+            seeds = [k for k in seeds if k in by[value]]
+    return seeds
+
+
+def seeds_by_keys(config: dict, question: str) -> set[str]:
+    """The axis values `<question>.seeds_by` may name."""
+    s = config.get(question) or {}
+    if question == "architecture":
+        return set(s.get("mixers", []))
+    if question == "pretext":
+        return set(pretext_ids(s)) | set(s.get("pretexts", []))
+    return set(s.get("teachers", {})) | set(s.get("methods", [])) | {layers_spec(layers_id(v))
+                                                                    for v in s.get("layers", ["all"])}
+
+
 def grid(config: dict, kind: str) -> list[dict[str, Any]]:
     """Wildcard values of every job of a rule kind: architecture | pretrain | pretext_eval | analysis."""
     if kind == "architecture":
         s = config.get("architecture") or {}
         return [dict(dataset=d, mixer=m, seed=k) for d in s.get("datasets", [])
-                for m in s.get("mixers", []) for k in s.get("seeds", [])]
+                for m in s.get("mixers", []) for k in seeds_for(s, m)]
     s = config.get("pretext") or {}
     base = [dict(dataset=d, pretext=p, seed=k) for d in s.get("datasets", [])
-            for p in pretext_ids(s) for k in s.get("seeds", [])]
+            for p in pretext_ids(s) for k in seeds_for(s, p, parse_pretext(p)[0])]
     if kind in ("pretrain", "analysis"):
         return base
     if kind == "pretext_eval":
@@ -198,15 +236,17 @@ def transfer_grid(config: dict) -> list[dict[str, Any]]:
     methods, layer_ids = s.get("methods", []), [layers_id(v) for v in s.get("layers", ["all"])]
     out = []
     for d in s.get("datasets", []):
-        for seed in s.get("seeds", []):
-            if "scratch" in methods:
-                out.append(dict(dataset=d, teacher="none", method="scratch", layers="all", seed=seed))
-            for teacher in s.get("teachers", {}):
-                for m in methods:
-                    if m == "scratch":
-                        continue
-                    for lid in (layer_ids if m in LAYERED_METHODS else ["all"]):
-                        out.append(dict(dataset=d, teacher=teacher, method=m, layers=lid, seed=seed))
+        if "scratch" in methods:
+            out += [dict(dataset=d, teacher="none", method="scratch", layers="all", seed=seed)
+                    for seed in seeds_for(s, "scratch")]
+        for teacher in s.get("teachers", {}):
+            for m in methods:
+                if m == "scratch":
+                    continue
+                for lid in (layer_ids if m in LAYERED_METHODS else ["all"]):
+                    narrowing = (teacher, m, layers_spec(lid)) if m in LAYERED_METHODS else (teacher, m)
+                    out += [dict(dataset=d, teacher=teacher, method=m, layers=lid, seed=seed)
+                            for seed in seeds_for(s, *narrowing)]
     return out
 
 
@@ -220,12 +260,19 @@ def teacher_checkpoint(config: dict, dataset: str, teacher: str, seed) -> str | 
     if spec is None:
         raise ConfigError(f"unknown teacher {teacher!r}; transfer.teachers has {sorted(config['transfer']['teachers'])}")
     if spec.startswith("pretext:"):
-        seeds = (config.get("pretext") or {}).get("seeds") or [0]
+        name = spec[len("pretext:"):]
+        seeds = seeds_for(config.get("pretext") or {}, name, parse_pretext(name)[0]) or [0]
         tseed = int(seed) if int(seed) in seeds else seeds[0]  # seed-matched teacher where one exists
         return os.path.join(pretext_dir(config, dataset, spec[len("pretext:"):], tseed), "encoder.pt")
     if spec.startswith("file:"):
         return spec[len("file:"):]
     return None
+
+
+def reference_layers(config: dict) -> str:
+    """The transfer layer set the answer, the tests against scratch, the paper column and the ensemble use:
+    the first `transfer.layers` value (the imagenet preset's `first:21`, what the released code transfers)."""
+    return layers_spec(layers_id(((config.get("transfer") or {}).get("layers") or ["all"])[0]))
 
 
 def ensemble_members(config: dict, dataset: str, teacher: str, seed) -> list[str]:
@@ -486,6 +533,11 @@ def check_config(config: dict) -> None:
         too_big = [k for k in seeds if isinstance(k, int) and not 0 <= k <= MAX_SEED]
         if too_big:
             raise ConfigError(f"{q}.seeds has {too_big}; seeds must lie in 0..{MAX_SEED} (2^31 - 1)")
+        for key in section.get("seeds_by") or {}:
+            if key not in seeds_by_keys(config, q):  # e.g. a mixer taken out of the grid: harmless, but say so
+                log.warning("%s.seeds_by.%s names no value of this question's grid (%s); it narrows nothing",
+                            q, key, sorted(seeds_by_keys(config, q)))
+    _check_ensemble_members(config)
     for teacher, spec in ((config.get("transfer") or {}).get("teachers") or {}).items():
         if spec.startswith("pretext:"):
             name = spec[len("pretext:"):]
@@ -551,7 +603,24 @@ def check_data(config: dict, remote: bool = False) -> list[str]:
                     _require_class_dirs(path, "<dir>/<class>/<image>")
                 except FileNotFoundError as e:
                     raise ConfigError(f"datasets.{name}: {e}") from None
-    return missing
+    return missing + _check_idx_files(config, remote)
+
+
+def _check_idx_files(config: dict, remote: bool) -> list[str]:
+    """fashion_mnist: its four IDX files must be found and whole (the error names the path and the fix)."""
+    from .data.datasets import find_fashion_mnist
+
+    if "fashion_mnist" not in data_paths(config):
+        return []
+    entry = (config.get("datasets") or {}).get("fashion_mnist") or {}
+    root = deep_merge({"root": config.get("data_root", "data")}, entry.get("data") or {})["root"]
+    try:
+        find_fashion_mnist(root)
+    except (FileNotFoundError, ValueError) as e:
+        if not remote:
+            raise ConfigError(str(e)) from None
+        return [str(e)]
+    return []
 
 
 MIN_FREE_MB = 200  # results_dir must have this much room before a run starts (checkpoints check again)
@@ -724,5 +793,5 @@ def run_summary(smk) -> None:
     with logging_to(smk.log[0] if smk.log else None):
         text = write_summary(smk.output.md, smk.output.html, architecture=list(smk.input.architecture),
                              pretext=list(smk.input.evals), analyses=list(smk.input.analyses),
-                             transfer=list(smk.input.transfer))
+                             transfer=list(smk.input.transfer), reference_layers=smk.params.reference_layers)
         print(text, file=sys.stdout)

@@ -578,6 +578,178 @@ def _load_cifar(
     )
 
 
+# --------------------------------------------------------------------------- Fashion-MNIST
+
+# The four original IDX files (Xiao et al. 2017, github.com/zalandoresearch/fashion-mnist), gzipped or not.
+FASHION_MNIST_FILES = {
+    "train_images": ("train-images-idx3-ubyte", 60_000),
+    "train_labels": ("train-labels-idx1-ubyte", 60_000),
+    "test_images": ("t10k-images-idx3-ubyte", 10_000),
+    "test_labels": ("t10k-labels-idx1-ubyte", 10_000),
+}
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
+# Debian/Ubuntu's package dataset-fashion-mnist installs the gzipped files here.
+FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FIX = "tools/get-data.sh fashion-mnist (or: apt-get install dataset-fashion-mnist)"
+_IDX_DTYPE = {0x08: np.uint8}
+
+
+def fashion_mnist_dirs(root: str | os.PathLike | None) -> list[str]:
+    """Where the IDX files are looked for, in order: root, root/fashion-mnist, torchvision's
+    root/FashionMNIST/raw, then the Debian package's directory."""
+    out = []
+    if root is not None:
+        root = os.fspath(root)
+        out += [root, os.path.join(root, "fashion-mnist"), os.path.join(root, "FashionMNIST", "raw")]
+    return out + [FASHION_MNIST_SYSTEM_DIR]
+
+
+def _idx_expected_size(header: bytes) -> int:
+    """Bytes an IDX file must hold, from its header: 4-byte magic (0, 0, type, ndim), ndim big-endian sizes."""
+    ndim = header[3]
+    dims = np.frombuffer(header[4:4 + 4 * ndim], dtype=">u4")
+    return 4 + 4 * ndim + int(np.prod(dims, dtype=np.int64))
+
+
+def _idx_problem(path: str, count: int) -> str | None:
+    """Why the IDX file at `path` (gzipped when it ends in .gz) is unusable, or None. Cheap: reads the
+    header and, for gzip, the trailer's uncompressed size, so a truncated download is caught at once."""
+    import gzip
+    import struct
+
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            header = f.read(16)
+        if len(header) < 8 or header[:2] != b"\0\0" or header[2] not in _IDX_DTYPE:
+            return f"{path} is not an IDX file of unsigned bytes"
+        if struct.unpack(">I", header[4:8])[0] != count:
+            return f"{path} holds {struct.unpack('>I', header[4:8])[0]} items, not {count}"
+        want = _idx_expected_size(header)
+        if path.endswith(".gz"):
+            with open(path, "rb") as f:
+                f.seek(-4, os.SEEK_END)
+                have = struct.unpack("<I", f.read(4))[0]  # gzip ISIZE: uncompressed size mod 2**32
+            want %= 2**32
+        else:
+            have = os.path.getsize(path)
+        if have != want:
+            return f"{path} is truncated or damaged ({have} bytes where the header implies {want})"
+    except (OSError, EOFError) as e:
+        return f"{path} cannot be read ({type(e).__name__}: {e})"
+    return None
+
+
+def find_fashion_mnist(root: str | os.PathLike | None) -> dict[str, str]:
+    """{file key: path} of the four IDX files from the first directory that holds all four.
+
+    Raises FileNotFoundError naming every directory searched (and ValueError for a truncated or
+    damaged file), each with the command that fixes it. Never downloads.
+    """
+    dirs = fashion_mnist_dirs(root)
+    for d in dirs:
+        found = {}
+        for key, (name, _) in FASHION_MNIST_FILES.items():
+            for candidate in (os.path.join(d, name + ".gz"), os.path.join(d, name)):
+                if os.path.isfile(candidate):
+                    found[key] = candidate
+                    break
+        if not found:
+            continue
+        if len(found) < len(FASHION_MNIST_FILES):
+            missing = sorted(FASHION_MNIST_FILES[k][0] for k in FASHION_MNIST_FILES if k not in found)
+            raise FileNotFoundError(f"fashion_mnist: {d} lacks {missing} (gzipped or not); run {FASHION_MNIST_FIX}")
+        problems = [p for k, path in found.items() if (p := _idx_problem(path, FASHION_MNIST_FILES[k][1]))]
+        if problems:
+            raise ValueError(f"fashion_mnist: {'; '.join(problems)}; delete the file and run {FASHION_MNIST_FIX}")
+        return found
+    raise FileNotFoundError(
+        f"fashion_mnist: the IDX files (train-images-idx3-ubyte[.gz] and the three others) are in none of {dirs}; "
+        f"run {FASHION_MNIST_FIX}, or point data_root / datasets.fashion_mnist.data.root at a folder holding them"
+    )
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX file (gzipped when it ends in .gz) as a uint8 array of the shape its header gives."""
+    import gzip
+
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = tuple(int(v) for v in np.frombuffer(raw[4:4 + 4 * ndim], dtype=">u4"))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_fashion_mnist(root: str | None) -> dict[str, np.ndarray]:
+    return {k: read_idx(p) for k, p in find_fashion_mnist(root).items()}
+
+
+def _stratified_first(y: np.ndarray, n: int | None, what: str) -> np.ndarray:
+    """A fixed, class-balanced subset of n of the rows (all when n is None), sorted.
+
+    Each class keeps its first n // C rows of a fixed permutation (SPLIT_SEED); the remainder goes
+    to the first classes. Growing n only adds images.
+    """
+    if n is None:
+        return np.arange(len(y))
+    classes, counts = np.unique(y, return_counts=True)
+    if not isinstance(n, int) or not len(classes) <= n <= len(y):
+        raise ValueError(f"datasets.fashion_mnist.data.{what} must be an int in {len(classes)}..{len(y)} "
+                         f"(at least one image per class), got {n!r}")
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(y))
+    per_class = [n // len(classes) + (i < n % len(classes)) for i in range(len(classes))]
+    if any(k > c for k, c in zip(per_class, counts)):
+        raise ValueError(f"datasets.fashion_mnist.data.{what} = {n} asks for more images of a class than exist")
+    keep = [order[y[order] == c][:k] for c, k in zip(classes, per_class)]
+    return np.sort(np.concatenate(keep))
+
+
+def load_fashion_mnist(
+    root: str | None = None,
+    img_size: int | None = None,
+    seed: int = 0,
+    label_by: str = "shape",
+    val_fraction: float = 0.1,
+    num_workers: int = 0,
+    n_train: int | None = None,
+    n_val: int | None = None,
+    n_test: int | None = None,
+    **kw,
+) -> DatasetBundle:
+    """Fashion-MNIST (70,000 28x28 grayscale product photos, 10 classes) from its four IDX files.
+
+    Files: root, root/fashion-mnist, root/FashionMNIST/raw (torchvision's layout) or the Debian
+    package's /usr/share/datasets/fashion-mnist, gzipped or not (see find_fashion_mnist). Val is a
+    fixed stratified `val_fraction` of the 60,000 training images, train the rest; the official
+    10,000 are the test set. n_train / n_val / n_test keep a fixed class-balanced subset of each split
+    (None: all). seed and num_workers are unused (fixed split, in memory).
+    """
+    _no_extra_kwargs("fashion_mnist", kw)
+    _only_shape_labels("fashion_mnist", label_by)
+    _check_val_fraction(val_fraction)
+    img_size = 28 if img_size is None else img_size
+    _check_img_size(img_size)
+    raw = _read_fashion_mnist(None if root is None else os.fspath(root))
+    y_all = raw["train_labels"].astype(np.int64)
+    keep, hold = _stratified_holdout(y_all, val_fraction)
+
+    def split(x_u8: np.ndarray, y: np.ndarray, n: int | None, what: str) -> Split:
+        sub = _stratified_first(y, n, what)
+        x = torch.from_numpy(x_u8[sub].astype(np.float32) / 255.0).unsqueeze(1)  # (N, 1, 28, 28) in [0, 1]
+        return Split(_resize(x, img_size), torch.from_numpy(y[sub].astype(np.int64)))
+
+    train = split(raw["train_images"][keep], y_all[keep], n_train, "n_train")
+    mean, std = _channel_stats(train.x)
+    return DatasetBundle(
+        name="fashion_mnist", num_classes=10, in_chans=1, img_size=img_size, mean=mean, std=std, train=train,
+        val=split(raw["train_images"][hold], y_all[hold], n_val, "n_val"),
+        test=split(raw["test_images"], raw["test_labels"].astype(np.int64), n_test, "n_test"),
+        class_names=list(FASHION_MNIST_CLASSES),
+    )
+
+
 # --------------------------------------------------------------------------- image folders
 
 
@@ -652,6 +824,7 @@ DATASETS: dict[str, Callable[..., DatasetBundle]] = {
     "cifar10": functools.partial(_load_cifar, "cifar10"),
     "cifar100": functools.partial(_load_cifar, "cifar100"),
     "imagefolder": load_imagefolder,
+    "fashion_mnist": load_fashion_mnist,
 }
 
 
