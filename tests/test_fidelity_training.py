@@ -29,8 +29,10 @@ from vitablate.engine import LARS, Checkpoint, Precision, build_optimizer, fit
 from vitablate.models import capturing, create_model
 from vitablate.objectives import AttentionCopy, AttentionDistillation, build_pretext
 
-CONFIGS = [REPO / "config" / "config.yaml"] + sorted((REPO / "config" / "presets").glob("*.yaml"))
-PRESETS = CONFIGS[1:]
+# The paper-scale presets express the references' recipes; the small CPU configs (the default and
+# fashion-mnist-cpu) keep their own, said in their files.
+PRESETS = [REPO / "config" / "presets" / f"{name}.yaml" for name in ("cifar100-gpu", "imagenet-paper")]
+CONFIGS = [REPO / "config" / "config.yaml", REPO / "config" / "presets" / "fashion-mnist-cpu.yaml"] + PRESETS
 
 # Pre-training drop-path rate of each pretext's reference: MAE models_mae.py has no drop path; MoCo v3
 # vits.py pre-trains with drop_path_rate 0; SimMIM simmim_pretrain__vit_base__img224__800ep.yaml
@@ -45,8 +47,9 @@ def load(path: Path) -> dict:
 
 def fake_data(cfg: JobConfig, num_classes: int = 10):
     """What model_kwargs and the objectives read of a dataset (the presets' data are not on this machine)."""
-    img = cfg.model.img_size or {"cifar100": 32, "imagefolder": 224, "digits": 8, "shapes": 16}[cfg.data.name]
-    chans = 1 if cfg.data.name == "digits" else 3
+    img = cfg.model.img_size or {"cifar100": 32, "imagefolder": 224, "digits": 8, "shapes": 16,
+                                 "fashion_mnist": 28}[cfg.data.name]
+    chans = 1 if cfg.data.name in ("digits", "fashion_mnist") else 3
     return types.SimpleNamespace(img_size=img, in_chans=chans, num_classes=num_classes,
                                  mean=[0.5] * chans, std=[0.25] * chans)
 
