@@ -1,4 +1,4 @@
-"""Aggregation: records -> the DESIGN.md table, means and sample std over seeds."""
+"""Aggregation: records -> the docs/design.md table, means and sample std over seeds."""
 
 import json
 

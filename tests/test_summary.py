@@ -341,3 +341,21 @@ def test_markdown_to_html_escapes_and_keeps_structure():
     assert "<p>a &lt;b&gt; &amp; <code>x&lt;y</code></p>" in page
     assert "<ul><li>one</li><li>two</li></ul>" in page
     assert "<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td><td>2</td></tr>" in page
+
+
+def test_paper_numbers_are_the_design_documents():
+    """A transcription check: the reference numbers in docs/design.md's table are exactly PAPER's values."""
+    import re
+    from pathlib import Path
+
+    from vitablate.summary import Ref
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
+    table = text[text.index("| number | value | source |"):text.index("Gap closed")]
+    documented = sorted(float(v) for row in table.splitlines()[2:] if row.startswith("|")
+                        for v in re.findall(r"\d+\.\d", row.split("|")[2]))
+    values = []
+    for question in PAPER.values():
+        for by in question.values():
+            values += [by.value] if isinstance(by, Ref) else [r.value for r in by.values()]
+    assert documented == sorted(values)

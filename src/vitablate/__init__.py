@@ -1,6 +1,6 @@
 """vitablate: ablations that ask why Vision Transformers work.
 
-Three questions, one workflow (see README.md and DESIGN.md):
+Three questions, one workflow (see README.md and docs/design.md):
 architecture (do you even need attention?), pretext (what do self-supervised
 ViTs learn?) and transfer (are attention patterns enough?).
 """

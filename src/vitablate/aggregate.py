@@ -59,7 +59,7 @@ def summarise(df: pl.DataFrame, by: list[str], value: str = "top1_test", extra: 
 
 
 def architecture_table(df: pl.DataFrame) -> pl.DataFrame:
-    """dataset, mixer, model, params_m, n_seeds, top1_mean, top1_std (DESIGN.md)."""
+    """dataset, mixer, model, params_m, n_seeds, top1_mean, top1_std (docs/design.md)."""
     out = summarise(df, ["dataset", "mixer", "model"], extra={"params_m": pl.col("params_m").first()})
     return out.select("dataset", "mixer", "model", "params_m", "n_seeds", "top1_mean", "top1_std").sort(
         ["dataset", "top1_mean"], descending=[False, True])
@@ -90,7 +90,7 @@ def write_table(df: pl.DataFrame, csv_path: str, md_path: str) -> None:
 # --- Q2 pretext --------------------------------------------------------------------------
 
 def pretext_table(df: pl.DataFrame) -> pl.DataFrame:
-    """dataset, pretext, eval, n_seeds, top1_mean, top1_std (DESIGN.md)."""
+    """dataset, pretext, eval, n_seeds, top1_mean, top1_std (docs/design.md)."""
     return summarise(df, ["dataset", "pretext", "eval"]).select(
         "dataset", "pretext", "eval", "n_seeds", "top1_mean", "top1_std").sort(["dataset", "eval", "pretext"])
 

@@ -1,7 +1,7 @@
 """MLflow: one experiment per question, one run per job.
 
 A run holds the flattened resolved config as params, per-epoch metrics, the tags
-DESIGN.md fixes (question, dataset, mixer, pretext, method, teacher, seed, job),
+docs/design.md fixes (question, dataset, mixer, pretext, method, teacher, seed, job),
 and the run record and resolved config as artifacts. A job that fails ends its
 run FAILED with the error as a tag and an artifact: never silently missing.
 
