@@ -56,6 +56,30 @@ def test_training_crops_come_from_the_full_image_not_its_centre(tmp_path):
     assert np.abs(x[0].permute(1, 2, 0).numpy().astype(int) - np.asarray(ref).astype(int)).max() <= 1
 
 
+def test_pretext_views_are_independent_crops_of_the_full_image(tmp_path):
+    root = _coordinate_images(tmp_path / "imgs")
+    views = [(0.2, 0.3, "bilinear", False), (0.2, 0.3, "bicubic", False)]
+    stream = ImageFolderStream(root, 16, mode="views", views=views)
+    # the old "view" image (shorter side 60 -> 16, centre 16 of 21 columns) spans columns ~10..70: red ~30..210
+    centre = ImageFolderStream(root, 16, mode="view")
+    cx, _ = next(iter(centre.batches(6)))
+    assert cx[:, 0].min() > 20 and cx[:, 0].max() < 220
+    xs = []
+    for epoch in range(6):
+        x, _ = next(iter(stream.batches(6, shuffle=True, generator=torch.Generator().manual_seed(epoch))))
+        assert x.dtype == torch.uint8 and x.shape == (6, 2, 3, 16, 16)
+        xs.append(x.float())
+    x = torch.cat(xs)
+    for v in range(2):  # each view's crops reach beyond the centre square, on both sides
+        reds = x[:, v, 0]
+        assert (reds.amin(dim=(1, 2)) < 12).any() and (reds.amax(dim=(1, 2)) > 225).any()
+    # the two views of an image are different crops (their top-left corners differ)
+    corner = x[:, :, :2, 0, 0]  # (N, 2 views, red/green)
+    assert (corner[:, 0] != corner[:, 1]).any(dim=1).float().mean() > 0.8
+    with pytest.raises(ValueError, match="needs views"):
+        ImageFolderStream(root, 16, mode="views")[0]
+
+
 def test_loader_is_built_once_and_batches_do_not_depend_on_worker_counts(tmp_path):
     root = _coordinate_images(tmp_path / "imgs", n_per_class=6)
 
@@ -84,7 +108,7 @@ def test_uint8_batches_are_scaled_on_the_device():
     assert torch.allclose(to_unit(x), torch.tensor([[[[0.0, 1.0], [0.2, 0.4]]]]))
     f = torch.rand(1, 1, 2, 2)
     assert to_unit(f) is f
-    with pytest.raises(ValueError, match="mode must be train, eval or view"):
+    with pytest.raises(ValueError, match="mode must be train, eval, view or views"):
         ImageFolderStream("unused", 8, mode="random")
 
 

@@ -73,9 +73,10 @@ def load_data(cfg: JobConfig, device: torch.device, train_crop: bool = False) ->
         a = cfg.train.augment
         self_cropping = cfg.job == "pretrain" and cfg.pretext.name != "supervised"
         # "train": random-resized crops and flips of the full image for a job that trains with train.augment;
-        # "view": the whole image for a pretext that crops its own views (MoCo, SimMIM, MAE, hybrid) on the
-        # device; "eval": resize and centre crop for jobs that only read features (probes, k-NN, analysis)
-        mode = "train" if train_crop and a.crop_scale else "view" if self_cropping else "eval"
+        # "views": each crop a pretext (MoCo, SimMIM, MAE, hybrid) asks for, from the full image (`pretrain`
+        # sets them: objective.take_loader_views); "eval": resize and centre crop for jobs that only read
+        # features (probes, k-NN, analysis)
+        mode = "train" if train_crop and a.crop_scale else "views" if self_cropping else "eval"
         extra = dict(crop_scale=tuple(a.crop_scale) if a.crop_scale else None, flip=a.flip,
                      micro_batch=dist.check_batch(cfg.train.batch_size, cfg.train.accum_steps),
                      pin_memory=device.type == "cuda", train_mode=mode)
@@ -327,14 +328,23 @@ def build_objective(cfg: JobConfig, data: DatasetBundle):
     return build_pretext(cfg.pretext.name, create_model(**kw), data.mean, data.std, **extra), kw
 
 
+def pretrain_setup(cfg: JobConfig, device: torch.device):
+    """(data, objective, encoder kwargs) of a pre-training job. The supervised pretext trains with train.augment
+    (crops from the full images); on an image folder the others' loader takes their crops of the full images
+    (mode "views": objective.take_loader_views), and their device augmentation no longer crops or flips."""
+    data = load_data(cfg, device, train_crop=cfg.pretext.name == "supervised")
+    objective, kw = build_objective(cfg, data)
+    if getattr(data.train, "mode", None) == "views":
+        data.train.views = objective.take_loader_views()
+    return data, objective, kw
+
+
 def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     """Pre-train an encoder with `cfg.pretext` (the pretext question's first job)."""
 
     t0 = time.perf_counter()
     device, precision = setup(cfg)
-    # the supervised pretext trains with train.augment (crops from the full images); the others crop their own
-    data = load_data(cfg, device, train_crop=cfg.pretext.name == "supervised")
-    objective, kw = build_objective(cfg, data)
+    data, objective, kw = pretrain_setup(cfg, device)
     encoder = objective.encoder
     objective = objective.to(device)
     objective = dist.sync_batchnorm(objective, device)  # several workers: heads normalise over the global batch

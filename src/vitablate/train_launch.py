@@ -62,7 +62,8 @@ def memory_bytes(cfg: JobConfig) -> Optional[int]:
     from .distributed import check_batch
 
     micro = check_batch(cfg.train.batch_size, cfg.train.accum_steps, max(1, ex.workers))
-    return 2 * 2**30 + loader_memory_bytes(micro, cfg.model.img_size or 224, cfg.data.num_workers)
+    views = {"moco": 2, "hybrid": 3}.get(cfg.pretext.name, 1) if cfg.job == "pretrain" else 1  # loader crops
+    return 2 * 2**30 + loader_memory_bytes(micro, cfg.model.img_size or 224, cfg.data.num_workers, views=views)
 
 
 def task_options(cfg: JobConfig) -> dict:

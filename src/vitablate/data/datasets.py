@@ -773,7 +773,8 @@ def load_imagefolder(
     of root/train (seed 0), and train is the rest. All splits read lazily through
     `ImageFolderStream` (data/pipeline.py) as uint8 batches. The train split's `train_mode`:
     "train" takes random-resized crops (area `crop_scale`, default 0.08..1) and flips (`flip`) from
-    the full-resolution image; "view" resizes the whole image (a pretext that crops its own views);
+    the full-resolution image; "view" resizes the whole image and centre-crops; "views" takes a pretext's
+    own crops of the full-resolution image (ImageFolderStream `views`, set by jobs.pretrain);
     "eval" resizes to img_size / 0.875 (bicubic) and centre-crops, as val and test always do
     (jobs that only read features). seed and micro_batch are unused (fixed split; batches are
     sized by the caller).

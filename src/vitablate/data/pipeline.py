@@ -11,8 +11,9 @@ Here:
   per-sample seed that depends on (epoch, image) only, so neither the number of loader workers
   nor the number of training workers changes what a given image becomes;
 - evaluation resizes the shorter side to img_size * 256 / 224 (bicubic) and centre-crops img_size;
-- a pretext that crops its own views (MoCo, SimMIM, MAE) gets the whole image, shorter side resized
-  to img_size and centre-cropped (mode "view"), and crops it on the device as on in-memory data;
+- a self-supervised pretext (MoCo, SimMIM, MAE, hybrid) gets its own random-resized crops of the FULL
+  image (mode "views": one crop per entry of `views`, each with its own area range, interpolation and
+  flip, stacked as (N, k, C, H, W)); its device augmentation then skips crop and flip;
 - batches are uint8 (N, C, H, W), a quarter of float32's bytes, and are scaled and normalised on
   the device (`to_unit` then `normalize`);
 - loader batches have the micro-batch size (`micro` pieces per batch), not the optimiser batch.
@@ -86,22 +87,26 @@ class ImageFolderStream(FolderSplit):
     """A lazily-read ImageFolder split decoded at full resolution (see the module docstring).
 
     mode "train": random-resized crops (`crop_scale`, aspect 3/4..4/3) and flips (`flip`); "eval": the
-    evaluation resize and centre crop; "view": shorter side to img_size, centre crop (a pretext crops
-    its views itself). Batches are uint8 (N, C, img_size, img_size). A split that trains ("train",
-    "view") keeps its loader workers for the whole job.
+    evaluation resize and centre crop; "view": shorter side to img_size, centre crop; "views": a pretext's
+    k crops of the full image, `views` = [(low, high, "bilinear" | "bicubic", flip), ...], each drawn
+    independently (and, with flip, flipped with p 0.5). Batches are uint8 (N, C, img_size, img_size), for "views"
+    (N, k, C, img_size, img_size). A split that trains ("train", "view", "views") keeps its loader
+    workers for the whole job.
     """
 
     def __init__(self, root: str | os.PathLike, img_size: int, mode: str = "eval", in_chans: int = 3,
                  indices=None, class_names: Optional[list[str]] = None, num_workers: int = 0,
-                 crop_scale: Optional[tuple[float, float]] = None, flip: bool = True, pin_memory: bool = False):
-        if mode not in ("train", "eval", "view"):
-            raise ValueError(f"ImageFolderStream mode must be train, eval or view, got {mode!r}")
+                 crop_scale: Optional[tuple[float, float]] = None, flip: bool = True, pin_memory: bool = False,
+                 views: Optional[list] = None):
+        if mode not in ("train", "eval", "view", "views"):
+            raise ValueError(f"ImageFolderStream mode must be train, eval, view or views, got {mode!r}")
         super().__init__(root, img_size, in_chans=in_chans, indices=indices, class_names=class_names,
                          num_workers=num_workers)
         self.mode = mode
         self.train = mode != "eval"  # persistent workers, per-sample seeds
         self.crop_scale = tuple(crop_scale) if crop_scale else (0.08, 1.0)
         self.flip = flip
+        self.views = list(views or [])  # mode "views": set by the pretext (jobs.pretrain) before the first batch
         self.pin_memory = pin_memory
         self._plan = _Plan()
         self._loader: Optional[torch.utils.data.DataLoader] = None
@@ -125,6 +130,19 @@ class ImageFolderStream(FolderSplit):
             raise RuntimeError(f"image {path} cannot be read ({type(e).__name__}: {e}); "
                                "replace or delete the file, then re-run") from e
         size = self.img_size
+        if self.mode == "views":
+            if not self.views:
+                raise ValueError("ImageFolderStream mode 'views' needs views: [(low, high, interpolation, flip), ...]")
+            gen = torch.Generator().manual_seed(seed if seed is not None else i)
+            resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+            crops = []
+            for low, high, interp, flip in self.views:  # independent crops of the full image, one per view
+                top, left, h, w = resized_crop_box(img.width, img.height, (low, high), (3 / 4, 4 / 3), gen)
+                crop = img.resize((size, size), resample[interp], box=(left, top, left + w, top + h))
+                if flip and torch.rand(1, generator=gen).item() < 0.5:
+                    crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+                crops.append(self._tensor(crop))
+            return torch.stack(crops)
         if self.mode == "train":
             gen = torch.Generator().manual_seed(seed if seed is not None else i)
             top, left, h, w = resized_crop_box(img.width, img.height, self.crop_scale, (3 / 4, 4 / 3), gen)
@@ -136,6 +154,10 @@ class ImageFolderStream(FolderSplit):
             shorter = round(size * EVAL_RESIZE) if self.mode == "eval" else size
             img = TF.resize(img, shorter, InterpolationMode.BICUBIC, antialias=True)
             img = TF.center_crop(img, [size, size])
+        return self._tensor(img)
+
+    @staticmethod
+    def _tensor(img) -> torch.Tensor:
         arr = np.asarray(img, dtype=np.uint8)
         arr = arr[:, :, None] if arr.ndim == 2 else arr
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
@@ -186,10 +208,11 @@ class ImageFolderStream(FolderSplit):
             yield x, y
 
 
-def loader_memory_bytes(micro_batch: int, img_size: int, num_workers: int, full_res_px: int = 500 * 375) -> int:
+def loader_memory_bytes(micro_batch: int, img_size: int, num_workers: int, full_res_px: int = 500 * 375,
+                        views: int = 1) -> int:
     """Host memory an image-folder job's loader needs: per worker process ~350 MB (Python, torch, PIL)
     plus its decoded full-resolution images in flight and PREFETCH uint8 batches ready, plus the
-    pinned batches the training process holds."""
-    batch = micro_batch * 3 * img_size * img_size
+    pinned batches the training process holds; `views` crops per image (mode "views")."""
+    batch = micro_batch * views * 3 * img_size * img_size
     per_worker = 350 * 2**20 + PREFETCH * batch + micro_batch * 3 * full_res_px
     return num_workers * per_worker + 2 * PREFETCH * batch

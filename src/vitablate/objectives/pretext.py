@@ -202,6 +202,16 @@ def block_masking(N: int, grid_size: tuple[int, int], block: int, mask_ratio: fl
     return coarse.expand(N, rh, block, rw, block).reshape(N, gh * gw)
 
 
+def _hand_to_loader(aug: nn.Module, interpolation: str) -> tuple:
+    """An augmentation's random-resized crop and flip as a loader view (low, high, interpolation, flip),
+    removed from the augmentation, which keeps everything else (colour, blur, solarize, grayscale)."""
+    if getattr(aug, "crop_scale", None) is None:
+        raise ValueError(f"{type(aug).__name__} has no random-resized crop for the loader to take")
+    view = (*aug.crop_scale, interpolation, bool(aug.flip))
+    aug.crop_scale, aug.flip = None, False
+    return view
+
+
 def _crop_flip(min_scale: float) -> BatchAugment:
     """Masked-image-modeling views: random resized crop (area >= min_scale) and flip, no colour."""
     return BatchAugment(crop_scale=(min_scale, 1.0), flip=True, color_jitter=0.0, grayscale_p=0.0)
@@ -217,6 +227,7 @@ class PretextObjective(nn.Module):
     """
 
     encoder: VisionTransformer
+    loader_views = False  # True after take_loader_views: x is (B, k, C, H, W), the loader's crops
 
     def __init__(self, encoder: VisionTransformer, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -237,6 +248,12 @@ class PretextObjective(nn.Module):
 
     def after_step(self, step: int, total_steps: int) -> None:
         pass
+
+    def take_loader_views(self) -> list[tuple]:
+        """Hand this objective's random-resized crops and flips to an image-folder loader (mode "views"),
+        which then takes them from the full-resolution image: returns one (low, high, interpolation, flip)
+        per view; afterwards forward reads x as (B, k, C, H, W) and its augmentation no longer crops or flips."""
+        raise ValueError(f"{type(self).__name__} takes no views from the loader")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         # nn.Module.parameters() already yields a parameter shared by submodules once
@@ -342,7 +359,11 @@ class MoCo(PretextObjective):
                 generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, Tensor | float]]:
         if x.shape[0] < 2:
             raise ValueError("MoCo needs a batch of at least 2 images (BatchNorm and in-batch negatives)")
-        x1, x2 = (self.normalize(v) for v in two_views(self.augment1, self.augment2, x, generator))
+        if self.loader_views:  # the loader's two independent crops of the full image, one per view
+            x1, x2 = (self.normalize(v) for v in (self.augment1(x[:, 0], generator=generator),
+                                                  self.augment2(x[:, 1], generator=generator)))
+        else:
+            x1, x2 = (self.normalize(v) for v in two_views(self.augment1, self.augment2, x, generator))
         q1 = self.predictor(self.projector(self.encoder(x1)))  # (B, dim)
         q2 = self.predictor(self.projector(self.encoder(x2)))
         with torch.no_grad():
@@ -350,6 +371,12 @@ class MoCo(PretextObjective):
             k2 = self.momentum_projector(self.momentum_encoder(x2))
         loss = self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)
         return loss, {"loss_moco": loss.detach(), "momentum": float(self.momentum), "moco_keys": self.last_num_keys}
+
+    def take_loader_views(self) -> list[tuple]:
+        # facebookresearch/moco-v3: main_moco.py, TwoCropsTransform: each view its own
+        # RandomResizedCrop(224, scale=(crop_min, 1.)) (bilinear) and RandomHorizontalFlip
+        self.loader_views = True
+        return [_hand_to_loader(self.augment1, "bilinear"), _hand_to_loader(self.augment2, "bilinear")]
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
@@ -410,6 +437,12 @@ class SimMIM(PretextObjective):
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}  # a token like the encoder's CLS: no weight decay (see engine.param_groups)
 
+    def take_loader_views(self) -> list[tuple]:
+        # microsoft/SimMIM: data/data_simmim.py, SimMIMTransform: RandomResizedCrop(img_size, scale=(0.67, 1.),
+        # ratio=(3/4, 4/3)) (bilinear), RandomHorizontalFlip
+        self.loader_views = True
+        return [_hand_to_loader(self.augment, "bilinear")]
+
     def random_masking(self, N: int, mask_ratio: float, device: torch.device,
                        generator: Optional[torch.Generator] = None) -> Tensor:
         """mask: (N, L) float, 1 = masked, in blocks of `mask_block` x `mask_block` patches; exactly
@@ -438,7 +471,7 @@ class SimMIM(PretextObjective):
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, Tensor | float]]:
-        imgs = self.normalize(self.augment(x, generator=generator))
+        imgs = self.normalize(self.augment(x[:, 0] if self.loader_views else x, generator=generator))
         mask = self.random_masking(imgs.shape[0], self.mask_ratio, imgs.device, generator)  # (N, L)
         tokens = self.forward_encoder(imgs, mask)
         pred = self.head(tokens)  # (N, L, p*p*C)
@@ -498,6 +531,12 @@ class MAE(PretextObjective):
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}
 
+    def take_loader_views(self) -> list[tuple]:
+        # facebookresearch/mae: main_pretrain.py, RandomResizedCrop(input_size, scale=(0.2, 1.0),
+        # interpolation=3 (bicubic)), RandomHorizontalFlip
+        self.loader_views = True
+        return [_hand_to_loader(self.augment, "bicubic")]
+
     def random_masking(self, x: Tensor, mask_ratio: float,
                        generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
         """x: (N, L, D) patch tokens -> x_masked (N, L_keep, D), mask (N, L) 1 = masked, ids_restore (N, L)."""
@@ -549,7 +588,7 @@ class MAE(PretextObjective):
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, Tensor | float]]:
-        imgs = self.normalize(self.augment(x, generator=generator))
+        imgs = self.normalize(self.augment(x[:, 0] if self.loader_views else x, generator=generator))
         latent, mask, ids_restore = self.forward_encoder(imgs, self.mask_ratio, generator)
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask)
@@ -582,12 +621,13 @@ class Hybrid(PretextObjective):
                 generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, Tensor | float]]:
         loss = x.new_zeros((), dtype=torch.float32)
         logs: dict[str, Tensor | float] = {}
+        mim_view = 2 if self.lam > 0 else 0  # with loader views: MoCo's two crops, then SimMIM's
         if self.lam > 0:
             l_moco, lg = self.moco(x, y, generator)
             loss = loss + self.lam * l_moco
             logs.update(lg)
         if self.lam < 1:
-            l_mim, lg = self.simmim(x, y, generator)
+            l_mim, lg = self.simmim(x[:, mim_view:] if self.loader_views else x, y, generator)
             loss = loss + (1.0 - self.lam) * l_mim
             logs.update(lg)
         logs["loss_hybrid"] = loss.detach()
@@ -595,6 +635,12 @@ class Hybrid(PretextObjective):
 
     def after_step(self, step: int, total_steps: int) -> None:
         self.moco.after_step(step, total_steps)
+
+    def take_loader_views(self) -> list[tuple]:
+        """MoCo's two crops (if lam > 0), then SimMIM's one (if lam < 1)."""
+        self.loader_views = True
+        return ((self.moco.take_loader_views() if self.lam > 0 else [])
+                + (self.simmim.take_loader_views() if self.lam < 1 else []))
 
 
 
