@@ -498,3 +498,51 @@ def test_imagenet_scale_training_crops_come_from_the_full_resolution_image(tmp_p
     assert aug.crop_scale is None and not aug.flip
     frozen = jobs.load_data(cfg, torch.device("cpu"))  # feature extraction (L-BFGS probe, k-NN): centre images
     assert frozen.train.mode == "eval" and jobs.build_augment(cfg, frozen).crop_scale == (0.08, 1.0)
+
+
+# Each pretext's crops, from its reference: MoCo v3 main_moco.py TwoCropsTransform, two independent
+# RandomResizedCrop(224, scale=(crop_min, 1.)) (bilinear) + flip, crop_min 0.08 (main_moco.py --crop-min);
+# MAE main_pretrain.py RandomResizedCrop(scale=(0.2, 1.0), interpolation=3: bicubic) + flip; SimMIM
+# data/data_simmim.py RandomResizedCrop(scale=(0.67, 1.)) (bilinear) + flip; the hybrid: MoCo's two, then SimMIM's.
+REFERENCE_VIEWS = {
+    "moco": [(0.08, 1.0, "bilinear", True)] * 2,
+    "mae": [(0.2, 1.0, "bicubic", True)],
+    "simmim": [(0.67, 1.0, "bilinear", True)],
+    "hybrid": [(0.08, 1.0, "bilinear", True)] * 2 + [(0.67, 1.0, "bilinear", True)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_VIEWS))
+def test_imagenet_scale_pretext_crops_come_from_the_full_resolution_image(tmp_path, name):
+    from vitablate.config import PretextConfig
+    from vitablate.data import BatchAugment, to_unit
+
+    _striped_folder(tmp_path)
+    cfg = JobConfig(job="pretrain", data=dataclasses.replace(JobConfig().data, name="imagefolder", root=str(tmp_path)),
+                    model=ModelConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2),
+                    pretext=PretextConfig(name=name, moco_dim=8, moco_mlp_dim=16, mae_decoder_dim=8,
+                                          mae_decoder_depth=1))
+    data, objective, _ = jobs.pretrain_setup(cfg, torch.device("cpu"))
+    assert data.train.mode == "views" and data.train.views == REFERENCE_VIEWS[name]
+    k = len(REFERENCE_VIEWS[name])
+    # each image's crops: (k, C, H, W); 5 draws of each of the 16 training images
+    crops = torch.stack([data.train[(i, s)][0] for i in range(len(data.train)) for s in range(5)]).float() / 255
+    assert crops.shape == (len(data.train) * 5, k, 3, 32, 32)
+    for v in range(k):  # every view's crop reaches the red outer quarters; the old centre square is all green
+        assert (crops[:, v, 0] > 0.9).any(), v
+    if name in ("moco", "hybrid"):  # MoCo's two views are two different crops of the image
+        differ = (crops[:, 0] - crops[:, 1]).abs().amax(dim=(1, 2, 3)) > 0.1
+        assert differ.float().mean() > 0.5
+    # the device augmentation neither crops nor flips again, and keeps the rest (MoCo's colour, blur, solarize)
+    augs = [m for m in objective.modules() if isinstance(m, BatchAugment)]
+    assert len(augs) == k and all(a.crop_scale is None and not a.flip for a in augs)
+    if name in ("moco", "hybrid"):
+        moco = objective.moco if name == "hybrid" else objective
+        assert moco.augment1.blur_p == 1.0 and moco.augment2.solarize_p == 0.2 and moco.augment1.grayscale_p == 0.2
+        assert moco.augment1.color_jitter_p == 0.8
+    # a loader batch of (N, k, C, H, W) views trains: a finite loss with gradients
+    x, _ = next(iter(data.train.batches(4, shuffle=True, generator=torch.Generator().manual_seed(0))))
+    assert x.shape == (4, k, 3, 32, 32)
+    loss, _ = objective(to_unit(x), generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and objective.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
