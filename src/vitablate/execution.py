@@ -175,6 +175,7 @@ def _start_private_cluster(num_cpus: Optional[int], num_gpus: Optional[int], tim
     # single-node cluster can afford; every process that joins it inherits the setting.
     # ray-project/ray: python/ray/_private/services.py, resolve_ip_for_localhost / get_node_ip_address
     os.environ[_LOOPBACK_ENV] = "0"
+    _set_ray_cluster_mode(False)
     cmd = [ray_cli, "start", "--head", "--block", f"--port={port}", f"--temp-dir={temp_dir}/r",
            "--include-dashboard=false", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
     if num_cpus:
@@ -288,7 +289,17 @@ def stop_session() -> None:
         pid, temp_dir = private.split(":", 1)
         os.environ.pop("RAY_ADDRESS", None)
         os.environ.pop(_LOOPBACK_ENV, None)
+        _set_ray_cluster_mode(True)
         _stop(int(pid), temp_dir)
+
+
+def _set_ray_cluster_mode(enabled: bool) -> None:
+    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is imported: a process that imported Ray before
+    starting its private cluster (a test session, a notebook) would still resolve 127.0.0.1 to the machine's
+    address and never reach the loopback-only cluster. Set the constant it read, where Ray is already loaded."""
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = enabled
 
 
 def _fetch_checkpoints(uri: str, cfg: JobConfig, sources: dict[str, str]) -> tuple[JobConfig, dict]:
