@@ -175,7 +175,7 @@ def _start_private_cluster(num_cpus: Optional[int], num_gpus: Optional[int], tim
     # single-node cluster can afford; every process that joins it inherits the setting.
     # ray-project/ray: python/ray/_private/services.py, resolve_ip_for_localhost / get_node_ip_address
     os.environ[_LOOPBACK_ENV] = "0"
-    _set_ray_cluster_mode(False)
+    _refresh_ray_settings(private=True)
     cmd = [ray_cli, "start", "--head", "--block", f"--port={port}", f"--temp-dir={temp_dir}/r",
            "--include-dashboard=false", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
     if num_cpus:
@@ -289,17 +289,24 @@ def stop_session() -> None:
         pid, temp_dir = private.split(":", 1)
         os.environ.pop("RAY_ADDRESS", None)
         os.environ.pop(_LOOPBACK_ENV, None)
-        _set_ray_cluster_mode(True)
+        _refresh_ray_settings(private=False)
         _stop(int(pid), temp_dir)
 
 
-def _set_ray_cluster_mode(enabled: bool) -> None:
-    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is imported: a process that imported Ray before
-    starting its private cluster (a test session, a notebook) would still resolve 127.0.0.1 to the machine's
-    address and never reach the loopback-only cluster. Set the constant it read, where Ray is already loaded."""
+def _refresh_ray_settings(private: bool) -> None:
+    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is imported, and caches the auth token the
+    first time it uses one: a process that imported Ray before starting its private cluster (a test session,
+    a notebook) would still resolve 127.0.0.1 to the machine's address and present an old token, and never
+    join the loopback-only cluster. Where Ray is already loaded, set the constant it read and drop its token
+    cache, so the next ray.init reads this cluster's settings from the environment."""
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None:
-        constants.ENABLE_RAY_CLUSTER = enabled
+        constants.ENABLE_RAY_CLUSTER = not private
+    raylet = sys.modules.get("ray._raylet")
+    if raylet is not None and not sys.modules["ray"].is_initialized():
+        # ray-project/ray: python/ray/_private/authentication_test_utils.py, reset_auth_token_state
+        raylet.Config.initialize("")
+        raylet.AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _fetch_checkpoints(uri: str, cfg: JobConfig, sources: dict[str, str]) -> tuple[JobConfig, dict]:
