@@ -443,7 +443,7 @@ def unschedulable(num_cpus: float, num_gpus: float) -> Optional[str]:
     """None when some alive node of the cluster has the CPUs and GPUs a job asks for, else what it offers.
 
     Ray would keep such a task pending forever (or until an autoscaler adds a node that fits)."""
-    nodes = [n.get("Resources") or {} for n in _ray().nodes() if n.get("Alive")]
+    nodes = _alive_node_resources()
     if any(r.get("CPU", 0) >= num_cpus and r.get("GPU", 0) >= num_gpus for r in nodes):
         return None
     short = [f"execution.num_cpus is {num_cpus:g}" if not any(r.get("CPU", 0) >= num_cpus for r in nodes) else "",
@@ -451,6 +451,17 @@ def unschedulable(num_cpus: float, num_gpus: float) -> Optional[str]:
     offers = "; ".join(f"{r.get('CPU', 0):g} CPUs and {r.get('GPU', 0):g} GPUs" for r in nodes) or "no alive node"
     return (f"{' and '.join(x for x in short if x) or 'execution.num_cpus with execution.num_gpus'}, but no node of "
             f"the Ray cluster has that much (its nodes offer: {offers})")
+
+
+def _alive_node_resources(wait_s: float = 60.0) -> list[dict]:
+    """The resources of every alive node. Right after `ray start` the head node may not have registered its
+    resources yet (seen on a loaded machine): wait for a node to appear, then take what it offers."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        nodes = [n.get("Resources") or {} for n in _ray().nodes() if n.get("Alive")]
+        if any(nodes) or time.monotonic() > deadline:
+            return nodes
+        time.sleep(0.5)
 
 
 def check_resources(cfg: JobConfig) -> Optional[str]:
