@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .datasets import FolderSplit, batch_plan
+from .datasets import FolderSplit, _check_batch_size, batch_plan
 
 EVAL_RESIZE = 256 / 224  # shorter side before the centre crop (the standard ImageNet evaluation)
 PREFETCH = 4  # batches each loader worker keeps ready
@@ -197,6 +197,7 @@ class ImageFolderStream(FolderSplit):
         micro: int = 1,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Same contract as Split.batches, uint8 images; each loader batch is one micro-batch."""
+        _check_batch_size(batch_size)
         if generator is not None and generator.device.type != "cpu":
             raise ValueError("ImageFolderStream.batches needs a CPU generator for shuffling; pass torch.Generator()")
         base = int(torch.randint(0, 2**62, (1,), generator=generator)) if self.train else 0
