@@ -1,6 +1,7 @@
 # Grid, paths and helpers shared by every stage. Logic lives in vitablate.workflow.
 
 from vitablate import workflow as vw
+from vitablate.registry import wildcard_constraints as registered_wildcards
 from vitablate.tracking import default_uri
 
 vw.check_config(config)  # cross-field checks, before any job is scheduled
@@ -12,14 +13,18 @@ vw.check_tracking(config, MLFLOW_URI)  # execution.shared_fs false needs a track
 ENV = "../envs/vitablate.yaml"
 
 
+# mixer, pretext, eval and method: the names registered in vitablate's registries (vitablate.registry)
+REGISTERED = registered_wildcards()
+
+
 wildcard_constraints:
     seed=r"\d+",
     dataset=r"[a-z0-9_]+",
-    mixer=r"[a-z_]+",
-    pretext=r"[a-z]+(_[0-9.]+)?",
-    eval=r"linear_probe|finetune|knn",
+    mixer=REGISTERED["mixer"],
+    pretext=REGISTERED["pretext"],
+    eval=REGISTERED["eval"],
     teacher=r"[A-Za-z0-9_.\-]+",
-    method=r"scratch|finetune|linear_probe|attn_copy|attn_distill|ensemble|copy_q|copy_k",
+    method=REGISTERED["method"],
     layers=r"all|first\d+|last\d+|l[0-9\-]+",
 
 

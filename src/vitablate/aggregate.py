@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Sequence
 import polars as pl
 
 from .io import write_text
+from .methods import TRANSFER_METHODS
 
 SCALAR = (int, float, str, bool, type(None))
 log = logging.getLogger(__name__)
@@ -135,12 +136,12 @@ def layer_probe_table(rep: pl.DataFrame) -> pl.DataFrame:
 
 # --- Q3 transfer -------------------------------------------------------------------------
 
-METHOD_ORDER = ["scratch", "linear_probe", "attn_copy", "copy_q", "copy_k", "attn_distill", "finetune", "ensemble"]
+METHOD_ORDER = TRANSFER_METHODS  # registration order (vitablate.methods), read live
 
 
 def method_rank(method: str) -> int:
-    """Position of a transfer method in tables and figures (unknown methods last)."""
-    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    """Position of a transfer method in tables and figures (its registration order; unknown methods last)."""
+    return TRANSFER_METHODS.rank(method)
 
 
 def scratch_per_teacher(df: pl.DataFrame) -> pl.DataFrame:

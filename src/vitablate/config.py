@@ -105,7 +105,7 @@ class DataConfig:
 
 @dataclass
 class PretextConfig:
-    name: str = "supervised"  # a key of vitablate.objectives.PRETEXTS
+    name: str = "supervised"  # a name in vitablate.objectives.registry.PRETEXTS
     lam: float = 0.2  # hybrid: lam * L_moco + (1 - lam) * L_simmim
     moco_temperature: float = 0.2
     moco_momentum: float = 0.99  # EMA start; cosine schedule to 1
@@ -142,7 +142,7 @@ class PretextConfig:
 
 @dataclass
 class EvalConfig:
-    name: str = "linear_probe"  # linear_probe | finetune | knn
+    name: str = "linear_probe"  # a name in vitablate.analysis.registry.EVALS (linear_probe, finetune, knn)
     knn_k: int = 20  # neighbours
     knn_temperature: float = 0.07
     probe: str = "lbfgs"  # lbfgs: fast full-batch probe on frozen features | reference: MAE's protocol
@@ -153,7 +153,7 @@ class EvalConfig:
 
 @dataclass
 class TransferConfig:
-    method: str = "scratch"  # scratch | finetune | linear_probe | attn_copy | attn_distill | ensemble | copy_q | copy_k
+    method: str = "scratch"  # a name in vitablate.methods.TRANSFER_METHODS (scratch, finetune, attn_copy, ...)
     teacher: str = ""  # file:<checkpoint> (a pretext encoder.pt or a timm state dict) | timm:<model name>
     teacher_name: str = ""  # the grid's name for it (tables, tags)
     layers: str = "all"  # all | first:K | last:K | comma-separated block indices
@@ -203,8 +203,10 @@ class JobConfig:
 def consumed_checkpoints(cfg: JobConfig) -> list[str]:
     """The checkpoint files a job reads: its encoder (init_from), a file: teacher (an ensemble averages its
     members and never runs the teacher), ensemble members."""
+    from .methods import LOADS_TEACHER
+
     paths = [cfg.init_from] if cfg.init_from else []
-    if cfg.transfer.teacher.startswith("file:") and cfg.transfer.method not in ("scratch", "ensemble"):
+    if cfg.transfer.teacher.startswith("file:") and cfg.transfer.method in LOADS_TEACHER:
         paths.append(cfg.transfer.teacher[len("file:"):])
     return paths + list(cfg.transfer.ensemble_members)
 

@@ -16,34 +16,40 @@ import numpy as np
 import polars as pl
 
 from .aggregate import method_rank, scratch_per_teacher
+from .analysis.registry import EVALS, METRICS
+from .methods import TRANSFER_METHODS
+from .models.registry import MIXERS
+from .objectives.registry import PRETEXTS, pretext_base
 
 # --- one colour per setting ------------------------------------------------------------------
 
-COLORS = {
-    # Q1 token mixers
-    "attention": "#1f77b4", "feedforward": "#ff7f0e", "attention_only": "#2ca02c", "pooling": "#9467bd",
-    "identity": "#7f7f7f", "mixer": "#7b4173",
-    # Q2 pretexts (and Q3 teachers named after them); hybrid_<lambda> gets a shade of `hybrid`
-    "supervised": "#444444", "moco": "#d62728", "simmim": "#1f77b4", "mae": "#17becf", "hybrid": "#9467bd",
-    # Q3 transfer methods; linear_probe and finetune are also Q2 evaluations, knn is one too
-    "scratch": "#8c8c8c", "linear_probe": "#bcbd22", "attn_copy": "#1f77b4", "copy_q": "#aec7e8",
-    "copy_k": "#9edae5", "attn_distill": "#2ca02c", "finetune": "#d62728", "ensemble": "#9467bd",
-    "knn": "#8c564b",
-}
+
+def colours() -> dict[str, str]:
+    """Every registered setting's colour (its registry entry's `colour`): Q1 token mixers, Q2 pretexts (and Q3
+    teachers named after them), Q3 transfer methods, Q2 evaluations (linear_probe and finetune are also
+    transfer methods, in the same colours). Read afresh, so a setting registered later is drawn in its colour."""
+    out: dict[str, str] = {}
+    for registry in (MIXERS, PRETEXTS, TRANSFER_METHODS, EVALS):
+        out.update(registry.colours())
+    return out
+
+
 _HYBRID_DARK, _HYBRID_LIGHT = (0.33, 0.15, 0.50), (0.78, 0.68, 0.86)  # lambda 0 -> dark, 1 -> light
 _SPARE = ("#e377c2", "#8c564b", "#bcbd22", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#98df8a",
           "#ffbb78")
 
 
 def color(name: str) -> str:
-    """The colour of a setting name in every figure; unknown names get a fixed spare colour."""
-    if name in COLORS:
-        return COLORS[name]
+    """The colour of a setting name in every figure (hybrid_<lambda>: a shade of `hybrid`); unregistered
+    names get a fixed spare colour."""
+    registered = colours()
+    if name in registered:
+        return registered[name]
     if name.startswith("hybrid_"):
         try:
             lam = min(1.0, max(0.0, float(name.split("_", 1)[1])))
         except ValueError:
-            return COLORS["hybrid"]
+            return registered["hybrid"]
         rgb = [d + lam * (light - d) for d, light in zip(_HYBRID_DARK, _HYBRID_LIGHT)]
         return "#" + "".join(f"{round(255 * v):02x}" for v in rgb)
     return _SPARE[zlib.crc32(name.encode()) % len(_SPARE)]  # crc32: the same in every process
@@ -115,19 +121,32 @@ def plot_architecture(table: pl.DataFrame, png_path: str):
 
 # --- Q2 pretext ------------------------------------------------------------------------------
 
-REPRESENTATION_METRICS = ("attention_distance", "nmi", "token_cosine", "fourier_hf")
-METRIC_LABELS = {"attention_distance": "attention distance (px)", "nmi": "NMI(query; key)",
-                 "token_cosine": "token cosine similarity", "fourier_hf": "Δ log amplitude (high − zero freq.)",
-                 "layer_probe_top1": "linear probe top-1 (%)"}
-LOSS_LABELS = {"supervised": "cross-entropy (nats)", "moco": "InfoNCE × 2τ, symmetric", "simmim":
-               "L1, masked pixels", "mae": "MSE, masked patches (norm. pixels)", "hybrid": "λ·MoCo + (1−λ)·SimMIM"}
+REPRESENTATION_METRICS = METRICS  # every registered analysis metric (vitablate.analysis.registry), in order
+
+
+def metric_label(metric: str) -> str:
+    """A metric's axis label: its registry entry's label, else its name."""
+    return (METRICS.entry(metric).label if metric in METRICS else None) or metric
+
+
+def loss_label(pretext: str) -> str:
+    """The pre-training loss of a pretext (hybrid_0.2: hybrid's), from its registry entry."""
+    base = pretext_base(pretext)
+    return (PRETEXTS.entry(base).meta.get("loss_label") if base in PRETEXTS else None) or "pre-training loss"
+
+
+def ordered(present, registry) -> list[str]:
+    """The names in `present`: registered ones in registration order, then any others in first-seen order
+    (nothing present is dropped)."""
+    present = list(dict.fromkeys(present))
+    return [n for n in registry if n in present] + [n for n in present if n not in registry]
 
 
 def plot_pretext(table: pl.DataFrame, png_path: str):
     """Linear probe vs fine-tune (and k-NN) top-1 per pretext, error bars over seeds."""
     plt = _plt()
     datasets = table["dataset"].unique(maintain_order=True).to_list()
-    evals = [e for e in ("linear_probe", "finetune", "knn") if e in table["eval"].to_list()]
+    evals = ordered(table["eval"].to_list(), EVALS)
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.8 * len(datasets), 3.8), squeeze=False)
     for ax, name in zip(axes[0], datasets):
         sub = table.filter(pl.col("dataset") == name)
@@ -152,7 +171,7 @@ def plot_pretext(table: pl.DataFrame, png_path: str):
 def plot_representation(rep: pl.DataFrame, png_path: str):
     """One panel per metric: value per layer, one line per pretext, bands over seeds."""
     plt = _plt()
-    metrics = [m for m in (*REPRESENTATION_METRICS, "layer_probe_top1") if m in rep["metric"].to_list()]
+    metrics = ordered(rep["metric"].to_list(), METRICS)  # every metric in the table, registered ones first
     datasets = rep["dataset"].unique(maintain_order=True).to_list()
     fig, axes = plt.subplots(len(datasets), len(metrics), figsize=(3.6 * len(metrics), 3.2 * len(datasets)),
                              squeeze=False)
@@ -164,7 +183,7 @@ def plot_representation(rep: pl.DataFrame, png_path: str):
                 s = sub.filter(pl.col("pretext") == pretext).sort("layer")
                 _band(ax, s["layer"], s["value_mean"], s["value_std"], pretext, marker="o")
             ax.set_xlabel("depth (0 = embedding, i = block i)")
-            ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+            ax.set_ylabel(metric_label(metric))
             ax.set_title(f"{name}: {metric}")
         axes[r][0].legend(fontsize=7)
     fig.tight_layout()
@@ -191,14 +210,19 @@ def plot_transfer(table: pl.DataFrame, png_path: str):
 
 
 def plot_transfer_layers(table: pl.DataFrame, png_path: str):
-    """Top-1 against the number of transferred layers K, first-K versus last-K (copy and distill)."""
+    """Top-1 against the number of transferred layers K, first-K versus last-K (every layered method: copy and
+    distill by default)."""
+    from .methods import LAYERED
+
     plt = _plt()
-    sub = table.filter(pl.col("method").is_in(["attn_copy", "attn_distill"]))
+    layered = list(LAYERED)
+    sub = table.filter(pl.col("method").is_in(layered))
     teachers = sub["teacher"].unique(maintain_order=True).to_list()
     fig, axes = plt.subplots(1, max(1, len(teachers)), figsize=(4.8 * max(1, len(teachers)), 3.6), squeeze=False)
     for ax, teacher in zip(axes[0], teachers):
         t = sub.filter(pl.col("teacher") == teacher)
-        for method, style in (("attn_copy", "-"), ("attn_distill", ":")):
+        for i, method in enumerate(layered):
+            style = ("-", ":", "--", "-.")[i % 4]
             for which, marker in (("first", "o"), ("last", "s")):
                 pts = []
                 for row in t.filter(pl.col("method") == method).iter_rows(named=True):
@@ -286,7 +310,7 @@ def plot_pretext_curves(pretrain: pl.DataFrame, finetune: pl.DataFrame, png_path
         pre = pretrain.filter(pl.col("dataset") == name) if pretrain.height else pretrain
         for ax, p in zip(panels, pretexts):
             _curve_panel(ax, pre.filter(pl.col("pretext") == p), "pretext", "train_loss",
-                         f"{name}: pre-training {p}", LOSS_LABELS.get(p.split("_")[0], "pre-training loss"))
+                         f"{name}: pre-training {p}", loss_label(p))
         ft = finetune.filter(pl.col("dataset") == name) if finetune.height else finetune
         _curve_panel(panels[len(pretexts)], ft, "pretext", "top1_val", f"{name}: fine-tuning each encoder",
                      CURVE_LABELS["top1_val"])

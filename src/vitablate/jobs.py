@@ -7,10 +7,10 @@ tasks and `tracking.py` logs what they return. A job writes its outputs under
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -31,6 +31,7 @@ from .engine import (
     top1,
 )
 from .models import VARIANTS, count_params, create_model
+from .models.checkpoint import load_vit, save_checkpoint
 
 OnEpoch = Optional[Callable[[int, dict], None]]
 
@@ -114,6 +115,50 @@ def make_transforms(cfg: JobConfig, data: DatasetBundle, device: torch.device):
         return normalize(aug(to_unit(x), generator=gen), mean, std)
 
     return train_transform, eval_transform
+
+
+@dataclass
+class JobContext:
+    """What every job sets up first, built once (`JobContext.create`): threads and seeds, the device and
+    precision, the dataset, the clock; the device transforms on first use (`transforms`)."""
+
+    cfg: JobConfig
+    device: torch.device
+    precision: object
+    data: DatasetBundle
+    t0: float
+    _transforms: Optional[tuple] = field(default=None, repr=False)
+
+    @classmethod
+    def create(cls, cfg: JobConfig, train_crop: bool = False) -> "JobContext":
+        """`train_crop`: the job trains with train.augment (see `load_data`)."""
+        t0 = time.perf_counter()
+        device, precision = setup(cfg)
+        return cls(cfg, device, precision, load_data(cfg, device, train_crop=train_crop), t0)
+
+    @property
+    def transforms(self) -> tuple[Callable, Callable]:
+        """(train_transform(x, gen), eval_transform(x)) of `make_transforms`."""
+        if self._transforms is None:
+            self._transforms = make_transforms(self.cfg, self.data, self.device)
+        return self._transforms
+
+    @property
+    def eval_transform(self) -> Callable:
+        return self.transforms[1]
+
+    def steps_per_epoch(self, batch_size: int, what: str = "train.batch_size", fix: str = "lower it") -> int:
+        """Optimizer steps per epoch; a batch larger than the training split is an error naming `what`."""
+        steps = len(self.data.train) // batch_size
+        if steps == 0:
+            raise ValueError(f"{what} {batch_size} exceeds the {len(self.data.train)} training images; {fix}")
+        return steps
+
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(os.path.join(self.cfg.output_dir, "checkpoint.pt"))
+
+    def wall_s(self) -> float:
+        return time.perf_counter() - self.t0
 
 
 def epoch_batches(split, batch_size: int, seed: int, accum_steps: int = 1):
@@ -214,20 +259,17 @@ def classifier_job(cfg: JobConfig, on_epoch: OnEpoch, build: Callable) -> dict:
     checkpoint keeps (a wrapper holding a frozen teacher, say), the loss (None: cross-entropy
     of eval_forward) and what evaluation calls. The student `model` is what model.pt keeps.
     """
-    t0 = time.perf_counter()
-    device, precision = setup(cfg)
-    data = load_data(cfg, device, train_crop=True)
+    ctx = JobContext.create(cfg, train_crop=True)
+    device, precision, data = ctx.device, ctx.precision, ctx.data
     kw = model_kwargs(cfg.model, data, cfg.mixer)
     model = create_model(**kw)
     fit_module, loss_fn, forward = build(model, kw, device)
     eager_forward = forward  # attention capture needs the eager modules
     if cfg.execution.compile:
         forward = torch.compile(forward)
-    train_transform, eval_transform = make_transforms(cfg, data, device)
+    train_transform, eval_transform = ctx.transforms
     tc = cfg.train
-    steps_per_epoch = len(data.train) // tc.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"train.batch_size {tc.batch_size} exceeds the {len(data.train)} training images; lower it")
+    steps_per_epoch = ctx.steps_per_epoch(tc.batch_size)
     if loss_fn is None:
         loss_fn = classification_loss(forward, tc.label_smoothing)
 
@@ -237,7 +279,7 @@ def classifier_job(cfg: JobConfig, on_epoch: OnEpoch, build: Callable) -> dict:
 
     result = fit(
         fit_module, loss_fn, epoch_batches(data.train, tc.batch_size, cfg.seed, tc.accum_steps), steps_per_epoch, tc,
-        precision, Checkpoint(os.path.join(cfg.output_dir, "checkpoint.pt")), cfg.seed, transform=train_transform,
+        precision, ctx.checkpoint(), cfg.seed, transform=train_transform,
         evaluate=evaluate, on_epoch=on_epoch, meta={"config": to_dict(cfg), "model": kw}, micro_batches=True,
     )
     fit_module.eval()
@@ -245,14 +287,12 @@ def classifier_job(cfg: JobConfig, on_epoch: OnEpoch, build: Callable) -> dict:
                                          shifted_sets(cfg, data))
     maps = {}
     if dist.is_main():  # rank 0 alone writes the job's outputs
-        path = os.path.join(cfg.output_dir, "model.pt")
-        torch.save({"model": model.state_dict(), "model_kwargs": kw, "config": to_dict(cfg)}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        save_checkpoint(os.path.join(cfg.output_dir, "model.pt"), model, kw, to_dict(cfg))
         maps = save_query_maps(model, eager_forward, data, eval_transform, cfg.output_dir)
     return base_record(cfg) | maps | {
         "params_m": count_params(model) / 1e6, "epochs": tc.epochs, "device": str(device),
         "precision": str(precision.dtype or "float32"), "resumed_from_epoch": result.resumed_from_epoch,
-        "train_s": result.train_s, "wall_s": time.perf_counter() - t0, "history": result.history, **final,
+        "train_s": result.train_s, "wall_s": ctx.wall_s(), "history": result.history, **final,
     }
 
 
@@ -261,7 +301,8 @@ def train_classifier(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
 
     def build(model, kw, device):
         if cfg.init_from:  # fine-tuning: every weight but the new head comes from the encoder
-            load_encoder_into(model, cfg.init_from)
+            init_classifier_from_encoder(model, load_encoder(cfg.init_from)[0].state_dict(),
+                                         f"encoder {cfg.init_from}")
         model.to(device)
         return model, None, model
 
@@ -269,35 +310,31 @@ def train_classifier(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
 
 
 def load_encoder(path: str) -> tuple[torch.nn.Module, dict, dict]:
-    """(model, its create_model kwargs, its job's config) from an encoder.pt or a model.pt."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} is missing; run the job that writes it first (its pre-training "
-                                "job for an encoder.pt, its training job for a model.pt)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        encoder = create_model(**state["model_kwargs"])
-        encoder.load_state_dict(state["model"])
-    except Exception as e:
-        raise RuntimeError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); "
-                           "delete it and re-run the job that writes it") from e
-    return encoder, state["model_kwargs"], state.get("config", {})
+    """(model, its create_model kwargs, its job's config) from an encoder.pt or a model.pt (read with
+    weights_only=True: `vitablate.models.checkpoint`)."""
+    return load_vit(path)
 
 
 def load_encoder_into(model: torch.nn.Module, path: str) -> None:
-    """Copy a pre-trained encoder's weights into `model`; only the classifier head may differ."""
+    """Copy a pre-trained encoder's weights into `model` (`init_classifier_from_encoder`)."""
     encoder, kw, _ = load_encoder(path)
-    load_pretrained(model, encoder.state_dict(), f"encoder {path} ({kw})")
+    init_classifier_from_encoder(model, encoder.state_dict(), f"encoder {path} ({kw})")
 
 
 # the final norm a ViT pools through: `norm` (token pooling) or `fc_norm` (average pooling)
 _FINAL_NORMS = ("norm.", "fc_norm.")
 
 
-def load_pretrained(model: torch.nn.Module, state: dict, what: str) -> None:
-    """Load a pre-trained ViT's weights into `model` for fine-tuning; only the head and the final norm may
-    differ. An encoder pooled otherwise (token-pooled ones end in `norm`, average-pooled ones in `fc_norm`)
-    leaves the model's final norm freshly initialised, as MAE's fine-tuning does (facebookresearch/mae:
-    main_finetune.py keeps fc_norm new when global_pool is on)."""
+def init_classifier_from_encoder(model: torch.nn.Module, state: dict, what: str) -> None:
+    """Initialise a classifier for fine-tuning from a pre-trained ViT's weights `state`: the one way shared by
+    Q2's fine-tune evaluation (`evaluate_encoder`, eval finetune) and Q3's `finetune` method.
+
+    As MAE's main_finetune.py (facebookresearch/mae): every weight of the encoder is loaded except the
+    classifier head, which keeps this model's fresh initialisation (`head.*` of `state` is dropped; a
+    pre-trained encoder has none). The final norm is loaded where both pool the same way; an encoder pooled
+    otherwise (token-pooled ones end in `norm`, average-pooled ones in `fc_norm`) leaves the model's final
+    norm freshly initialised, as main_finetune.py keeps fc_norm new when global_pool is on. Any other weight
+    that does not match is an error naming it."""
     missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")},
                                                 strict=False)
     bad = [k for k in missing if not k.startswith(("head.",) + _FINAL_NORMS)]
@@ -320,19 +357,29 @@ def build_objective(cfg: JobConfig, data: DatasetBundle):
     from the pre-training job's own model settings (pretext.model <- by_pretext.<pretext>.pretrain_model)."""
     from .objectives import build_pretext
 
+    from .objectives.registry import PRETEXTS
+
     kw = encoder_kwargs(cfg, data)
     extra = cfg.pretext.objective_kwargs()
-    if cfg.pretext.name == "supervised":
+    if PRETEXTS.entry(cfg.pretext.name).meta.get("labelled"):
         extra = dict(num_classes=data.num_classes, label_smoothing=cfg.train.label_smoothing,
                      augment=build_augment(cfg, data))  # the same augmentation as training from scratch
     return build_pretext(cfg.pretext.name, create_model(**kw), data.mean, data.std, **extra), kw
 
 
-def pretrain_setup(cfg: JobConfig, device: torch.device):
+def _pretrain_crops(cfg: JobConfig) -> bool:
+    from .objectives.registry import PRETEXTS
+
+    return bool(PRETEXTS.entry(cfg.pretext.name).meta.get("labelled"))
+
+
+def pretrain_setup(cfg: JobConfig, device: torch.device, data: Optional[DatasetBundle] = None):
     """(data, objective, encoder kwargs) of a pre-training job. The supervised pretext trains with train.augment
     (crops from the full images); on an image folder the others' loader takes their crops of the full images
-    (mode "views": objective.take_loader_views), and their device augmentation no longer crops or flips."""
-    data = load_data(cfg, device, train_crop=cfg.pretext.name == "supervised")
+    (mode "views": objective.take_loader_views), and their device augmentation no longer crops or flips.
+    `data`: the job's dataset, if loaded already (`JobContext`)."""
+    if data is None:
+        data = load_data(cfg, device, train_crop=_pretrain_crops(cfg))
     objective, kw = build_objective(cfg, data)
     if getattr(data.train, "mode", None) == "views":
         data.train.views = objective.take_loader_views()
@@ -342,31 +389,27 @@ def pretrain_setup(cfg: JobConfig, device: torch.device):
 def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     """Pre-train an encoder with `cfg.pretext` (the pretext question's first job)."""
 
-    t0 = time.perf_counter()
-    device, precision = setup(cfg)
-    data, objective, kw = pretrain_setup(cfg, device)
+    ctx = JobContext.create(cfg, train_crop=_pretrain_crops(cfg))
+    device, precision = ctx.device, ctx.precision
+    data, objective, kw = pretrain_setup(cfg, device, ctx.data)
     encoder = objective.encoder
     objective = objective.to(device)
     objective = dist.sync_batchnorm(objective, device)  # several workers: heads normalise over the global batch
     tc = cfg.train
-    steps_per_epoch = len(data.train) // tc.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"train.batch_size {tc.batch_size} exceeds the {len(data.train)} training images; lower it")
+    steps_per_epoch = ctx.steps_per_epoch(tc.batch_size)
     result = fit(
         objective, lambda x, y: objective(x, y), epoch_batches(data.train, tc.batch_size, cfg.seed, tc.accum_steps),
-        steps_per_epoch, tc, precision, Checkpoint(os.path.join(cfg.output_dir, "checkpoint.pt")), cfg.seed,
+        steps_per_epoch, tc, precision, ctx.checkpoint(), cfg.seed,
         on_epoch=on_epoch, after_step=objective.after_step, meta={"config": to_dict(cfg)}, micro_batches=True,
         transform=lambda x, gen: to_unit(x),  # uint8 image-folder batches -> [0, 1] on the device
     )
     if dist.is_main():
         path = os.path.join(cfg.output_dir, "encoder.pt")
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save({"model": encoder.state_dict(), "model_kwargs": kw, "config": to_dict(cfg)}, tmp)
-        os.replace(tmp, path)
+        save_checkpoint(path, encoder, kw, to_dict(cfg), tmp=f"{path}.tmp{os.getpid()}")
     return base_record(cfg) | {
         "pretext": pretext_id(cfg), "params_m": count_params(encoder) / 1e6, "epochs": tc.epochs,
         "final_loss": result.history[-1]["train_loss"], "device": str(device), "train_s": result.train_s,
-        "resumed_from_epoch": result.resumed_from_epoch, "wall_s": time.perf_counter() - t0,
+        "resumed_from_epoch": result.resumed_from_epoch, "wall_s": ctx.wall_s(),
         "history": result.history,
     }
 
@@ -388,18 +431,20 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional
     The encoder is cfg.init_from (a pretext encoder.pt) or, for transfer, the teacher spec.
     """
     from .analysis.probes import fit_linear_probe, knn_accuracy, select_linear_probe, shape_bias
+    from .analysis.registry import EVALS
 
     name = cfg.eval.name
+    EVALS.entry(name)  # an unknown name: an error naming pretext.evals and the choices
     if name == "finetune":
         return train_classifier(cfg, on_epoch) | {"eval": name, "pretext": pretext_id(cfg)}
     if name not in ("linear_probe", "knn"):
-        raise ValueError(f"unknown eval {name!r}; choose linear_probe, finetune or knn")
+        raise ValueError(f"eval {name!r} is registered (vitablate.analysis.registry.EVALS) but "
+                         "vitablate.jobs.evaluate_encoder does not run it; add its branch there")
     if cfg.eval.probe not in ("lbfgs", "reference"):
         raise ValueError(f"eval.probe must be lbfgs or reference, got {cfg.eval.probe!r}")
-    t0 = time.perf_counter()
-    device, precision = setup(cfg)
     reference = name == "linear_probe" and cfg.eval.probe == "reference"
-    data = load_data(cfg, device, train_crop=reference)  # the reference probe trains on crops of the full images
+    ctx = JobContext.create(cfg, train_crop=reference)  # the reference probe trains on crops of the full images
+    device, data = ctx.device, ctx.data
     if teacher:
         from .models.teachers import load_teacher
 
@@ -408,9 +453,8 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional
         encoder, _, _ = load_encoder(cfg.init_from)
     encoder = encoder.to(device)
     if reference:
-        return reference_linear_probe(cfg, on_epoch, encoder, data, device, precision) | {
-            "wall_s": time.perf_counter() - t0}
-    _, eval_transform = make_transforms(cfg, data, device)
+        return reference_linear_probe(ctx, on_epoch, encoder) | {"wall_s": ctx.wall_s()}
+    eval_transform = ctx.eval_transform
     feats = _features(encoder, data, cfg, device, eval_transform)
     maps = save_query_maps(encoder, encoder, data, eval_transform, cfg.output_dir)
     (tx, ty), k = feats["train"], data.num_classes
@@ -437,22 +481,21 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional
                 pred = probe(feats["shift_cue_conflict"][0]).argmax(-1)
                 out |= shape_bias(pred, cc["y_shape"].cpu(), cc["y_texture"].cpu())
     return base_record(cfg) | maps | {"eval": name, "pretext": pretext_id(cfg), "device": str(device),
-                                      "wall_s": time.perf_counter() - t0, "history": [], **out}
+                                      "wall_s": ctx.wall_s(), "history": [], **out}
 
 
-def reference_linear_probe(cfg: JobConfig, on_epoch: OnEpoch, encoder, data: DatasetBundle, device, precision) -> dict:
+def reference_linear_probe(ctx: JobContext, on_epoch: OnEpoch, encoder) -> dict:
     """MAE's linear probe (facebookresearch/mae: main_linprobe.py): a BatchNorm without affine and a linear
     head on the frozen encoder's pooled features, trained with cfg.train (optimizer sgd or lars, no weight
     decay, warm-up + cosine) on cfg.train.augment's random-resized crops and flips; evaluated on centre images."""
     from .analysis.probes import LinearProbe
 
+    cfg, data, device, precision = ctx.cfg, ctx.data, ctx.device, ctx.precision
     probe = LinearProbe(encoder, data.num_classes).to(device)
-    train_transform, eval_transform = make_transforms(cfg, data, device)
+    train_transform, eval_transform = ctx.transforms
     tc = cfg.train
-    steps_per_epoch = len(data.train) // tc.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"the linear probe's batch_size {tc.batch_size} exceeds the {len(data.train)} training "
-                         "images; lower it (pretext.linear_probe or transfer.by_method.linear_probe.train)")
+    steps_per_epoch = ctx.steps_per_epoch(tc.batch_size, "the linear probe's batch_size",
+                                          "lower it (pretext.linear_probe or transfer.by_method.linear_probe.train)")
 
     def evaluate() -> dict:
         probe.eval()
@@ -460,7 +503,7 @@ def reference_linear_probe(cfg: JobConfig, on_epoch: OnEpoch, encoder, data: Dat
 
     result = fit(probe, classification_loss(probe, tc.label_smoothing),
                  epoch_batches(data.train, tc.batch_size, cfg.seed),
-                 steps_per_epoch, tc, precision, Checkpoint(os.path.join(cfg.output_dir, "checkpoint.pt")), cfg.seed,
+                 steps_per_epoch, tc, precision, ctx.checkpoint(), cfg.seed,
                  transform=train_transform, evaluate=evaluate, on_epoch=on_epoch, meta={"config": to_dict(cfg)})
     probe.eval()
     final = evaluate() | evaluate_splits(probe, data, tc.eval_batch_size, precision, eval_transform,
@@ -481,23 +524,27 @@ def analyse_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
 
     from .analysis import layerwise_analysis, layerwise_features
     from .analysis.probes import select_linear_probe
+    from .analysis.registry import METRICS
 
-    t0 = time.perf_counter()
-    device, _ = setup(cfg)
-    data = load_data(cfg, device)
+    ctx = JobContext.create(cfg)
+    device, data = ctx.device, ctx.data
     encoder, _, _ = load_encoder(cfg.init_from)
     encoder = encoder.to(device).eval()
-    _, eval_transform = make_transforms(cfg, data, device)
+    eval_transform = ctx.eval_transform
     n = cfg.eval.analysis_images
     x_fixed = eval_transform(next(iter(data.test.batches(n)))[0].to(device))  # the same images for every run
     rows = []
+    computed = [e for e in METRICS.entries() if e.input in ("attention", "tokens")]  # every registered metric
     for entry in layerwise_analysis(encoder, x_fixed):
         layer = entry["layer"]
-        for metric in ("attention_distance", "nmi"):
-            if entry[metric] is not None:
-                rows += [(layer, h, metric, float(v)) for h, v in enumerate(entry[metric].tolist())]
-        for metric in ("token_cosine", "fourier_hf"):
-            rows.append((layer, -1, metric, float(entry[metric])))
+        for m in computed:  # per head (head 0..H-1) or one value (head -1); None: the block has no attention
+            value = entry[m.name]
+            if value is None:
+                continue
+            if m.meta.get("per_head"):
+                rows += [(layer, h, m.name, float(v)) for h, v in enumerate(value.tolist())]
+            else:
+                rows.append((layer, -1, m.name, float(value)))
     # linear-probe accuracy of each layer's mean-pooled tokens
     bs = cfg.train.eval_batch_size
 
@@ -522,19 +569,18 @@ def analyse_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     per_layer = table.group_by(["layer", "metric"]).agg(pl.col("value").mean()).sort(["metric", "layer"])
     maps = save_query_maps(encoder, encoder, data, eval_transform, cfg.output_dir)
     return base_record(cfg) | maps | {"pretext": pretext_id(cfg), "analysis_path": path,
-                                      "wall_s": time.perf_counter() - t0, "n_images": int(x_fixed.shape[0]),
+                                      "wall_s": ctx.wall_s(), "n_images": int(x_fixed.shape[0]),
                                       "layers": per_layer.to_dicts(), "history": []}
 
 
 def ensemble(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     """Average the class probabilities of trained classifiers (transfer: distilled student + fine-tuned teacher)."""
-    t0 = time.perf_counter()
-    device, precision = setup(cfg)
-    data = load_data(cfg, device)
+    ctx = JobContext.create(cfg)
+    device, precision, data = ctx.device, ctx.precision, ctx.data
     members = [load_encoder(p)[0].eval().to(device) for p in cfg.transfer.ensemble_members]
     if len(members) < 2:
         raise ValueError("an ensemble needs at least two members (transfer.ensemble_members)")
-    _, eval_transform = make_transforms(cfg, data, device)
+    eval_transform = ctx.eval_transform
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         probs = torch.stack([m(x).float().softmax(-1) for m in members]).mean(0)
@@ -543,46 +589,18 @@ def ensemble(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     bs = cfg.train.eval_batch_size
     final = {"top1_val": top1(*predict(forward, data.val.batches(bs), precision, eval_transform))}
     final |= evaluate_splits(forward, data, bs, precision, eval_transform, shifted_sets(cfg, data))
-    return base_record(cfg) | {"device": str(device), "wall_s": time.perf_counter() - t0, "history": [], **final,
+    return base_record(cfg) | {"device": str(device), "wall_s": ctx.wall_s(), "history": [], **final,
                                "params_m": sum(count_params(m) for m in members) / 1e6}
 
 
-TRANSFER_METHODS = ("scratch", "finetune", "linear_probe", "attn_copy", "attn_distill", "ensemble", "copy_q", "copy_k")
-
-
 def transfer(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
-    """One attention-transfer method (cfg.transfer.method) for one student and teacher."""
-    from .models.teachers import load_teacher
-    from .objectives import AttentionCopy, AttentionDistillation, parse_layers
+    """One attention-transfer method (cfg.transfer.method, a name in `vitablate.methods.TRANSFER_METHODS`,
+    whose entry runs it) for one student and teacher."""
+    from .methods import run_method
 
     t = cfg.transfer
     tags = {"method": t.method, "teacher": t.teacher_name or "none", "layers": t.layers}
-    if t.method not in TRANSFER_METHODS:
-        raise ValueError(f"unknown transfer method {t.method!r}; choose one of {list(TRANSFER_METHODS)}")
-    if t.method == "scratch":
-        return train_classifier(cfg, on_epoch) | tags
-    if t.method == "ensemble":
-        return ensemble(cfg, on_epoch) | tags
-    if t.method == "linear_probe":
-        probe = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, name="linear_probe"))
-        return evaluate_encoder(probe, on_epoch, teacher=t.teacher) | tags
-
-    def build(model, kw, device):
-        teacher = load_teacher(t.teacher, kw)
-        if t.method == "finetune":
-            load_pretrained(model, teacher.state_dict(), f"teacher {t.teacher}")
-            model.to(device)
-            return model, None, model
-        layers = parse_layers(t.layers, len(model.blocks))
-        if t.method == "attn_distill":
-            wrapped = AttentionDistillation(teacher, model, layers, t.distill_weight, t.distill_temperature,
-                                            cfg.train.label_smoothing, teacher_drop_path=t.teacher_drop_path).to(device)
-            return wrapped, wrapped, model  # the teacher trains the student; evaluation is the student alone
-        mode = {"attn_copy": "map", "copy_q": "q", "copy_k": "k"}[t.method]
-        wrapped = AttentionCopy(teacher, model, layers, mode=mode, teacher_drop_path=t.teacher_drop_path).to(device)
-        return wrapped, None, wrapped  # the teacher runs at test time too
-
-    return classifier_job(cfg, on_epoch, build) | tags
+    return run_method(cfg, on_epoch) | tags
 
 
 def noop(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:

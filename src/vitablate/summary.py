@@ -19,7 +19,10 @@ from dataclasses import dataclass, replace
 import polars as pl
 
 from . import aggregate
+from .analysis.registry import EVALS, METRICS, computed_metrics
 from .io import write_text
+from .methods import LAYERED
+from .objectives.registry import PRETEXTS, family, pretext_base
 
 ALPHA = 0.05  # two-sided; p-values are Holm-corrected within each question's family of comparisons
 POWER = 0.80  # the power at which the minimum detectable difference is stated
@@ -93,8 +96,9 @@ def paper_sources(question: str) -> list[str]:
     return [f"{'; '.join(numbers)}: {source}" for source, numbers in by_source.items()]
 
 
-CL, MIM = ("moco",), ("simmim", "mae")  # pretext families (hybrid_<lambda> -> hybrid)
-EVALS = ("linear_probe", "finetune", "knn")
+# pretext families, from the registry (vitablate.objectives.registry; hybrid_<lambda> -> hybrid), read live
+CL = PRETEXTS.view(lambda e: e.family == "CL")
+MIM = PRETEXTS.view(lambda e: e.family == "MIM")
 
 
 # --- statistics -----------------------------------------------------------------------------
@@ -239,7 +243,12 @@ def _samples(df: pl.DataFrame, keys: list[str], value: str = "top1_test") -> dic
 
 
 def _family(pretext: str) -> str:
-    return pretext.split("_")[0]
+    """The registered pretext a grid pretext id runs (hybrid_0.2 -> hybrid)."""
+    return pretext_base(pretext)
+
+
+def _names(names: Iterable[str]) -> str:
+    return ", ".join(f"`{n}`" for n in names)
 
 
 # --- Q1 architecture ------------------------------------------------------------------------
@@ -332,8 +341,7 @@ PRETEXT_DIRECTION = {"linear_probe": True, "finetune": False}  # the paper: CL a
 
 
 def _pretext_order(names: Iterable[str]) -> list[str]:
-    rank = {"supervised": 0, "moco": 1, "simmim": 2, "mae": 3, "hybrid": 4}
-    return sorted(set(names), key=lambda p: (rank.get(_family(p), 9), p))
+    return sorted(set(names), key=lambda p: (PRETEXTS.rank(_family(p)), p))  # registration order
 
 
 def _cl_mim(here: dict[str, list[float]]) -> list[Welch]:
@@ -353,8 +361,9 @@ def pretext_answer(by_eval: dict[str, list[Welch]]) -> str:
         parts.append(f"under `{ev}`{paper} the seeds put CL above MIM in {cl_up} of {len(tests)} comparisons and "
                      f"below in {mim_up}")
     if not parts:
-        return "No CL (`moco`) and MIM (`simmim`, `mae`) pair was run, so the CL-versus-MIM question is not asked here."
-    return "CL (`moco`) against MIM (`simmim`, `mae`): " + "; ".join(parts) + "; the seeds do not separate the rest."
+        return (f"No CL ({_names(CL)}) and MIM ({_names(MIM)}) pair was run, so the CL-versus-MIM question is not "
+                "asked here.")
+    return f"CL ({_names(CL)}) against MIM ({_names(MIM)}): " + "; ".join(parts) + "; the seeds do not separate the rest."
 
 
 def pretext_section(evals: pl.DataFrame, analyses: pl.DataFrame | None = None) -> str:
@@ -364,7 +373,7 @@ def pretext_section(evals: pl.DataFrame, analyses: pl.DataFrame | None = None) -
         sub = evals.filter(pl.col("dataset") == dataset)
         samples = _samples(sub, ["pretext", "eval"])
         pretexts = _pretext_order(p for p, _ in samples)
-        ev_names = [e for e in EVALS if any(k[1] == e for k in samples)]
+        ev_names = [e for e in EVALS if any(k[1] == e for k in samples)]  # registration order
         # Q2's family: every CL-against-MIM test under every evaluation, Holm-corrected together
         here = {ev: {p: samples[(p, ev)] for p in pretexts if (p, ev) in samples} for ev in ev_names}
         raw = [(ev, t) for ev in ev_names for t in _cl_mim(here[ev])]
@@ -372,7 +381,8 @@ def pretext_section(evals: pl.DataFrame, analyses: pl.DataFrame | None = None) -
         for (ev, _), t in zip(raw, holm([t for _, t in raw])):
             by_eval[ev].append(t)
         hybrid_raw = [(ev, welch(h, here[ev][h], c, here[ev][c])) for ev in ev_names for h in pretexts
-                      if _family(h) == "hybrid" and h in here[ev] for c in ("moco", "simmim") if c in here[ev]]
+                      if family(h) == "hybrid" and h in here[ev]
+                      for c in PRETEXTS.entry(_family(h)).meta.get("ingredients", ()) if c in here[ev]]
         comparisons = list(zip([ev for ev, _ in hybrid_raw], holm([t for _, t in hybrid_raw])))
         lines = []
         for ev in ev_names:
@@ -417,7 +427,7 @@ def representation_section(analyses: pl.DataFrame) -> str:
     """Attention distance and NMI per layer; CL against MIM in the late layers (the second half)."""
     per_seed = analyses.group_by(["pretext", "seed", "layer", "metric"]).agg(pl.col("value").mean())  # heads averaged
     # the attention metrics sit at layers 1..depth (layer i: block i); layer 0, the embedding output, has none
-    attention_rows = per_seed.filter(pl.col("metric").is_in(["attention_distance", "nmi"]))
+    attention_rows = per_seed.filter(pl.col("metric").is_in(list(computed_metrics("attention"))))
     layers = sorted(attention_rows["layer"].unique().to_list())
     late = layers[len(layers) // 2:]
     pretexts = _pretext_order(per_seed["pretext"].unique().to_list())
@@ -441,7 +451,7 @@ def representation_section(analyses: pl.DataFrame) -> str:
     if sentences:
         out.append("**Representations.** " + " ".join(sentences) + " "
                    + family_note("late-layer attention distance and NMI, CL against MIM", family) + "\n")
-    for metric, label in (("attention_distance", "attention distance (px)"), ("nmi", "NMI(query; key)")):
+    for metric, label in ((m, METRICS.entry(m).label or m) for m in computed_metrics("attention")):
         samples = _samples(per_seed.filter(pl.col("metric") == metric).sort("seed"), ["pretext", "layer"], "value")
         rows = [[f"`{p}`"] + [mean_std(samples[(p, layer)], 3) if (p, layer) in samples else "—" for layer in layers]
                 + [max(len(samples.get((p, layer), [])) for layer in layers)] for p in pretexts]
@@ -452,7 +462,7 @@ def representation_section(analyses: pl.DataFrame) -> str:
 
 # --- Q3 transfer ----------------------------------------------------------------------------
 
-LAYERED = ("attn_copy", "attn_distill")  # the methods that take a `layers` set (vitablate.workflow.LAYERED_METHODS)
+# LAYERED: the methods that take a `layers` set (vitablate.methods.TRANSFER_METHODS, layered), read live
 
 
 def transfer_answer(teacher: str, tests: dict[str, Welch], gap: dict, reference_layers: str = "all") -> str:
@@ -498,7 +508,7 @@ def transfer_section(df: pl.DataFrame, reference_layers: str = "all") -> str:
         per_teacher = aggregate.scratch_per_teacher(sub)
         out.append(f"### {dataset}\n")
         if reference_layers != "all":
-            out.append(f"`attn_copy` and `attn_distill` are judged over layers `{reference_layers}`, the reference "
+            out.append(f"{' and '.join(f'`{m}`' for m in LAYERED)} are judged over layers `{reference_layers}`, the reference "
                        "set (the first `transfer.layers` value); other layer sets are in the table.\n")
         for teacher in [t for t in sub["teacher"].unique(maintain_order=True).to_list() if t != "none"]:
             rows_df = per_teacher.filter(pl.col("teacher") == teacher)

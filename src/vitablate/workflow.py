@@ -42,10 +42,11 @@ from .config import (
     to_dict,
 )
 from .io import write_text
+from .methods import LAYERED
 
 log = logging.getLogger(__name__)
 QUESTIONS = ("architecture", "pretext", "transfer")
-LAYERED_METHODS = ("attn_copy", "attn_distill")  # the methods the `layers` axis applies to
+LAYERED_METHODS = LAYERED  # the methods the `layers` axis applies to: vitablate.methods.TRANSFER_METHODS, layered
 
 
 def active_questions(config: dict) -> list[str]:

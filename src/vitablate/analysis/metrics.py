@@ -448,33 +448,43 @@ def layerwise_analysis(
         One dict per depth, in order: layer 0 is the embedding output (the input
         of the first block: patch embedding plus position embedding), layer i the
         output of block i (1-based), as cl-vs-mim's representation notebook counts
-        depth. Each is ``{"layer": i, "attention_distance": (H,) tensor (px) or
-        None, "nmi": (H,) tensor or None, "token_cosine": float, "fourier_hf":
-        float}``; the attention metrics of layer i describe block i's attention.
-        Tensors are float32/64 on the CPU. Attention metrics are None for layer 0
-        and for blocks whose token mixer has no ``qkv`` projection.
+        depth. Each is ``{"layer": i, <metric>: value}`` for every metric registered
+        in ``vitablate.analysis.registry.METRICS`` with input "attention" or "tokens"
+        (by default ``"attention_distance": (H,) tensor (px) or None, "nmi": (H,)
+        tensor or None, "token_cosine": float, "fourier_hf": float``); the attention
+        metrics of layer i describe block i's attention. Tensors are float32/64 on
+        the CPU. Attention metrics are None for layer 0 and for blocks whose token
+        mixer has no ``qkv`` projection.
     """
+    from .registry import METRICS, computed_metrics
+
     x = _check_model_input(model, x)
     n_prefix, patch, grid = _model_geometry(model, x, num_prefix_tokens, patch_size, grid_size)
+    geometry = {"grid_size": grid, "patch_size": patch}
+    attn_metrics, token_metric_names = computed_metrics("attention"), computed_metrics("tokens")
     results: list[dict[str, Any]] = [
-        {"layer": i, "attention_distance": None, "nmi": None,
-         "token_cosine": None, "fourier_hf": None}
+        {"layer": i, **{name: None for name in (*attn_metrics, *token_metric_names)}}
         for i in range(len(model.blocks) + 1)
     ]
+
+    def compute(name: str, x: Tensor) -> Any:
+        entry = METRICS.entry(name)
+        value = entry.obj(x, **{k: geometry[k] for k in entry.meta.get("needs", ())})
+        return value.detach().cpu() if entry.meta.get("per_head") else float(value)
 
     def attn_hook(i: int):
         def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             inp = args[0] if args else kwargs["x"]  # (B, N_total, C) normed tokens
             full = recompute_attention(module, inp)  # (B, H, N_total, N_total)
             patch_attn = drop_prefix(full, n_prefix)  # (B, H, N, N)
-            results[i]["attention_distance"] = attention_distance(patch_attn, grid, patch).cpu()
-            results[i]["nmi"] = nmi(patch_attn).cpu()
+            for name in attn_metrics:
+                results[i][name] = compute(name, patch_attn)
         return fn
 
     def token_metrics(i: int, out: Tensor) -> None:
         patches = out[:, n_prefix:]  # (B, N, C), CLS/registers dropped
-        results[i]["token_cosine"] = float(token_cosine(patches))
-        results[i]["fourier_hf"] = float(fourier_hf(patches, grid))
+        for name in token_metric_names:
+            results[i][name] = compute(name, patches)
 
     def block_hook(i: int):
         def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:

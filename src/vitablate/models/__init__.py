@@ -1,21 +1,30 @@
-"""timm VisionTransformer factory, token mixers, attention capture and override."""
+"""timm VisionTransformer factory, token mixers, attention capture and override.
 
-from ..config import VARIANTS
-from .factory import (
-    MIXERS,
-    Geometry,
-    attention_maps,
-    attention_modules,
-    capturing,
-    count_params,
-    create_model,
-    make_hookable,
-    resolve_layers,
-)
-from .mixers import FeatureAttention, FeedForwardBlock, IdentityMixer, MixingAttention, PoolingMixer, TokenMLP
+The names below load on first use (PEP 562), so `vitablate.models.registry` (the mixer registry, read by the
+Snakemake parse and the reports) is importable without torch.
+"""
 
-__all__ = [
-    "MIXERS", "VARIANTS", "Geometry", "attention_maps", "attention_modules", "capturing", "count_params",
-    "create_model", "make_hookable", "resolve_layers",
-    "FeatureAttention", "FeedForwardBlock", "IdentityMixer", "MixingAttention", "PoolingMixer", "TokenMLP",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "MIXERS": ".registry",
+    "VARIANTS": "..config",
+    **{name: ".factory" for name in ("Geometry", "attention_maps", "attention_modules", "capturing", "count_params",
+                                     "create_model", "make_hookable", "resolve_layers")},
+    **{name: ".mixers" for name in ("FeatureAttention", "FeedForwardBlock", "IdentityMixer", "MixingAttention",
+                                    "PoolingMixer", "TokenMLP")},
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

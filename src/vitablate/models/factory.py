@@ -3,7 +3,7 @@
 Every model is timm's `VisionTransformer`; the mixer only picks the classes passed
 as `attn_layer` (token mixing) and `mlp_layer` (channel mixing), or the whole block
 (`block_fn`) where the reference block is not timm's. Config names map
-to classes through `MIXERS`; named sizes live in
+to classes through `MIXERS` (`registry.py`: a new mixer is one class and one entry there); named sizes live in
 `vitablate.config.VARIANTS` (checking a config needs no torch).
 """
 
@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
-from timm.layers import Attention, Mlp
+from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .mixers import (
-    FeatureAttention, FeedForwardBlock, IdentityMixer, MixingAttention, PoolingMixer, TokenMLP, bind,
-)
+from .mixers import MixingAttention
+from .registry import MIXERS
 
 
 @dataclass(frozen=True)
@@ -33,20 +32,6 @@ class Geometry:
     @property
     def num_tokens(self) -> int:
         return self.grid_size[0] * self.grid_size[1] + self.num_prefix_tokens
-
-
-# name -> geometry -> VisionTransformer keyword arguments (attn_layer and mlp_layer for timm's
-# Block, or block_fn for a whole block). A new mixer is one class and one line here.
-MIXERS: dict[str, Callable[[Geometry], dict[str, Callable]]] = {
-    "attention": lambda g: dict(attn_layer=MixingAttention, mlp_layer=Mlp),
-    "feedforward": lambda g: dict(block_fn=bind(FeedForwardBlock, num_tokens=g.num_tokens)),
-    "mixer": lambda g: dict(attn_layer=bind(TokenMLP, num_tokens=g.num_tokens), mlp_layer=Mlp),
-    "attention_only": lambda g: dict(attn_layer=MixingAttention,
-                                     mlp_layer=bind(FeatureAttention, num_tokens=g.num_tokens)),
-    "pooling": lambda g: dict(attn_layer=bind(PoolingMixer, grid_size=g.grid_size,
-                                              num_prefix_tokens=g.num_prefix_tokens), mlp_layer=Mlp),
-    "identity": lambda g: dict(attn_layer=IdentityMixer, mlp_layer=Mlp),
-}
 
 
 def create_model(
@@ -70,8 +55,7 @@ def create_model(
     mixer, `identity` included, sees the whole image; the CLS token stays in the
     sequence as in the references. Extra keyword arguments go to timm.
     """
-    if mixer not in MIXERS:
-        raise ValueError(f"unknown mixer {mixer!r}; choose one of {sorted(MIXERS)}")
+    build = MIXERS.entry(mixer).obj  # an unknown name: an error naming the choices
     if img_size % patch_size:
         raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}; pick sizes that divide")
     if embed_dim % num_heads:
@@ -82,7 +66,7 @@ def create_model(
         img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
         global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
         mlp_ratio=mlp_ratio, class_token=class_token, drop_path_rate=drop_path_rate,
-        **MIXERS[mixer](geometry), **timm_kwargs,
+        **build(geometry), **timm_kwargs,
     )
     model.mixer = mixer  # read by jobs and analysis; not a parameter
     return model

@@ -1,7 +1,7 @@
 """Token mixers, each a class timm's `Block(attn_layer=..., mlp_layer=...)` can build,
 or a whole block timm's `VisionTransformer(block_fn=...)` can build.
 
-A new mixer is one class and one entry in `MIXERS` (see `factory.py`).
+A new mixer is one class and one entry in `MIXERS` (see `registry.py`).
 
 `MixingAttention` is timm's `Attention` with the same parameter names (so timm
 checkpoints load) plus per-module switches that later questions need:

@@ -9,12 +9,11 @@ Every teacher comes back hookable, in eval mode, with its classifier head remove
 from __future__ import annotations
 
 import math
-import os
 import re
 
-import torch
 from torch import nn
 
+from .checkpoint import read_checkpoint
 from .factory import create_model, make_hookable
 
 
@@ -50,14 +49,12 @@ def load_teacher(spec: str, student_kwargs: dict) -> nn.Module:
         model = make_hookable(model)
     elif spec.startswith("file:"):
         path = spec[5:]
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"teacher checkpoint {path} does not exist; build it first (a pretext run) "
-                                    "or fix the path in transfer.teachers")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise RuntimeError(f"teacher checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
-                               "it is truncated or not a torch file: rebuild or replace it") from e
+        state = read_checkpoint(
+            path, "teacher checkpoint",
+            "does not exist; build it first (a pretext run) or fix the path in transfer.teachers",
+            "it is truncated or not a torch file, or it pickles objects besides tensors and plain containers "
+            "(checkpoints are read with torch.load(weights_only=True)): rebuild it, or save the model's state dict "
+            "alone (torch.save(model.state_dict(), path)) and point transfer.teachers at that")
         if isinstance(state, dict) and "model_kwargs" in state:  # vitablate encoder.pt / model.pt
             kw, sd = dict(state["model_kwargs"]), state["model"]
         elif isinstance(state, dict):

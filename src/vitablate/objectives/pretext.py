@@ -37,6 +37,8 @@ from vitablate.data.augment import BatchAugment, normalize, two_views
 from vitablate.distributed import concat_all_gather
 from vitablate.distributed import rank as dist_rank
 
+from .registry import PRETEXTS
+
 __all__ = [
     "PretextObjective",
     "Supervised",
@@ -648,18 +650,10 @@ class Hybrid(PretextObjective):
 # registry
 # ---------------------------------------------------------------------------------------
 
-PRETEXTS: dict[str, type[PretextObjective]] = {
-    "supervised": Supervised,
-    "moco": MoCo,
-    "simmim": SimMIM,
-    "mae": MAE,
-    "hybrid": Hybrid,
-}
+# the registry (names, families, colours) lives in registry.py: a new pretext is one class and one entry there
 
 
 def build_pretext(name: str, encoder: VisionTransformer, mean: Sequence[float], std: Sequence[float],
                   **kwargs) -> PretextObjective:
     """The objective `name` (a key of `PRETEXTS`) around `encoder`; kwargs go to its constructor."""
-    if name not in PRETEXTS:
-        raise ValueError(f"unknown pretext {name!r}; choose one of {sorted(PRETEXTS)}")
-    return PRETEXTS[name](encoder, mean, std, **kwargs)
+    return PRETEXTS.entry(name).obj(encoder, mean, std, **kwargs)  # an unknown name: an error naming the choices
