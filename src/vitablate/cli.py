@@ -17,12 +17,19 @@ import sys
 def _list(_: argparse.Namespace) -> int:
     from .data import DATASETS
     from .jobs import JOBS
+    from .analysis.registry import EVALS, METRICS
+    from .methods import TRANSFER_METHODS
     from .models import MIXERS, VARIANTS
+    from .objectives.registry import PRETEXTS
 
     print("mixers:   ", ", ".join(MIXERS))
     print("variants: ", ", ".join(VARIANTS))
     print("datasets: ", ", ".join(DATASETS))
     print("jobs:     ", ", ".join(JOBS))
+    print("pretexts: ", ", ".join(PRETEXTS))
+    print("evals:    ", ", ".join(EVALS))
+    print("methods:  ", ", ".join(TRANSFER_METHODS))
+    print("metrics:  ", ", ".join(METRICS))
     return 0
 
 

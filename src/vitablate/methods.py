@@ -12,7 +12,7 @@ what it runs. A new method is one function and its `@TRANSFER_METHODS.register(.
 
     @TRANSFER_METHODS.register("copy_v", needs_teacher=True, loads_teacher=True, layered=True, colour="#17becf")
     def copy_v(cfg, on_epoch=None):
-        return student_job(cfg, on_epoch, lambda cfg, teacher, model, layers, device: ...)
+        return student_job(cfg, on_epoch, build_copy_v)  # build_copy_v(cfg, teacher, model, layers, device)
 
 Add its name to config/schema.yaml's enums (tests/test_registry.py checks they agree); the grid, Snakemake's
 `method` wildcard, the tables' order, the figures' colours and the summary's layered methods follow.

@@ -363,7 +363,8 @@ def pretext_answer(by_eval: dict[str, list[Welch]]) -> str:
     if not parts:
         return (f"No CL ({_names(CL)}) and MIM ({_names(MIM)}) pair was run, so the CL-versus-MIM question is not "
                 "asked here.")
-    return f"CL ({_names(CL)}) against MIM ({_names(MIM)}): " + "; ".join(parts) + "; the seeds do not separate the rest."
+    return (f"CL ({_names(CL)}) against MIM ({_names(MIM)}): " + "; ".join(parts)
+            + "; the seeds do not separate the rest.")
 
 
 def pretext_section(evals: pl.DataFrame, analyses: pl.DataFrame | None = None) -> str:
@@ -508,7 +509,8 @@ def transfer_section(df: pl.DataFrame, reference_layers: str = "all") -> str:
         per_teacher = aggregate.scratch_per_teacher(sub)
         out.append(f"### {dataset}\n")
         if reference_layers != "all":
-            out.append(f"{' and '.join(f'`{m}`' for m in LAYERED)} are judged over layers `{reference_layers}`, the reference "
+            layered = " and ".join(f"`{m}`" for m in LAYERED)
+            out.append(f"{layered} are judged over layers `{reference_layers}`, the reference "
                        "set (the first `transfer.layers` value); other layer sets are in the table.\n")
         for teacher in [t for t in sub["teacher"].unique(maintain_order=True).to_list() if t != "none"]:
             rows_df = per_teacher.filter(pl.col("teacher") == teacher)

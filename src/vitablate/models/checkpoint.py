@@ -39,8 +39,9 @@ def load_vit(path: str) -> tuple[torch.nn.Module, dict, dict]:
     """(model, its create_model kwargs, its job's config) from an encoder.pt or a model.pt."""
     from .factory import create_model
 
-    state = read_checkpoint(path, "checkpoint", "is missing; run the job that writes it first (its pre-training job for an "
-                                  "encoder.pt, its training job for a model.pt)",
+    state = read_checkpoint(path, "checkpoint",
+                            "is missing; run the job that writes it first (its pre-training job for an encoder.pt, "
+                            "its training job for a model.pt)",
                             "delete it and re-run the job that writes it")
     try:
         model = create_model(**state["model_kwargs"])
