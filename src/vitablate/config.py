@@ -68,11 +68,49 @@ class TrainConfig:
     weight_decay: float = 0.05  # never on biases, norms, position embeddings, CLS/mask tokens ...
     weight_decay_all: bool = False  # ... unless true: every parameter (MoCo v3's recipe, main_moco.py)
     optimizer: str = "adamw"  # adamw | sgd (momentum 0.9) | lars (MAE's linear probe, util/lars.py)
-    warmup_epochs: float = 2.0  # linear warm-up from 0, in epochs (fractions allowed)
+    warmup_epochs: float = 2.0  # linear warm-up from warmup_lr (default 0), in epochs (fractions allowed)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     label_smoothing: float = 0.1
     grad_clip: Optional[float] = None  # max global grad norm; None (the references but SimMIM) clips nothing
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # base learning rate: when set, lr = blr * batch_size / lr_batch_ref and blr wins over lr (MAE
+    # main_finetune.py / main_pretrain.py / main_linprobe.py: blr x effective batch / 256; MoCo v3 main_moco.py:
+    # lr x batch / 256; DeiT main.py and SimMIM main_simmim.py: / 512). batch_size is the global batch per step.
+    blr: Optional[float] = None  # None: train.lr is the peak rate as given
+    lr_batch_ref: int = 256  # the reference batch of the linear scaling rule
+    lr_schedule: str = "cosine"  # cosine (to min_lr) | step (x lr_step_gamma at each of lr_step_epochs; SimMIM's multistep)
+    lr_step_epochs: list[float] = field(default_factory=list)  # step: the epochs where the rate drops (SimMIM: [700])
+    lr_step_gamma: float = 0.1  # step: the factor at each drop (SimMIM lr_scheduler.py, GAMMA 0.1)
+    warmup_lr: float = 0.0  # the warm-up's start rate, linear to lr (SimMIM WARMUP_LR, DeiT --warmup-lr 1e-6)
+    layer_decay: Optional[float] = None  # None: one rate for all layers; else block i of L gets lr x layer_decay^(L - i)
+    # (MAE util/lr_decay.py; MAE fine-tuning ViT-B 0.65, ViT-L 0.75)
+
+    def __post_init__(self) -> None:
+        if self.lr_batch_ref < 1:
+            raise ConfigError(f"train.lr_batch_ref must be a positive batch size, got {self.lr_batch_ref}")
+        if self.blr is not None:
+            if not self.blr > 0:
+                raise ConfigError(f"train.blr must be > 0 (or null to use train.lr), got {self.blr}")
+            # resolved here, so the job's record, checkpoint meta and MLflow params carry the rate that trains
+            self.lr = self.blr * self.batch_size / self.lr_batch_ref
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.lr_schedule == "step" and not self.lr_step_epochs:
+            raise ConfigError("train.lr_schedule is step but train.lr_step_epochs is empty; list the epochs where the "
+                              "rate drops (SimMIM ViT-B: [700]) or use lr_schedule: cosine")
+        if self.lr_schedule != "step" and self.lr_step_epochs:
+            raise ConfigError(f"train.lr_step_epochs {self.lr_step_epochs} only applies to lr_schedule: step "
+                              f"(now {self.lr_schedule!r}); set lr_schedule: step or remove lr_step_epochs")
+        if list(self.lr_step_epochs) != sorted(self.lr_step_epochs) or any(e < 0 for e in self.lr_step_epochs):
+            raise ConfigError(f"train.lr_step_epochs must be non-negative and ascending, got {self.lr_step_epochs}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"train.layer_decay must be in (0, 1] (MAE: 0.65 for ViT-B, 0.75 for ViT-L) or null, "
+                              f"got {self.layer_decay}")
+        if self.warmup_lr < 0:
+            raise ConfigError(f"train.warmup_lr must be >= 0, got {self.warmup_lr}")
+
+
+LR_SCHEDULES = ("cosine", "step")
 
 
 @dataclass

@@ -207,6 +207,13 @@ def base_record(cfg: JobConfig) -> dict:
     }
 
 
+def accum_fields(result) -> dict:
+    """The record's note on gradient accumulation: accum_changes_objective (true where train.accum_steps > 1 is not
+    the update of one whole batch: MoCo's negatives, BatchNorm statistics) and, then, why."""
+    reason = result.accum_changes_objective
+    return {"accum_changes_objective": bool(reason), **({"accum_changes_objective_reason": reason} if reason else {})}
+
+
 def classifier_job(cfg: JobConfig, on_epoch: OnEpoch, build: Callable) -> dict:
     """Train and evaluate a classifier; `build(model, kw, device)` says how.
 
@@ -253,6 +260,7 @@ def classifier_job(cfg: JobConfig, on_epoch: OnEpoch, build: Callable) -> dict:
         "params_m": count_params(model) / 1e6, "epochs": tc.epochs, "device": str(device),
         "precision": str(precision.dtype or "float32"), "resumed_from_epoch": result.resumed_from_epoch,
         "train_s": result.train_s, "wall_s": time.perf_counter() - t0, "history": result.history, **final,
+        **accum_fields(result),
     }
 
 
@@ -367,7 +375,7 @@ def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
         "pretext": pretext_id(cfg), "params_m": count_params(encoder) / 1e6, "epochs": tc.epochs,
         "final_loss": result.history[-1]["train_loss"], "device": str(device), "train_s": result.train_s,
         "resumed_from_epoch": result.resumed_from_epoch, "wall_s": time.perf_counter() - t0,
-        "history": result.history,
+        "history": result.history, **accum_fields(result),
     }
 
 
@@ -469,7 +477,7 @@ def reference_linear_probe(cfg: JobConfig, on_epoch: OnEpoch, encoder, data: Dat
     return base_record(cfg) | maps | {"eval": cfg.eval.name, "pretext": pretext_id(cfg), "probe": "reference",
                                       "device": str(device), "epochs": tc.epochs, "train_s": result.train_s,
                                       "resumed_from_epoch": result.resumed_from_epoch, "history": result.history,
-                                      **final}
+                                      **final, **accum_fields(result)}
 
 
 def analyse_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:

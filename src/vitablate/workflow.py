@@ -312,6 +312,13 @@ def _job(config: dict, question: str, job: str, dataset: str, seed, output_dir: 
     section = config.get(question) or {}
     entry = (config.get("datasets") or {}).get(dataset, {})
     data = deep_merge({"name": dataset, "root": config.get("data_root", "data")}, entry.get("data") or {})
+    for part in (section.get(train_key), recipe, entry.get("train")):
+        # blr wins over lr wherever both end up set; one layer giving both is ambiguous (a more specific layer
+        # that wants an absolute lr under a recipe with blr sets blr: null beside its lr)
+        if (part or {}).get("blr") is not None and (part or {}).get("lr") is not None:
+            raise ConfigError(f"{question}.{train_key} (dataset {dataset}): one recipe sets both train.lr "
+                              f"{part['lr']} and train.blr {part['blr']}; keep one (blr: lr = blr x batch_size / "
+                              "lr_batch_ref, and it wins over lr)")
     train = from_dict(TrainConfig, _layer(section.get(train_key), recipe, entry.get("train")),
                       f"{question}.{train_key}")
     if train.batch_size % train.accum_steps:

@@ -305,6 +305,10 @@ class MoCo(PretextObjective):
     the online branch with the cosine momentum schedule from `momentum` to 1.0.
     """
 
+    # the negatives are the other keys of the batch the loss sees (main_moco.py gathers the whole batch's keys):
+    # gradient accumulation shrinks it to a micro-batch (engine.accum_changes_objective)
+    in_batch_negatives = True
+
     def __init__(self, encoder: VisionTransformer, mean: Sequence[float], std: Sequence[float], dim: int = 128,
                  mlp_dim: int = 512, temperature: float = 0.2, momentum: float = 0.99,
                  augment1: Optional[nn.Module] = None, augment2: Optional[nn.Module] = None,
