@@ -119,3 +119,10 @@ def test_effective_lr_reads_the_base_rate_when_one_is_set():
     assert recipes.effective_lr(job) == pytest.approx(2.4e-3)
     job["train"]["blr"] = None
     assert recipes.effective_lr(job) == 1.0
+
+
+def test_docs_recipes_md_is_generated_from_the_table():
+    text = recipes.DOC.read_text()
+    assert text == recipes.markdown(TABLE), "docs/recipes.md is stale; run python -m vitablate.recipes --write-doc"
+    for stage in TABLE["stages"].values():  # independent of the renderer: every stage and source is in it
+        assert stage["title"] in text and stage["reference"] in text

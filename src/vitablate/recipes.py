@@ -183,6 +183,45 @@ def header_block(table: dict, report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+DOC = ROOT / "docs" / "recipes.md"
+DOC_INTRO = """# The papers' recipes
+
+Generated from `config/presets/reference_recipes.yaml` by `python -m vitablate.recipes --write-doc`
+(`tests/test_recipes.py` checks that this file is current). For each paper stage: each ingredient, the
+paper's value, the reference file it was read from, and the vitablate key that sets it (a dotted path in a
+job's resolved config; `pretext.*` keys are set under `pretext.objective` in the workflow config, `model.*`
+and `train.*` under the question's `model`/recipe sections and their `by_mixer`, `by_pretext` and
+`by_method` overrides). A deviation names what the imagenet-paper preset runs instead and why;
+`tests/test_recipes.py` resolves every job of the presets the table lists and fails on any other
+difference, and each preset's header carries the generated list of the deviations its jobs take.
+What each component's code follows: docs/fidelity.md.
+"""
+
+
+def _cell(v: Any) -> str:
+    return _fmt(v).replace("|", "\\|")
+
+
+def markdown(table: dict) -> str:
+    out = [DOC_INTRO]
+    for name, stage in table["stages"].items():
+        out.append(f"\n## {stage['title']} (`{name}`)\n\nReference: {stage['reference']}.\n")
+        out.append("| ingredient | paper | source | vitablate key | deviation |")
+        out.append("|---|---|---|---|---|")
+        for ing_name, ing in stage["ingredients"].items():
+            notes = []
+            if ing.get("deviation"):
+                notes.append(f"here {_cell(ing.get('vitablate', '-'))}: {_cell(ing['deviation'])}")
+            for exc in ing.get("except", []):
+                where = "; ".join(f"{k} {', '.join(map(str, v))}" for k, v in exc["where"].items())
+                notes.append(f"{where}: here {_cell(exc.get('vitablate', '-'))}: {_cell(exc['deviation'])}")
+            if ing.get("check") == "none":
+                notes.append("documented, checked through lr" if ing_name in ("blr", "lr_batch_ref") else "not checked")
+            key = f"`{ing['key']}`" if ing.get("key") else "(none)"
+            out.append(f"| {ing_name} | {_cell(ing['paper'])} | {_cell(ing['source'])} | {key} | {'; '.join(notes)} |")
+    return "\n".join(out) + "\n"
+
+
 def current_block(text: str) -> str | None:
     start = text.find(BEGIN)
     if start < 0:
@@ -211,8 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write-headers", action="store_true", help="rewrite each preset's generated deviation block")
+    ap.add_argument("--write-doc", action="store_true", help="rewrite docs/recipes.md from the table")
     args = ap.parse_args(argv)
     table = load_table()
+    if args.write_doc:
+        DOC.write_text(markdown(table))
+        log.info("wrote %s", DOC)
     bad = 0
     for preset in table["presets"]:
         report = check_preset(table, preset)
