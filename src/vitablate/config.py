@@ -47,6 +47,15 @@ class ModelConfig:
     mlp_ratio: float = 4.0  # channel-MLP hidden width / embed_dim
     global_pool: str = "avg"  # avg | token
     drop_path_rate: float = 0.0
+    # The pre-training papers' architecture details (docs/recipes.md); the defaults build today's timm ViT.
+    pos_embed: str = "learn"  # learn (timm: trunc-normal, trained) | sincos: fixed 2-D sin-cos, not trained, MAE's
+    # layout (facebookresearch/mae util/pos_embed.py: column code first) | sincos_moco_v3: MoCo v3's (vits.py
+    # build_2d_sincos_position_embedding: row code first); a fine-tuned copy of such an encoder learns it (learn)
+    freeze_patch_embed: bool = False  # MoCo v3's random patch projection: patch_embed.proj never trained (vits.py
+    # stop_grad_conv1, CONFIG.md --stop-grad-conv1)
+    weight_init: str = "timm"  # timm (timm's default) | moco_v3 (vits.py: xavier-uniform Linear, Q/K/V bounds
+    # apart, patch projection xavier-uniform, CLS N(0, 1e-6)) | mae (models_mae.py initialize_weights)
+    init_values: Optional[float] = None  # LayerScale's initial gamma (timm); None: no LayerScale; SimMIM's ViT 0.1
 
 
 @dataclass
@@ -161,6 +170,7 @@ class PretextConfig:
     mae_mask_ratio: float = 0.75
     mae_decoder_dim: int = 64
     mae_decoder_depth: int = 2
+    mae_decoder_heads: int = 4  # attention heads of each decoder block (MAE ViT-B: 16, models_mae.py)
 
     def objective_kwargs(self) -> dict:
         moco = dict(dim=self.moco_dim, mlp_dim=self.moco_mlp_dim, temperature=self.moco_temperature,
@@ -173,7 +183,7 @@ class PretextConfig:
             "moco": moco,
             "simmim": simmim,
             "mae": dict(mask_ratio=self.mae_mask_ratio, decoder_dim=self.mae_decoder_dim,
-                        decoder_depth=self.mae_decoder_depth),
+                        decoder_depth=self.mae_decoder_depth, decoder_heads=self.mae_decoder_heads),
             "hybrid": dict(lam=self.lam, moco_kwargs=moco, simmim_kwargs=simmim),
         }.get(self.name, {})
 

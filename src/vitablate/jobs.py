@@ -53,7 +53,9 @@ def model_kwargs(m: ModelConfig, data: DatasetBundle, mixer: str) -> dict:
             "set model.img_size to the size the data should be resized to"
         )
     return dict(kw, mixer=mixer, in_chans=data.in_chans, num_classes=data.num_classes,
-                mlp_ratio=m.mlp_ratio, global_pool=m.global_pool, drop_path_rate=m.drop_path_rate)
+                mlp_ratio=m.mlp_ratio, global_pool=m.global_pool, drop_path_rate=m.drop_path_rate,
+                pos_embed=m.pos_embed, freeze_patch_embed=m.freeze_patch_embed, weight_init=m.weight_init,
+                init_values=m.init_values)
 
 
 def setup(cfg: JobConfig) -> tuple[torch.device, object]:
@@ -311,7 +313,10 @@ def load_pretrained(model: torch.nn.Module, state: dict, what: str) -> None:
     bad = [k for k in missing if not k.startswith(("head.",) + _FINAL_NORMS)]
     bad += [k for k in unexpected if not k.startswith(_FINAL_NORMS)]
     if bad:
-        raise ValueError(f"{what} does not fit this model: mismatched weights {bad[:5]}")
+        hint = ("; LayerScale (ls1/ls2.gamma) is in one model only: give the fine-tuned model the encoder's "
+                "model.init_values (pretext.by_pretext.<pretext>.finetune_model, transfer.model)"
+                if any(".ls1." in k or ".ls2." in k for k in bad) else "")
+        raise ValueError(f"{what} does not fit this model: mismatched weights {bad[:5]}{hint}")
 
 
 def pretext_id(cfg: JobConfig) -> str:
