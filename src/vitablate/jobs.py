@@ -402,7 +402,7 @@ def encoder_kwargs(cfg: JobConfig, data: DatasetBundle) -> dict:
     return model_kwargs(cfg.model, data, "attention") | {"num_classes": 0}  # pooled features out
 
 
-def build_objective(cfg: JobConfig, data: DatasetBundle):
+def build_objective(cfg: JobConfig, data: DatasetBundle, device: torch.device = torch.device("cpu")):
     """(the pretext objective around a new encoder, the encoder's create_model kwargs): the encoder is built
     from the pre-training job's own model settings (pretext.model <- by_pretext.<pretext>.pretrain_model)."""
     from .objectives import build_pretext
@@ -411,7 +411,8 @@ def build_objective(cfg: JobConfig, data: DatasetBundle):
     extra = cfg.pretext.objective_kwargs()
     if cfg.pretext.name == "supervised":
         extra = dict(num_classes=data.num_classes, label_smoothing=cfg.train.label_smoothing,
-                     augment=build_augment(cfg, data))  # the same augmentation as training from scratch
+                     augment=build_augment(cfg, data),  # the same augmentation as training from scratch
+                     erase=random_erasing(cfg, device), mixup=build_mixup(cfg, data.num_classes))
     return build_pretext(cfg.pretext.name, create_model(**kw), data.mean, data.std, **extra), kw
 
 
@@ -420,16 +421,36 @@ def pretrain_setup(cfg: JobConfig, device: torch.device):
     (crops from the full images); on an image folder the others' loader takes their crops of the full images
     (mode "views": objective.take_loader_views), and their device augmentation no longer crops or flips."""
     data = load_data(cfg, device, train_crop=cfg.pretext.name == "supervised")
-    objective, kw = build_objective(cfg, data)
+    objective, kw = build_objective(cfg, data, device)
     if getattr(data.train, "mode", None) == "views":
         data.train.views = objective.take_loader_views()
     return data, objective, kw
+
+
+def check_pretext_recipe(cfg: JobConfig) -> None:
+    """A pre-training recipe's DeiT keys: the supervised pretext applies RandAugment (loader), random erasing,
+    Mixup/CutMix (objectives.Supervised) and repeated augmentation; the self-supervised ones draw their own views,
+    so there those keys would be silently ignored: refused, naming them. An EMA is never evaluated in pre-training."""
+    tc, a = cfg.train, cfg.train.augment
+    check_recipe(tc, cfg.data.name, "pretext.pretrain")
+    if cfg.pretext.name != "supervised":
+        used = [k for k, on in (("augment.rand_augment", a.rand_augment), ("augment.random_erasing", a.random_erasing),
+                                ("mixup_alpha", tc.mixup_alpha), ("cutmix_alpha", tc.cutmix_alpha),
+                                ("repeated_aug", tc.repeated_aug > 1)) if on]
+        if used:
+            raise ConfigError(f"pretext {cfg.pretext.name!r} draws its own views and does not apply train.{used}; "
+                              "remove them from its pre-training recipe (pretext.pretrain / by_pretext) and set them "
+                              "in pretext.finetune instead")
+    if tc.ema:
+        raise ConfigError("train.ema is not applied in pre-training (the encoder saved is the online one); remove it "
+                          "from pretext.pretrain / by_pretext.<pretext>.pretrain")
 
 
 def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     """Pre-train an encoder with `cfg.pretext` (the pretext question's first job)."""
 
     t0 = time.perf_counter()
+    check_pretext_recipe(cfg)
     device, precision = setup(cfg)
     data, objective, kw = pretrain_setup(cfg, device)
     encoder = objective.encoder
@@ -440,7 +461,8 @@ def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size {tc.batch_size} exceeds the {len(data.train)} training images; lower it")
     result = fit(
-        objective, lambda x, y: objective(x, y), epoch_batches(data.train, tc.batch_size, cfg.seed, tc.accum_steps),
+        objective, lambda x, y: objective(x, y), epoch_batches(data.train, tc.batch_size, cfg.seed, tc.accum_steps,
+                                                                  tc.repeated_aug),
         steps_per_epoch, tc, precision, Checkpoint(os.path.join(cfg.output_dir, "checkpoint.pt")), cfg.seed,
         on_epoch=on_epoch, after_step=objective.after_step, meta={"config": to_dict(cfg)}, micro_batches=True,
         transform=lambda x, gen: to_unit(x),  # uint8 image-folder batches -> [0, 1] on the device
