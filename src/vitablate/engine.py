@@ -15,11 +15,13 @@ import errno
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.optim import param_groups_layer_decay as timm_param_groups_layer_decay
@@ -80,9 +82,14 @@ def pick_precision(device: torch.device, precision: str) -> Precision:
 
 
 def seed_everything(seed: int) -> None:
+    """torch's global generators, and Python's and NumPy's: timm's Mixup/CutMix draw from NumPy, its
+    RandomErasing from Python's `random` and torch (timm/data/mixup.py, timm/data/random_erasing.py). Seeding
+    the host generators draws nothing from torch's, so a run without those options draws what it always did."""
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -289,12 +296,25 @@ def accum_changes_objective(model: nn.Module, accum_steps: int, batch_size: int)
     return "; ".join(reasons)
 
 
-def classification_loss(model: nn.Module, label_smoothing: float) -> Callable:
-    def loss_fn(x: torch.Tensor, y: torch.Tensor):
-        logits = model(x)
-        return F.cross_entropy(logits, y, label_smoothing=label_smoothing), {}
+def classification_loss(model: nn.Module, label_smoothing: float, mixup: Optional[Callable] = None) -> Callable:
+    """Cross-entropy with label smoothing; with `mixup` (a timm.data.Mixup, which folds the label smoothing into
+    its soft targets) the batch is mixed on the device and the loss is timm's SoftTargetCrossEntropy, as DeiT's
+    main.py and MAE's main_finetune.py train (timm/data/mixup.py draws lam from NumPy, seeded per epoch)."""
+    if mixup is None:
+        def loss_fn(x: torch.Tensor, y: torch.Tensor):
+            logits = model(x)
+            return F.cross_entropy(logits, y, label_smoothing=label_smoothing), {}
 
-    return loss_fn
+        return loss_fn
+    from timm.loss import SoftTargetCrossEntropy
+
+    soft_ce = SoftTargetCrossEntropy()
+
+    def mixed_loss_fn(x: torch.Tensor, y: torch.Tensor):
+        x, target = mixup(x, y)  # in place on this micro-batch; target (N, K) sums to 1 per row
+        return soft_ce(model(x), target), {}
+
+    return mixed_loss_fn
 
 
 @torch.no_grad()

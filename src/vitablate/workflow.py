@@ -36,6 +36,7 @@ from .config import (
     TrackingConfig,
     TrainConfig,
     TransferConfig,
+    check_recipe,
     consumed_checkpoints,
     deep_merge,
     from_dict,
@@ -324,6 +325,7 @@ def _job(config: dict, question: str, job: str, dataset: str, seed, output_dir: 
     if train.batch_size % train.accum_steps:
         raise ConfigError(f"{question}.{train_key}: accum_steps {train.accum_steps} does not divide batch_size "
                           f"{train.batch_size} (dataset {dataset}); pick a divisor")
+    check_recipe(train, data["name"], f"{question}.{train_key}")
     return JobConfig(
         question=question, job=job, seed=int(seed), output_dir=output_dir,
         data=from_dict(DataConfig, data, f"datasets.{dataset}.data"),

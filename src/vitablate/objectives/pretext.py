@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, PatchDropout, trunc_normal_
+from timm.loss import SoftTargetCrossEntropy
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
@@ -253,8 +254,11 @@ class Supervised(PretextObjective):
     """Cross-entropy with label smoothing through a linear head on the encoder's pooled features."""
 
     def __init__(self, encoder: VisionTransformer, mean: Sequence[float], std: Sequence[float], num_classes: int,
-                 label_smoothing: float = 0.1, augment: Optional[nn.Module] = None) -> None:
+                 label_smoothing: float = 0.1, augment: Optional[nn.Module] = None, erase=None, mixup=None) -> None:
         super().__init__(encoder, mean, std)
+        # DeiT's regularisers, as classifier training has them (jobs.random_erasing, jobs.build_mixup): timm's
+        # RandomErasing on the normalised batch, timm's Mixup/CutMix with SoftTargetCrossEntropy; None = off
+        self.erase, self.mixup = erase, mixup
         img = encoder.patch_embed.img_size[0]
         # light CIFAR-style augmentation: pad-and-crop by 1/8 of the side, horizontal flip
         self.augment = augment if augment is not None else BatchAugment(
@@ -269,9 +273,17 @@ class Supervised(PretextObjective):
                 generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, Tensor | float]]:
         if y is None:
             raise ValueError("the supervised pretext needs labels y")
-        feats = self.encoder(self.normalize(self.augment(x, generator=generator)))  # (B, embed_dim), pooled
+        x = self.normalize(self.augment(x, generator=generator))
+        if self.erase is not None:
+            x = self.erase(x)
+        if self.mixup is not None:
+            x, target = self.mixup(x, y)  # soft targets, label smoothing folded in
+        feats = self.encoder(x)  # (B, embed_dim), pooled
         logits = self.head(feats)  # (B, num_classes)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        if self.mixup is not None:
+            loss = SoftTargetCrossEntropy()(logits.float(), target)
+        else:
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         return loss, {"loss_ce": loss.detach()}
 
 
