@@ -231,6 +231,7 @@ class TransferConfig:
 class ShiftConfig:
     corruptions: list[str] = field(default_factory=list)  # names in vitablate.data.CORRUPTIONS, applied to test
     severity: int = 3  # 1..5
+    in_job: bool = True  # false: this job tests on no shifted set (a transfer student: its shift job does)
 
 
 @dataclass

@@ -214,6 +214,8 @@ def shifted_sets(cfg: JobConfig, data: DatasetBundle) -> dict:
     the configured corruptions of the test split at the configured severity."""
     from .data import corrupt_split
 
+    if not cfg.shift.in_job:
+        return {}
     sets = dict(data.extra_tests)
     for name in cfg.shift.corruptions:
         if not hasattr(data.test, "x"):
@@ -541,6 +543,8 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional
     if name == "linear_probe":  # the L2 strength with the best val top-1 (one value: that one)
         predict, wd, _ = select_linear_probe(tx, ty, *feats["val"], k, cfg.eval.probe_weight_decay)
         out["probe_weight_decay"] = wd
+        if cfg.question == "transfer":  # its shift job applies this probe to the shifted sets
+            save_probe(cfg, predict.state)
     for split, (x, y) in feats.items():  # val, test and every shifted test set
         if split != "train":
             out[f"top1_{split}"] = (knn_accuracy(tx, ty, x, y, k, cfg.eval.knn_k, cfg.eval.knn_temperature)
@@ -560,6 +564,14 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional
                 out |= shape_bias(pred, cc["y_shape"].cpu(), cc["y_texture"].cpu())
     return base_record(cfg) | maps | {"eval": name, "pretext": pretext_id(cfg), "device": str(device),
                                       "wall_s": time.perf_counter() - t0, "history": [], **out}
+
+
+def save_probe(cfg: JobConfig, state: dict) -> None:
+    """A transfer linear probe's head (probe.pt beside its record), which its shift job applies."""
+    path = os.path.join(cfg.output_dir, "probe.pt")
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def reference_linear_probe(cfg: JobConfig, on_epoch: OnEpoch, encoder, data: DatasetBundle, device, precision) -> dict:
@@ -588,6 +600,8 @@ def reference_linear_probe(cfg: JobConfig, on_epoch: OnEpoch, encoder, data: Dat
     final = evaluate() | evaluate_splits(probe, data, tc.eval_batch_size, precision, eval_transform,
                                          shifted_sets(cfg, data))
     maps = save_query_maps(encoder, encoder, data, eval_transform, cfg.output_dir)
+    if cfg.question == "transfer":  # its shift job applies this probe to the shifted sets
+        save_probe(cfg, {"kind": "reference", "head": probe.head.state_dict()})
     return base_record(cfg) | maps | {"eval": cfg.eval.name, "pretext": pretext_id(cfg), "probe": "reference",
                                       "device": str(device), "epochs": tc.epochs, "train_s": result.train_s,
                                       "resumed_from_epoch": result.resumed_from_epoch, "history": result.history,
@@ -707,6 +721,13 @@ def transfer(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     return classifier_job(cfg, on_epoch, build) | tags
 
 
+def evaluate_shift(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
+    """A transfer student tested under distribution shift (vitablate.shift)."""
+    from .shift import evaluate_shift as run
+
+    return run(cfg, on_epoch)
+
+
 def noop(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     """Trains nothing (execution.dry_jobs): measures the orchestration around a job, shows placement."""
     start = time.time()
@@ -724,6 +745,7 @@ JOBS: dict[str, Callable[[JobConfig, OnEpoch], dict]] = {
     "evaluate_encoder": evaluate_encoder,
     "analyse_encoder": analyse_encoder,
     "transfer": transfer,
+    "evaluate_shift": evaluate_shift,
     "noop": noop,
 }
 
