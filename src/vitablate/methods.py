@@ -5,6 +5,11 @@ Metadata of every entry:
 - `needs_teacher`: the grid makes one job per teacher (False: one job, teacher "none", as `scratch`);
 - `loads_teacher`: the job reads the teacher's checkpoint (an ensemble reads its members instead);
 - `layered`: the job takes the `transfer.layers` axis (one job per layer set; others run with "all");
+- `teacher_at_test` (default False): the evaluated model runs the teacher at test time (copied attention, the
+  probe's frozen features), so the method's shift job reads the teacher too;
+- `reads_members` (default False): the job reads other transfer jobs' models (an ensemble: its members), and so
+  does its shift job;
+- `copy_mode` (copy methods only): what `AttentionCopy` copies ("map", "q", "k"), at training and test time;
 - `colour`, `label`; registration order is the methods' order in tables and figures.
 
 This module imports no torch (the Snakemake parse and the reports read the registry): each function imports
@@ -33,6 +38,11 @@ TRANSFER_METHODS: Registry = Registry("transfer method", "transfer.methods", hom
 LAYERED = TRANSFER_METHODS.view(lambda e: e.layered)  # the methods the `layers` axis applies to
 TEACHERLESS = TRANSFER_METHODS.view(lambda e: not e.needs_teacher)  # one job per dataset and seed, teacher "none"
 LOADS_TEACHER = TRANSFER_METHODS.view(lambda e: e.loads_teacher)  # the job reads the teacher's checkpoint
+# the tested model runs the teacher (the shift job loads it too)
+TEACHER_AT_TEST = TRANSFER_METHODS.view(lambda e: e.meta.get("teacher_at_test", False))
+# the shift job reads what the transfer job read: the teacher (TEACHER_AT_TEST) or the members (an ensemble)
+SHIFT_READS_TEACHER = TRANSFER_METHODS.view(lambda e: e.meta.get("teacher_at_test", False)
+                                            or e.meta.get("reads_members", False))
 
 
 def student_job(cfg, on_epoch, build: Callable) -> dict:
@@ -61,7 +71,7 @@ def scratch(cfg, on_epoch=None) -> dict:
 
 
 @TRANSFER_METHODS.register("linear_probe", needs_teacher=True, loads_teacher=True, layered=False, colour="#bcbd22",
-                           label="a linear probe on the frozen teacher")
+                           teacher_at_test=True, label="a linear probe on the frozen teacher")
 def linear_probe(cfg, on_epoch=None) -> dict:
     from .jobs import evaluate_encoder
 
@@ -69,33 +79,33 @@ def linear_probe(cfg, on_epoch=None) -> dict:
     return evaluate_encoder(probe, on_epoch, teacher=cfg.transfer.teacher)
 
 
-def _copy(mode: str) -> Callable:
-    def build(cfg, teacher, model, layers, device):
-        from .objectives import AttentionCopy
+def _copy(cfg, teacher, model, layers, device):
+    """A copy method's student: the teacher's attention (entry meta `copy_mode`) replaces the student's."""
+    from .objectives import AttentionCopy
 
-        wrapped = AttentionCopy(teacher, model, layers(), mode=mode,
-                                teacher_drop_path=cfg.transfer.teacher_drop_path).to(device)
-        return wrapped, None, wrapped  # the teacher runs at test time too
-
-    return build
+    mode = TRANSFER_METHODS.entry(cfg.transfer.method).copy_mode
+    wrapped = AttentionCopy(teacher, model, layers(), mode=mode,
+                            teacher_drop_path=cfg.transfer.teacher_drop_path).to(device)
+    return wrapped, None, wrapped  # the teacher runs at test time too (teacher_at_test)
 
 
 @TRANSFER_METHODS.register("attn_copy", needs_teacher=True, loads_teacher=True, layered=True, colour="#1f77b4",
+                           teacher_at_test=True, copy_mode="map",
                            label="the teacher's attention maps copied into the student")
 def attn_copy(cfg, on_epoch=None) -> dict:
-    return student_job(cfg, on_epoch, _copy("map"))
+    return student_job(cfg, on_epoch, _copy)
 
 
 @TRANSFER_METHODS.register("copy_q", needs_teacher=True, loads_teacher=True, layered=False, colour="#aec7e8",
-                           label="the teacher's queries copied into the student")
+                           teacher_at_test=True, copy_mode="q", label="the teacher's queries copied into the student")
 def copy_q(cfg, on_epoch=None) -> dict:
-    return student_job(cfg, on_epoch, _copy("q"))
+    return student_job(cfg, on_epoch, _copy)
 
 
 @TRANSFER_METHODS.register("copy_k", needs_teacher=True, loads_teacher=True, layered=False, colour="#9edae5",
-                           label="the teacher's keys copied into the student")
+                           teacher_at_test=True, copy_mode="k", label="the teacher's keys copied into the student")
 def copy_k(cfg, on_epoch=None) -> dict:
-    return student_job(cfg, on_epoch, _copy("k"))
+    return student_job(cfg, on_epoch, _copy)
 
 
 @TRANSFER_METHODS.register("attn_distill", needs_teacher=True, loads_teacher=True, layered=True, colour="#2ca02c",
@@ -126,6 +136,7 @@ def finetune(cfg, on_epoch=None) -> dict:
 
 
 @TRANSFER_METHODS.register("ensemble", needs_teacher=True, loads_teacher=False, layered=False, colour="#9467bd",
+                           reads_members=True,
                            label="the fine-tuned teacher and the distilled student, probabilities averaged")
 def ensemble(cfg, on_epoch=None) -> dict:
     from .jobs import ensemble as ensemble_job

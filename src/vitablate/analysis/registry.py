@@ -19,7 +19,7 @@ A new metric is one function (in `metrics.py` or anywhere) and one entry here:
                      per_head=False, label="my metric (units)", higher="...")
 
 EVALS: the evaluations of a pre-trained encoder (`pretext.evals`, the `eval` wildcard), in order; run by
-`vitablate.jobs.evaluate_encoder`.
+`vitablate.jobs.evaluate_encoder`. `reads`: the `eval` settings it reads (the rest stay out of its job's params).
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ def computed_metrics(kind: str) -> tuple[str, ...]:
 
 EVALS: Registry = Registry("evaluation", "pretext.evals", home="vitablate.analysis.registry")
 
-EVALS.register("linear_probe", None, colour="#bcbd22", label="linear probe on frozen features", frozen=True)
-EVALS.register("finetune", None, colour="#d62728", label="fine-tuning all weights", frozen=False)
-EVALS.register("knn", None, colour="#8c564b", label="weighted k-NN on frozen features", frozen=True)
+# reads: the `eval` settings the evaluation reads (`vitablate.resolve.EVAL_READS`: only those are in its job's params)
+EVALS.register("linear_probe", None, colour="#bcbd22", label="linear probe on frozen features", frozen=True,
+               reads=("probe", "probe_weight_decay"))
+EVALS.register("finetune", None, colour="#d62728", label="fine-tuning all weights", frozen=False, reads=())
+EVALS.register("knn", None, colour="#8c564b", label="weighted k-NN on frozen features", frozen=True,
+               reads=("knn_k", "knn_temperature"))

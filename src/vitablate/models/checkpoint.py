@@ -1,8 +1,9 @@
 """vitablate's own checkpoint files (a pre-training job's encoder.pt, a training job's model.pt), read one way.
 
 Each holds {"model": state dict, "model_kwargs": create_model keyword arguments, "config": the job's config as
-plain dicts}: tensors, dicts, lists, strings and numbers only, so it is read with `torch.load(weights_only=True)`,
-which unpickles nothing else (a checkpoint cannot run code when read).
+plain dicts} (a model.pt trained with an EMA also its online weights, "online_model"): tensors, dicts, lists,
+strings and numbers only, so it is read with `torch.load(weights_only=True)`, which unpickles nothing else (a
+checkpoint cannot run code when read).
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ def read_checkpoint(path: str, what: str, missing: str, unreadable: str) -> dict
 
 
 def save_checkpoint(path: str, model: torch.nn.Module, model_kwargs: dict, config: dict,
-                    tmp: Optional[str] = None) -> None:
-    """Write a vitablate checkpoint atomically (a temporary file, then a rename)."""
+                    tmp: Optional[str] = None, extra: Optional[dict] = None) -> None:
+    """Write a vitablate checkpoint atomically (a temporary file, then a rename). `extra`: more entries beside
+    the three (a model.pt trained with an EMA keeps its online weights as "online_model", a state dict)."""
     tmp = tmp or f"{path}.tmp"
-    torch.save({"model": model.state_dict(), "model_kwargs": dict(model_kwargs), "config": config}, tmp)
+    torch.save({"model": model.state_dict(), "model_kwargs": dict(model_kwargs), "config": config, **(extra or {})},
+               tmp)
     os.replace(tmp, path)
 
 
