@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Sequence
 
 import polars as pl
 
-from .io import write_text
+from .io import atomic_path, write_text
 
 SCALAR = (int, float, str, bool, type(None))
 log = logging.getLogger(__name__)
@@ -80,10 +80,8 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
 
 
 def write_table(df: pl.DataFrame, csv_path: str, md_path: str) -> None:
-    os.makedirs(os.path.dirname(csv_path) or ".", exist_ok=True)
-    tmp = f"{csv_path}.tmp{os.getpid()}"
-    df.write_csv(tmp, float_precision=4)
-    os.replace(tmp, csv_path)
+    with atomic_path(csv_path) as tmp:
+        df.write_csv(tmp, float_precision=4)
     write_text(md_path, to_markdown(df))
 
 

@@ -9,13 +9,13 @@ can read back what was drawn.
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import numpy as np
 import polars as pl
 
 from .aggregate import method_rank, scratch_per_teacher
+from .io import atomic_path
 
 # --- one colour per setting ------------------------------------------------------------------
 
@@ -63,10 +63,8 @@ def _plt():
 def _save(fig, png_path: str):
     import matplotlib.pyplot as plt
 
-    os.makedirs(os.path.dirname(png_path) or ".", exist_ok=True)
-    tmp = f"{png_path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, png_path)
+    with atomic_path(png_path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return fig
 

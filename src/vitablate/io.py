@@ -5,20 +5,42 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = "", fsync: bool = False) -> Iterator[str]:
+    """Write a file atomically: yields a temporary path beside `path` to write to.
+
+    On leaving the block without an error the temporary file replaces `path` (os.replace,
+    atomic on one filesystem: a reader sees the old file or the new one, never half of
+    one); on an error (a full or read-only disk, an interrupt) the temporary file is
+    removed and `path` is left as it was. `suffix` ends the temporary name (writers that
+    pick the format from the extension, e.g. matplotlib's ".png"); `fsync` flushes the
+    new file to disk before the rename (a checkpoint that must survive a power cut).
+    Creates the parent folder.
+    """
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
+    try:
+        yield tmp
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def write_text(path: str, text: str) -> None:
     """Atomic write: a reader never sees half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:  # a full or read-only disk: leave no temp file behind
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def write_json(path: str, obj: dict) -> None:

@@ -30,6 +30,7 @@ from .engine import (
     seed_everything,
     top1,
 )
+from .io import atomic_path
 from .models import VARIANTS, count_params, create_model
 
 OnEpoch = Optional[Callable[[int, dict], None]]
@@ -188,12 +189,10 @@ def save_query_maps(model: torch.nn.Module, forward: Callable, data: DatasetBund
     model.train(was_training)
     attn, prefix = query_attention(maps, grid, model.num_prefix_tokens)
     path = os.path.join(output_dir, "attention_maps.npz")
-    os.makedirs(output_dir, exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, image=x[0].permute(1, 2, 0).float().cpu().numpy(),
                  maps=attn.reshape(len(maps), *grid).cpu().numpy(), prefix_mass=prefix.cpu().numpy(),
                  query=np.array(centre_query(grid)), patch_size=int(model.patch_embed.patch_size[0]))
-    os.replace(path + ".tmp", path)
     return {"attention_maps_path": path}
 
 
@@ -246,8 +245,8 @@ def classifier_job(cfg: JobConfig, on_epoch: OnEpoch, build: Callable) -> dict:
     maps = {}
     if dist.is_main():  # rank 0 alone writes the job's outputs
         path = os.path.join(cfg.output_dir, "model.pt")
-        torch.save({"model": model.state_dict(), "model_kwargs": kw, "config": to_dict(cfg)}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        with atomic_path(path) as tmp:
+            torch.save({"model": model.state_dict(), "model_kwargs": kw, "config": to_dict(cfg)}, tmp)
         maps = save_query_maps(model, eager_forward, data, eval_transform, cfg.output_dir)
     return base_record(cfg) | maps | {
         "params_m": count_params(model) / 1e6, "epochs": tc.epochs, "device": str(device),
@@ -360,9 +359,8 @@ def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     )
     if dist.is_main():
         path = os.path.join(cfg.output_dir, "encoder.pt")
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save({"model": encoder.state_dict(), "model_kwargs": kw, "config": to_dict(cfg)}, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save({"model": encoder.state_dict(), "model_kwargs": kw, "config": to_dict(cfg)}, tmp)
     return base_record(cfg) | {
         "pretext": pretext_id(cfg), "params_m": count_params(encoder) / 1e6, "epochs": tc.epochs,
         "final_loss": result.history[-1]["train_loss"], "device": str(device), "train_s": result.train_s,
@@ -516,9 +514,8 @@ def analyse_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
         rows.append((layer, -1, "layer_probe_top1", top1(probe(b), ey)))
     table = pl.DataFrame(rows, schema=["layer", "head", "metric", "value"], orient="row")
     path = os.path.join(cfg.output_dir, "representation.parquet")
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    table.write_parquet(path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with atomic_path(path) as tmp:
+        table.write_parquet(tmp)
     per_layer = table.group_by(["layer", "metric"]).agg(pl.col("value").mean()).sort(["metric", "layer"])
     maps = save_query_maps(encoder, encoder, data, eval_transform, cfg.output_dir)
     return base_record(cfg) | maps | {"pretext": pretext_id(cfg), "analysis_path": path,

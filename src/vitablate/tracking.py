@@ -25,7 +25,7 @@ import time
 from typing import Any, Callable, TypeVar
 
 from .config import flatten
-from .io import write_json
+from .io import atomic_path, write_json
 
 CHECKPOINT_DIR = "checkpoints"  # artifact folder of the checkpoints a run hands to other jobs
 # MLflow 3's UI opens an experiment by its kind: untagged, it shows the GenAI trace overview ("No data");
@@ -325,10 +325,9 @@ def log_checkpoints(uri: str, run_id: str, paths: list[str]) -> dict[str, str]:
 def fetch_artifact(uri: str, run_id: str, artifact_path: str, dest: str) -> str:
     """Download one artifact of a run to the file `dest`, atomically (a retry never sees half a file)."""
     c = client(uri)
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(dest) or ".") as d:
+    with atomic_path(dest) as tmp, tempfile.TemporaryDirectory(dir=os.path.dirname(dest) or ".") as d:
         got = retry(lambda: c.download_artifacts(run_id, artifact_path, d), f"download {artifact_path} of run {run_id}")
-        os.replace(got, dest)
+        os.replace(got, tmp)  # MLflow names the download after the artifact: move it to the temp name
     return dest
 
 
