@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from vitablate.io import atomic_path, write_text
+from vitablate.io import atomic_path, warning_lines, write_text
 
 
 def test_success_replaces_the_file(tmp_path):
@@ -50,3 +50,15 @@ def test_write_text_interrupted_leaves_nothing(tmp_path, monkeypatch):
         write_text(str(path), "new")
     monkeypatch.undo()
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["t.txt"]
+
+
+def test_warning_lines_since_an_offset(tmp_path):
+    log = tmp_path / "job.log"
+    log.write_text("2024-01-01 [vitablate] warning: an earlier attempt\n")
+    start = log.stat().st_size
+    with open(log, "a") as f:
+        f.write("2024-01-02 [vitablate] train_classifier x on node\n2024-01-02 [vitablate] warning: c.pt belongs "
+                "to a different config; training from scratch\n")
+    assert warning_lines(str(log), start) == [
+        "2024-01-02 [vitablate] warning: c.pt belongs to a different config; training from scratch"]
+    assert len(warning_lines(str(log))) == 2 and warning_lines(None) == [] and warning_lines(str(tmp_path / "no")) == []

@@ -30,6 +30,7 @@ from .io import atomic_path
 
 
 progress_log = logging.getLogger("vitablate.progress")  # one line per epoch; the job's log file shows it
+log = logging.getLogger("vitablate.engine")  # under the job's log (execution.job_log), as every vitablate.* logger
 
 
 def format_duration(seconds: float) -> str:
@@ -298,7 +299,7 @@ def fit(
     state = dist.broadcast_object(checkpoint.load() if dist.is_main() else None)
     if state is not None and not _same_job(state.get("meta", {}), meta or {}):
         # a checkpoint of another config (the job's settings changed since): never resume it
-        print(f"[vitablate] {checkpoint.path} belongs to a different config; training from scratch", flush=True)
+        log.warning(f"[vitablate] warning: {checkpoint.path} belongs to a different config; training from scratch")
         state = None
     if state is not None:
         for name, module in modules.items():

@@ -45,3 +45,14 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, obj: dict) -> None:
     write_text(path, json.dumps(obj, indent=1, default=str))
+
+
+def warning_lines(log_path: str | None, start: int = 0) -> list[str]:
+    """The `[vitablate] warning:` lines a log file gained after byte `start` (a job's log, written by its
+    Ray worker, shown on the Snakemake console once the job is done)."""
+    if not log_path or not os.path.exists(log_path):
+        return []
+    with open(log_path, "rb") as f:
+        f.seek(start)
+        text = f.read().decode(errors="replace")
+    return [line for line in text.splitlines() if "[vitablate] warning:" in line]

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import sys
 import traceback
 from typing import Any
 
@@ -41,7 +40,7 @@ from .config import (
     from_dict,
     to_dict,
 )
-from .io import write_text
+from .io import warning_lines, write_text
 
 log = logging.getLogger(__name__)
 QUESTIONS = ("architecture", "pretext", "transfer")
@@ -676,12 +675,15 @@ def end_orphaned_runs(results: str, uri: str, message: str, since: float | None 
 
 @contextlib.contextmanager
 def logging_to(path: str | None):
-    """Send this process's stdout and stderr to the rule's log file, a failure's traceback included."""
+    """Send this process's stdout and stderr, and its `vitablate` log records, to the rule's log file,
+    a failure's traceback included."""
+    from .execution import job_log
+
     if not path:
         yield
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+    with open(path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f), job_log(path):
         try:
             yield
         except BaseException:
@@ -702,9 +704,10 @@ def run_job_rule(smk) -> None:
     cfg = from_dict(JobConfig, smk.params.job)
     tracking = from_dict(TrackingConfig, dict(smk.config.get("tracking") or {}), "tracking")
     log = smk.log[0] if smk.log else None
+    log_start = os.path.getsize(log) if log and os.path.exists(log) else 0
     with logging_to(log):
-        print(f"[vitablate] {cfg.job} {cfg.output_dir} -> Ray (RAY_ADDRESS={os.environ.get('RAY_ADDRESS')})",
-              flush=True)
+        logging.getLogger("vitablate.workflow").info(
+            f"[vitablate] {cfg.job} {cfg.output_dir} -> Ray (RAY_ADDRESS={os.environ.get('RAY_ADDRESS')})")
         sources = checkpoint_sources(cfg)
         system_metrics_s = tracking.system_metrics_interval_s if tracking.system_metrics else None
         if os.environ.get(dispatcher.ENV):  # the run's one Ray driver (started by the Snakefile's onstart)
@@ -719,8 +722,10 @@ def run_job_rule(smk) -> None:
             fetch_host_outputs(record, smk.params.mlflow_uri)
         line = (f"[vitablate] done {cfg.output_dir} {where(record)} top1_test={record.get('top1_test')} "
                 f"wall={record.get('wall_s', 0):.1f}s")
-        print(line, flush=True)
+        logging.getLogger("vitablate.workflow").info(line)
     print(line, flush=True)  # the console too: which job ran where
+    for warning in warning_lines(log, log_start):  # and the job's warnings (its log has them)
+        print(warning, flush=True)
 
 
 def run_architecture_report(smk) -> None:
@@ -734,7 +739,7 @@ def run_architecture_report(smk) -> None:
         by = ["dataset", "mixer"]
         curves = aggregate.load_curves(list(smk.input.records), smk.params.mlflow_uri, by, ["train_loss", "top1_val"])
         figures.plot_architecture_curves(aggregate.curve_table(curves, by), smk.output.curves_png)
-        print(table, file=sys.stdout)
+        log.info(f"\n{table}")
 
 
 def run_pretext_report(smk) -> None:
@@ -764,7 +769,7 @@ def run_pretext_report(smk) -> None:
                                     smk.output.curves_png)
         figures.plot_pretext_attention(aggregate.attention_cells(list(smk.input.analyses), by),
                                        smk.output.attention_png)
-        print(table, rep, sep="\n", file=sys.stdout)
+        log.info(f"\n{table}\n{rep}")
 
 
 def run_transfer_report(smk) -> None:
@@ -783,7 +788,7 @@ def run_transfer_report(smk) -> None:
         cells = aggregate.attention_cells(list(smk.input.records), by,
                                           where=lambda r: r.get("layers") == "all" and r.get("method") != "ensemble")
         figures.plot_transfer_attention(cells, smk.output.attention_png)
-        print(table, file=sys.stdout)
+        log.info(f"\n{table}")
 
 
 def run_summary(smk) -> None:
@@ -794,4 +799,4 @@ def run_summary(smk) -> None:
         text = write_summary(smk.output.md, smk.output.html, architecture=list(smk.input.architecture),
                              pretext=list(smk.input.evals), analyses=list(smk.input.analyses),
                              transfer=list(smk.input.transfer), reference_layers=smk.params.reference_layers)
-        print(text, file=sys.stdout)
+        log.info(f"\n{text}")
