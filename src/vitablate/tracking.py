@@ -359,29 +359,3 @@ def end_latest(uri: str | None, output_dir: str, error: str, status: str = "FAIL
         with contextlib.suppress(Exception):
             return end_if_running(uri, latest["run_id"], error, status)
     return False
-
-
-def readable_store(uri: str) -> str | None:
-    """None when the store at `uri` can be read, else why not (for readers that must not create one)."""
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        return None if os.path.exists(path) else f"no MLflow store at {path}"
-    try:
-        probe(uri)
-    except RuntimeError as e:
-        return str(e)
-    return None
-
-
-def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    """(step, value) of one metric of one run, by step; a step logged twice keeps its last value.
-
-    Per-epoch metrics use the epoch as step; the final summary re-logs top1_val at the last epoch.
-    """
-    c = client(uri)
-    history = retry(lambda: c.get_metric_history(run_id, key), f"read {key} of run {run_id}")
-    by_step: dict[int, tuple[int, float]] = {}
-    for m in history:
-        if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
-            by_step[m.step] = (m.timestamp, m.value)
-    return [(step, by_step[step][1]) for step in sorted(by_step)]

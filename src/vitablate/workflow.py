@@ -737,7 +737,7 @@ def run_architecture_report(smk) -> None:
         aggregate.write_table(table, smk.output.csv, smk.output.md)
         figures.plot_architecture(table, smk.output.png)
         by = ["dataset", "mixer"]
-        curves = aggregate.load_curves(list(smk.input.records), smk.params.mlflow_uri, by, ["train_loss", "top1_val"])
+        curves = aggregate.load_curves(list(smk.input.records), by, ["train_loss", "top1_val"])
         figures.plot_architecture_curves(aggregate.curve_table(curves, by), smk.output.curves_png)
         log.info(f"\n{table}")
 
@@ -761,9 +761,9 @@ def run_pretext_report(smk) -> None:
         else:
             for path in (smk.output.bias_csv, smk.output.bias_md):
                 write_text(path, "no shape/texture labels in these datasets\n")
-        by, uri = ["dataset", "pretext"], smk.params.mlflow_uri
-        pretrain = aggregate.load_curves(list(smk.input.pretrains), uri, by, ["train_loss"])
-        finetune = aggregate.load_curves(list(smk.input.evals), uri, by, ["top1_val"],
+        by = ["dataset", "pretext"]
+        pretrain = aggregate.load_curves(list(smk.input.pretrains), by, ["train_loss"])
+        finetune = aggregate.load_curves(list(smk.input.evals), by, ["top1_val"],
                                          where=lambda r: r.get("eval") == "finetune")
         figures.plot_pretext_curves(aggregate.curve_table(pretrain, by), aggregate.curve_table(finetune, by),
                                     smk.output.curves_png)
@@ -782,7 +782,7 @@ def run_transfer_report(smk) -> None:
         figures.plot_transfer_layers(table, smk.output.layers_png)
         by = ["dataset", "teacher", "method"]
         # the student's curves: jobs trained by epochs (not linear_probe, ensemble), all layers transferred
-        curves = aggregate.load_curves(list(smk.input.records), smk.params.mlflow_uri, by, ["top1_val"],
+        curves = aggregate.load_curves(list(smk.input.records), by, ["top1_val"],
                                        where=lambda r: r.get("layers") == "all" and bool(r.get("history")))
         figures.plot_transfer_curves(aggregate.curve_table(curves, by), smk.output.curves_png)
         cells = aggregate.attention_cells(list(smk.input.records), by,
