@@ -216,7 +216,7 @@ def plot_transfer_layers(table: pl.DataFrame, png_path: str):
     return _save(fig, png_path)
 
 
-# --- training curves (per-epoch MLflow metrics; see aggregate.curve_table) ---------------------
+# --- training curves (the records' per-epoch history; see aggregate.curve_table) --------------
 
 CURVE_LABELS = {"train_loss": "training loss", "top1_val": "validation top-1 (%)"}
 
@@ -242,11 +242,11 @@ def _curve_panel(ax, curves: pl.DataFrame, setting: str, metric: str, title: str
     if drawn > 1:
         ax.legend(fontsize=7)
     elif not drawn:
-        ax.text(0.5, 0.5, "no curve in the MLflow store", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no per-epoch history in the records", ha="center", va="center", transform=ax.transAxes)
     return bool(drawn)
 
 
-NO_CURVES = "no training curves: the MLflow store or the records' run ids were not available (see the report log)"
+NO_CURVES = "no training curves: the records hold no per-epoch history (see the report log)"
 
 
 def plot_architecture_curves(curves: pl.DataFrame, png_path: str):
