@@ -1,6 +1,7 @@
 # vitablate: one workflow for three "attention versus features" questions.
 # `snakemake --cores 2` runs the default grid (config/config.yaml) and fills results/reports/.
-# Rules declare; the logic lives in src/vitablate (workflow.py is what rules call).
+# Rules declare; the logic lives in src/vitablate (workflow.py is what rules call: a facade over
+# grid.py, resolve.py, checks.py and rule_bodies.py).
 
 from snakemake.utils import min_version, validate
 

@@ -1,4 +1,5 @@
-# Grid, paths and helpers shared by every stage. Logic lives in vitablate.workflow.
+# Grid, paths and helpers shared by every stage. Logic lives in vitablate.workflow (a facade over
+# vitablate.grid, .resolve, .checks and .rule_bodies).
 
 from vitablate import workflow as vw
 from vitablate.tracking import default_uri
@@ -40,7 +41,8 @@ def checkpoint_input(pattern):
 
 
 def job_params(kind):
-    """params: the job's resolved config as a dict (never a shell string)."""
+    """params: what determines the job's result, as a dict (never a shell string): its resolved config less the
+    resources, which the rule body adds from the config at run time (vitablate.resolve.job_params)."""
     return lambda wc: vw.job_params(config, kind, wc)
 
 

@@ -13,6 +13,7 @@ rule summary:
         evals=grid_paths("pretext_eval", f"{PRETEXT_DIR}/{{eval}}/record.json"),
         analyses=grid_paths("analysis", f"{PRETEXT_DIR}/analysis/record.json"),
         transfer=grid_paths("transfer", f"{TRANSFER_DIR}/record.json"),
+        transfer_shift=grid_paths("shift", f"{TRANSFER_DIR}/shift/record.json"),
         tables=rules_targets("questions"),
     output:
         md=report(

@@ -22,9 +22,30 @@ rule transfer_train:
         "scripts/job.py"
 
 
+rule transfer_shift:
+    # The student tested under distribution shift (transfer.shift corruptions at their severity, the dataset's
+    # extra_test_dirs): its own job, reading the model its transfer job saved, so changing the shift settings
+    # re-runs only these jobs.
+    input:
+        lambda wc: vw.shift_inputs(config, **dict(wc.items())),
+    output:
+        record=f"{TRANSFER_DIR}/shift/record.json",
+    log:
+        f"{RESULTS}/logs/transfer/{{dataset}}/{{teacher}}/{{method}}/{{layers}}/seed{{seed}}.shift.log",
+    params:
+        job=job_params("shift"),
+        mlflow_uri=MLFLOW_URI,
+    threads: 1  # waits on Ray; the job's resources are execution.*
+    conda:
+        ENV
+    script:
+        "scripts/job.py"
+
+
 rule transfer_report:
     input:
         records=grid_paths("transfer", f"{TRANSFER_DIR}/record.json"),
+        shifts=grid_paths("shift", f"{TRANSFER_DIR}/shift/record.json"),
     output:
         csv=report(f"{REPORTS}/tables/transfer.csv", category="Q3 transfer",
                    caption="../reports/captions/transfer_table.rst"),

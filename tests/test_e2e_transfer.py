@@ -47,7 +47,9 @@ def test_tiny_transfer_run(workflow, tmp_path):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workflow}/results/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("transfer").experiment_id])
-    assert len(runs) == 1 + 2 * 7 and {r.info.status for r in runs} == {"FINISHED"}
+    # every student and its shift job (the one that tests it under distribution shift)
+    assert len(runs) == 2 * (1 + 2 * 7) and {r.info.status for r in runs} == {"FINISHED"}
     assert {r.data.tags["teacher"] for r in runs} == {"none", "mae", "ext"}
     assert {r.data.tags["method"] for r in runs} >= {"attn_copy", "attn_distill", "ensemble"}
-    assert all("top1_shift_gaussian_noise" in r.data.metrics for r in runs)
+    shift = [r for r in runs if r.data.tags["job"] == "shift"]
+    assert len(shift) == 1 + 2 * 7 and all("top1_shift_gaussian_noise" in r.data.metrics for r in shift)

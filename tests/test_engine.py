@@ -56,9 +56,26 @@ def test_training_learns_and_is_repeatable(tmp_path):
         assert torch.equal(p, q)
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("recipe", [False, True], ids=["plain", "mixup_erasing_ema"])
+def test_resume_equals_uninterrupted(tmp_path, recipe):
+    """recipe: timm's Mixup/CutMix in the loss, RandomErasing as the batch transform and a ModelEmaV3 in the
+    checkpoint (DeiT's regularisers): their NumPy / Python / torch draws are seeded per epoch too."""
+    from timm.data import Mixup
+    from timm.data.random_erasing import RandomErasing
+    from timm.utils import ModelEmaV3
+
     class Stop(Exception):
         pass
+
+    def setup(model):  # loss_fn, and fit's extra keyword arguments
+        if not recipe:
+            return classification_loss(model, 0.1), {}
+        mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=2)
+        erase = RandomErasing(0.5, mode="pixel", device="cpu")
+        ema = ModelEmaV3(model, decay=0.9)
+        return classification_loss(model, 0.1, mixup), dict(
+            transform=lambda x, gen: erase(x.clone()), extra_state={"ema": ema},
+            after_step=lambda step, total: ema.update(model))
 
     x, y = _problem()
     ck_path = tmp_path / "part.pt"
@@ -82,22 +99,28 @@ def test_resume_equals_uninterrupted(tmp_path):
             raise Stop
 
     prec = pick_precision(torch.device("cpu"), "fp32")
+    loss, extra = setup(model)
     with pytest.raises(Stop):
-        fit(model, classification_loss(model, 0.1), batches, 6, cfg, prec, Checkpoint(str(ck_path)), 0,
-            on_epoch=stop_at_3)
+        fit(model, loss, batches, 6, cfg, prec, Checkpoint(str(ck_path)), 0, on_epoch=stop_at_3, **extra)
     # second process: a fresh model resumes from the checkpoint
     model2 = interrupted()
+    loss2, extra2 = setup(model2)
     with torch.no_grad():
         for p in model2.parameters():
             p.add_(1.0)  # whatever it holds is replaced by the checkpoint
-    resumed = fit(model2, classification_loss(model2, 0.1), batches, 6, cfg, prec, Checkpoint(str(ck_path)), 0)
+    resumed = fit(model2, loss2, batches, 6, cfg, prec, Checkpoint(str(ck_path)), 0, **extra2)
     assert resumed.resumed_from_epoch == 2
     # reference: the same run uninterrupted
     model3 = interrupted()
-    ref = fit(model3, classification_loss(model3, 0.1), batches, 6, cfg, prec, Checkpoint(str(tmp_path / "r.pt")), 0)
+    loss3, extra3 = setup(model3)
+    ref = fit(model3, loss3, batches, 6, cfg, prec, Checkpoint(str(tmp_path / "r.pt")), 0, **extra3)
     assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in ref.history]
     for p, q in zip(model2.parameters(), model3.parameters()):
         assert torch.equal(p, q)
+    if recipe:  # the EMA came back from the checkpoint and followed the same steps
+        ema2, ema3 = extra2["extra_state"]["ema"].module, extra3["extra_state"]["ema"].module
+        assert all(torch.equal(p, q) for p, q in zip(ema2.parameters(), ema3.parameters()))
+        assert any(not torch.equal(p, q) for p, q in zip(ema3.parameters(), model3.parameters()))
 
 
 def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):

@@ -58,7 +58,8 @@ def slim(cfg: JobConfig) -> JobConfig:
     """The job's model at a small width: depth, drop path and pooling (what these tests check) stay the config's."""
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, embed_dim=16, num_heads=2),
                                pretext=dataclasses.replace(cfg.pretext, moco_dim=8, moco_mlp_dim=16,
-                                                           mae_decoder_dim=8, mae_decoder_depth=1))
+                                                           mae_decoder_dim=8, mae_decoder_depth=1,
+                                                           mae_decoder_heads=2))
 
 
 def drop_rates(module: torch.nn.Module) -> list[float]:

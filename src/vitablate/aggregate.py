@@ -34,12 +34,20 @@ def read_record(path: str) -> dict:
     return rec
 
 
-def load_records(paths: Iterable[str]) -> pl.DataFrame:
-    """One row per record: its scalar fields (history and config are left out)."""
+def load_records(paths: Iterable[str], shift: Iterable[str] = ()) -> pl.DataFrame:
+    """One row per record: its scalar fields (history and config are left out).
+
+    `shift`: records of shift jobs (`<job dir>/shift/record.json`); each one's top1_shift_<name> fields join the
+    row of the job whose model it tested (`<job dir>/record.json`)."""
+    shifted = {}
+    for path in shift:
+        job_dir = os.path.dirname(os.path.dirname(os.path.normpath(path)))
+        shifted[job_dir] = {k: v for k, v in read_record(path).items() if k.startswith("top1_shift_")}
     rows = []
     for path in paths:
         rec = read_record(path)
-        rows.append({k: v for k, v in rec.items() if isinstance(v, SCALAR)})
+        rows.append({k: v for k, v in rec.items() if isinstance(v, SCALAR)}
+                    | shifted.get(os.path.dirname(os.path.normpath(path)), {}))
     if not rows:
         raise ValueError("no run records to aggregate; run the training rules first")
     return pl.DataFrame(rows, infer_schema_length=None)

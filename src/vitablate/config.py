@@ -47,6 +47,16 @@ class ModelConfig:
     mlp_ratio: float = 4.0  # channel-MLP hidden width / embed_dim
     global_pool: str = "avg"  # avg | token
     drop_path_rate: float = 0.0
+    # The pre-training papers' architecture details (docs/recipes.md); the defaults build today's timm ViT.
+    pos_embed: str = "learn"  # learn (timm: trunc-normal, trained) | sincos: fixed 2-D sin-cos, not trained, MAE's
+    # layout (facebookresearch/mae util/pos_embed.py: column code first) | sincos_moco_v3: MoCo v3's (vits.py
+    # build_2d_sincos_position_embedding: row code first); a fine-tuned copy of such an encoder learns it (learn)
+    freeze_patch_embed: bool = False  # MoCo v3's random patch projection: patch_embed.proj never trained (vits.py
+    # stop_grad_conv1, CONFIG.md --stop-grad-conv1)
+    weight_init: str = "timm"  # timm (timm's default) | moco_v3 (vits.py: xavier-uniform Linear, Q/K/V bounds
+    # apart, patch projection xavier-uniform, CLS N(0, 1e-6)) | mae (models_mae.py initialize_weights)
+    init_values: Optional[float] = None  # LayerScale's initial gamma (timm); None: no LayerScale; SimMIM's ViT 0.1
+    drop_rate: float = 0.0  # dropout before the head (timm VisionTransformer drop_rate; DeiT main.py --drop 0.0)
 
 
 @dataclass
@@ -55,6 +65,11 @@ class AugmentConfig:
     flip: bool = False  # horizontal flip (off for digits: a flipped 3 is not a 3)
     crop_scale: Optional[list[float]] = None  # random-resized-crop area range, e.g. [0.35, 1.0]
     color_jitter: float = 0.0  # strength; 0 disables
+    # timm RandAugment config string (timm.data.auto_augment.rand_augment_transform), e.g. "rand-m9-mstd0.5-inc1"
+    # (DeiT main.py --aa, MAE main_finetune.py --aa); applied in the image-folder loader workers; None = off
+    rand_augment: Optional[str] = None
+    random_erasing: float = 0.0  # probability (timm RandomErasing; DeiT main.py --reprob 0.25); 0 = off
+    random_erasing_mode: str = "pixel"  # const | rand | pixel (timm RandomErasing mode; DeiT --remode pixel)
 
 
 @dataclass
@@ -68,11 +83,59 @@ class TrainConfig:
     weight_decay: float = 0.05  # never on biases, norms, position embeddings, CLS/mask tokens ...
     weight_decay_all: bool = False  # ... unless true: every parameter (MoCo v3's recipe, main_moco.py)
     optimizer: str = "adamw"  # adamw | sgd (momentum 0.9) | lars (MAE's linear probe, util/lars.py)
-    warmup_epochs: float = 2.0  # linear warm-up from 0, in epochs (fractions allowed)
+    warmup_epochs: float = 2.0  # linear warm-up from warmup_lr (default 0), in epochs (fractions allowed)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     label_smoothing: float = 0.1
     grad_clip: Optional[float] = None  # max global grad norm; None (the references but SimMIM) clips nothing
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # base learning rate: when set, lr = blr * batch_size / lr_batch_ref and blr wins over lr (MAE
+    # main_finetune.py / main_pretrain.py / main_linprobe.py: blr x effective batch / 256; MoCo v3 main_moco.py:
+    # lr x batch / 256; DeiT main.py and SimMIM main_simmim.py: / 512). batch_size is the global batch per step.
+    blr: Optional[float] = None  # None: train.lr is the peak rate as given
+    lr_batch_ref: int = 256  # the reference batch of the linear scaling rule
+    lr_schedule: str = "cosine"  # cosine (to min_lr) | step (x lr_step_gamma at each of lr_step_epochs; SimMIM's multistep)
+    lr_step_epochs: list[float] = field(default_factory=list)  # step: the epochs where the rate drops (SimMIM: [700])
+    lr_step_gamma: float = 0.1  # step: the factor at each drop (SimMIM lr_scheduler.py, GAMMA 0.1)
+    warmup_lr: float = 0.0  # the warm-up's start rate, linear to lr (SimMIM WARMUP_LR, DeiT --warmup-lr 1e-6)
+    layer_decay: Optional[float] = None  # None: one rate for all layers; else block i of L gets lr x layer_decay^(L - i)
+    # (MAE util/lr_decay.py; MAE fine-tuning ViT-B 0.65, ViT-L 0.75)
+
+    # Mixup / CutMix on the device (timm.data.Mixup, as DeiT main.py and MAE main_finetune.py); either alpha > 0
+    # switches the loss to timm's SoftTargetCrossEntropy with label_smoothing folded into the soft targets
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing weight; 0 = off (DeiT --mixup 0.8)
+    cutmix_alpha: float = 0.0  # 0 = off (DeiT --cutmix 1.0)
+    mix_prob: float = 1.0  # probability a batch is mixed at all (DeiT --mixup-prob 1.0)
+    mix_switch_prob: float = 0.5  # with both alphas > 0: probability of CutMix rather than Mixup (DeiT 0.5)
+    repeated_aug: int = 1  # copies of each image per epoch, epoch length unchanged (DeiT samplers.py RASampler: 3)
+    ema: bool = False  # evaluate (and save) an EMA of the weights, timm ModelEmaV3 updated after every step
+    ema_decay: float = 0.99996  # per optimiser step (DeiT main.py --model-ema-decay)
+
+    def __post_init__(self) -> None:
+        if self.lr_batch_ref < 1:
+            raise ConfigError(f"train.lr_batch_ref must be a positive batch size, got {self.lr_batch_ref}")
+        if self.blr is not None:
+            if not self.blr > 0:
+                raise ConfigError(f"train.blr must be > 0 (or null to use train.lr), got {self.blr}")
+            # resolved here, so the job's record, checkpoint meta and MLflow params carry the rate that trains
+            self.lr = self.blr * self.batch_size / self.lr_batch_ref
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.lr_schedule == "step" and not self.lr_step_epochs:
+            raise ConfigError("train.lr_schedule is step but train.lr_step_epochs is empty; list the epochs where the "
+                              "rate drops (SimMIM ViT-B: [700]) or use lr_schedule: cosine")
+        if self.lr_schedule != "step" and self.lr_step_epochs:
+            raise ConfigError(f"train.lr_step_epochs {self.lr_step_epochs} only applies to lr_schedule: step "
+                              f"(now {self.lr_schedule!r}); set lr_schedule: step or remove lr_step_epochs")
+        if list(self.lr_step_epochs) != sorted(self.lr_step_epochs) or any(e < 0 for e in self.lr_step_epochs):
+            raise ConfigError(f"train.lr_step_epochs must be non-negative and ascending, got {self.lr_step_epochs}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"train.layer_decay must be in (0, 1] (MAE: 0.65 for ViT-B, 0.75 for ViT-L) or null, "
+                              f"got {self.layer_decay}")
+        if self.warmup_lr < 0:
+            raise ConfigError(f"train.warmup_lr must be >= 0, got {self.warmup_lr}")
+
+
+LR_SCHEDULES = ("cosine", "step")
 
 
 @dataclass
@@ -123,6 +186,7 @@ class PretextConfig:
     mae_mask_ratio: float = 0.75
     mae_decoder_dim: int = 64
     mae_decoder_depth: int = 2
+    mae_decoder_heads: int = 4  # attention heads of each decoder block (MAE ViT-B: 16, models_mae.py)
 
     def objective_kwargs(self) -> dict:
         moco = dict(dim=self.moco_dim, mlp_dim=self.moco_mlp_dim, temperature=self.moco_temperature,
@@ -135,7 +199,7 @@ class PretextConfig:
             "moco": moco,
             "simmim": simmim,
             "mae": dict(mask_ratio=self.mae_mask_ratio, decoder_dim=self.mae_decoder_dim,
-                        decoder_depth=self.mae_decoder_depth),
+                        decoder_depth=self.mae_decoder_depth, decoder_heads=self.mae_decoder_heads),
             "hybrid": dict(lam=self.lam, moco_kwargs=moco, simmim_kwargs=simmim),
         }.get(self.name, {})
 
@@ -167,6 +231,7 @@ class TransferConfig:
 class ShiftConfig:
     corruptions: list[str] = field(default_factory=list)  # names in vitablate.data.CORRUPTIONS, applied to test
     severity: int = 3  # 1..5
+    in_job: bool = True  # false: this job tests on no shifted set (a transfer student: its shift job does)
 
 
 @dataclass
@@ -309,3 +374,58 @@ def deep_merge(base: dict, override: dict) -> dict:
 def load_job_config(path: str) -> JobConfig:
     with open(path) as f:
         return from_dict(JobConfig, json.load(f))
+
+
+RANDOM_ERASING_MODES = ("const", "rand", "pixel")  # timm.data.random_erasing.RandomErasing's modes
+
+
+def mixes(train: TrainConfig) -> bool:
+    """Whether the recipe mixes batches (Mixup or CutMix): the loss then takes soft targets."""
+    return train.mixup_alpha > 0 or train.cutmix_alpha > 0
+
+
+def check_recipe(train: TrainConfig, data_name: str, where: str = "train") -> None:
+    """The augmentation/regularisation keys of a resolved recipe, checked before any job starts (the workflow's
+    config resolution and every classifier job): a wrong value raises ConfigError naming the key and the fix."""
+    a = train.augment
+    if a.rand_augment is not None:
+        if data_name != "imagefolder":
+            raise ConfigError(
+                f"{where}.augment.rand_augment is {a.rand_augment!r}, but dataset {data_name!r} is held in memory and "
+                "augmented on the device, where vitablate has no RandAugment (timm's runs per PIL image in the "
+                "image-folder loader); set it to null for this dataset, or use data name imagefolder")
+        if not a.crop_scale:
+            raise ConfigError(f"{where}.augment.rand_augment needs {where}.augment.crop_scale (the loader applies "
+                              "RandAugment after its random-resized crop, as timm's create_transform); "
+                              "set crop_scale, e.g. [0.08, 1.0]")
+        from timm.data.auto_augment import rand_augment_transform
+
+        try:
+            rand_augment_transform(a.rand_augment, {})
+        except Exception as e:  # timm asserts/raises on an unknown section of the string
+            raise ConfigError(f"{where}.augment.rand_augment {a.rand_augment!r} is not a timm RandAugment string "
+                              f"({type(e).__name__}: {e}); e.g. rand-m9-mstd0.5-inc1") from None
+        if not a.rand_augment.startswith("rand"):
+            raise ConfigError(f"{where}.augment.rand_augment {a.rand_augment!r} must start with 'rand' "
+                              "(e.g. rand-m9-mstd0.5-inc1)")
+    if not 0 <= a.random_erasing <= 1:
+        raise ConfigError(f"{where}.augment.random_erasing is {a.random_erasing}; give a probability in [0, 1]")
+    if a.random_erasing_mode not in RANDOM_ERASING_MODES:
+        raise ConfigError(f"{where}.augment.random_erasing_mode is {a.random_erasing_mode!r}; "
+                          f"choose one of {list(RANDOM_ERASING_MODES)}")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        if getattr(train, key) < 0:
+            raise ConfigError(f"{where}.{key} is {getattr(train, key)}; give a value >= 0 (0 turns it off)")
+    for key in ("mix_prob", "mix_switch_prob"):
+        if not 0 <= getattr(train, key) <= 1:
+            raise ConfigError(f"{where}.{key} is {getattr(train, key)}; give a probability in [0, 1]")
+    if mixes(train):
+        micro = train.batch_size // max(1, train.accum_steps)
+        if micro % 2:
+            raise ConfigError(f"{where}: Mixup/CutMix pairs each image with the batch reversed (timm Mixup), so "
+                              f"every micro-batch must be even, but batch_size {train.batch_size} / accum_steps "
+                              f"{train.accum_steps} = {micro}; pick an even micro-batch")
+    if train.repeated_aug < 1:
+        raise ConfigError(f"{where}.repeated_aug is {train.repeated_aug}; give 1 (off) or more copies per image")
+    if not 0 < train.ema_decay < 1:
+        raise ConfigError(f"{where}.ema_decay is {train.ema_decay}; give a decay in (0, 1), e.g. 0.99996")

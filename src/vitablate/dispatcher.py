@@ -52,7 +52,7 @@ def _peer_closed(conn: socket.socket) -> bool:
 class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         from .config import JobConfig, from_dict
-        from .execution import JobFailed, run_job
+        from .submit import JobFailed, run_job
 
         key = threading.get_ident()
         try:
@@ -96,7 +96,7 @@ def _terminate(*_) -> None:
 
 def serve(path: str) -> None:
     """Connect to RAY_ADDRESS, then answer jobs on the Unix socket `path` until terminated."""
-    from .execution import connect
+    from .cluster import connect
 
     connect()  # fail before binding: start_session waits for the socket, so it sees the error
     signal.signal(signal.SIGTERM, _terminate)
@@ -113,7 +113,7 @@ def submit(cfg_dict: dict, record_path: str, uri: str | None, sources: dict | No
 
     Returns the job's record, or raises `execution.JobFailed` with the job's own error.
     """
-    from .execution import JobFailed
+    from .submit import JobFailed
 
     path = os.environ[ENV].split(":", 1)[1]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

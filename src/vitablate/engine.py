@@ -9,18 +9,22 @@ continues exactly as the uninterrupted run would on CPU.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.optim import param_groups_layer_decay as timm_param_groups_layer_decay
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
@@ -30,7 +34,7 @@ from .io import atomic_path
 
 
 progress_log = logging.getLogger("vitablate.progress")  # one line per epoch; the job's log file shows it
-log = logging.getLogger("vitablate.engine")  # under the job's log (execution.job_log), as every vitablate.* logger
+log = logging.getLogger("vitablate.engine")  # under the job's log (submit.job_log), as every vitablate.* logger
 
 
 def format_duration(seconds: float) -> str:
@@ -79,9 +83,14 @@ def pick_precision(device: torch.device, precision: str) -> Precision:
 
 
 def seed_everything(seed: int) -> None:
+    """torch's global generators, and Python's and NumPy's: timm's Mixup/CutMix draw from NumPy, its
+    RandomErasing from Python's `random` and torch (timm/data/mixup.py, timm/data/random_erasing.py). Seeding
+    the host generators draws nothing from torch's, so a run without those options draws what it always did."""
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -100,7 +109,76 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
+def _layer_decay_encoder(model: nn.Module) -> tuple[str, nn.Module]:
+    """(prefix, module) of the one ViT in `model` whose parameters train: the model itself, an objective's
+    encoder (MoCo, SimMIM, MAE, hybrid), or an attention-transfer student (its teacher is frozen)."""
+    found = [(name, m) for name, m in model.named_modules()
+             if hasattr(m, "patch_embed") and isinstance(getattr(m, "blocks", None), (nn.Sequential, nn.ModuleList))
+             and any(p.requires_grad for p in m.parameters())]
+    outermost: list[tuple[str, nn.Module]] = []
+    for name, m in sorted(found, key=lambda t: t[0].count(".") if t[0] else -1):
+        if not any(o == "" or name.startswith(f"{o}.") for o, _ in outermost):
+            outermost.append((name, m))
+    found = outermost
+    if len(found) != 1:
+        where = [n or "<model>" for n, _ in found]
+        raise ValueError(
+            f"train.layer_decay needs exactly one ViT whose blocks train, found {len(found)} ({where}); this job "
+            "trains no encoder (a linear probe?) or several: set train.layer_decay: null in its recipe")
+    return found[0]
+
+
+class _LayerGrouping:
+    """What timm's param_groups_layer_decay reads of a model (named_parameters, group_matcher), with the layer ids
+    of MAE's util/lr_decay.py get_layer_id_for_vit (SimMIM optimizer.py get_vit_layer and attention-transfer
+    util/lr_decay.py likewise) on the encoder at `prefix`: cls/register tokens, position embedding, patch
+    embedding -> 0; block i -> i + 1; everything else (final norm, fc_norm, head, and a wrapper's projector,
+    predictor, decoder, mask token) -> depth + 1, whose scale is layer_decay^0 = 1. timm's own ViT matcher would
+    put the final `norm` with the last block instead."""
+
+    _STEM = ("cls_token", "reg_token", "pos_embed", "patch_embed", "norm_pre")
+
+    def __init__(self, model: nn.Module, prefix: str, depth: int) -> None:
+        self.model, self.prefix, self.depth = model, f"{prefix}." if prefix else "", depth
+
+    def layer_id(self, name: str) -> int:
+        if not name.startswith(self.prefix):
+            return self.depth + 1
+        rest = name[len(self.prefix):]
+        if rest.split(".")[0] in self._STEM:
+            return 0
+        if rest.startswith("blocks."):
+            return int(rest.split(".")[1]) + 1
+        return self.depth + 1
+
+    def named_parameters(self, *args, **kwargs):
+        return self.model.named_parameters(*args, **kwargs)
+
+    def group_matcher(self, coarse: bool = False):
+        return lambda name: (self.layer_id(name),)
+
+
+def param_groups_layer_decay(model: nn.Module, weight_decay: float, decay_all: bool, layer_decay: float) -> list[dict]:
+    """Parameter groups with an `lr_scale` each (layer-wise lr decay, MAE util/lr_decay.py param_groups_lrd),
+    built by timm's param_groups_layer_decay over `_LayerGrouping`'s layer ids: scale layer_decay^(depth + 1 - id).
+    Weight decay as `param_groups`: none on 1-D parameters and the named tokens/embeddings, or on every
+    parameter with `decay_all`."""
+    prefix, encoder = _layer_decay_encoder(model)
+    grouping = _LayerGrouping(model, prefix, len(encoder.blocks))
+    groups = timm_param_groups_layer_decay(
+        grouping, weight_decay, no_weight_decay_list=() if decay_all else sorted(no_weight_decay_names(model)),
+        weight_decay_exclude_1d=not decay_all, layer_decay=layer_decay)
+    # timm renumbers the ids it sees; each parameter must still get layer_decay^(depth + 1 - its id)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        want = layer_decay ** (grouping.depth + 1 - grouping.layer_id(name))
+        if p.requires_grad and not math.isclose(scale_of[id(p)], want, rel_tol=1e-12):
+            raise RuntimeError(f"layer-wise lr decay gave {name} the scale {scale_of[id(p)]}, not {want}")
+    return groups
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False,
+                 layer_decay: Optional[float] = None) -> list[dict]:
     """The optimiser's parameter groups for every training path (objectives, wrappers, classifiers).
 
     No weight decay on 1-D parameters (biases, norms) and on the named tokens and position embeddings
@@ -108,8 +186,11 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False)
     param_groups_weight_decay / lr_decay.py), SimMIM (optimizer.py, get_pretrain_param_groups), DeiT and
     attention-transfer (models_dual_vit.py, DualVisionTransformer.no_weight_decay) do; frozen parameters
     are left out. `decay_all`: one group, every parameter decayed (MoCo v3: main_moco.py builds AdamW on
-    model.parameters()).
+    model.parameters()). `layer_decay` (not None): the groups of `param_groups_layer_decay`, each with an
+    `lr_scale` that `fit` multiplies into the scheduled rate.
     """
+    if layer_decay is not None:
+        return param_groups_layer_decay(model, weight_decay, decay_all, layer_decay)
     if decay_all:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
     return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_weight_decay_names(model))
@@ -149,7 +230,7 @@ OPTIMIZERS = ("adamw", "sgd", "lars")
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """train.optimizer over `param_groups(model)`: AdamW (fused on GPU), SGD with momentum 0.9, or LARS."""
-    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_all)
+    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_all, cfg.layer_decay)
     if cfg.optimizer == "adamw":
         fused = device.type == "cuda"  # one kernel for the whole update on GPU
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
@@ -160,20 +241,81 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
-    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `total_steps`."""
+def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float, warmup_lr: float = 0.0,
+          milestones: Optional[list[int]] = None, gamma: float = 0.1) -> float:
+    """The rate of optimiser step `step` (0-based): linear warm-up from `warmup_lr` to `lr` over `warmup_steps`
+    (timm's schedulers and SimMIM lr_scheduler.py: warmup_lr_init + t (lr - warmup_lr_init) / warmup_t; vitablate
+    counts step + 1 so the first step does not train at warmup_lr), then either cosine decay to `min_lr` at
+    `total_steps` (MAE util/lr_sched.py) or, with `milestones` (steps), lr x gamma^(milestones passed) (SimMIM
+    lr_scheduler.py MultiStepLRScheduler: bisect_right(milestones, t))."""
     if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
+        return warmup_lr + (lr - warmup_lr) * (step + 1) / warmup_steps
+    if milestones is not None:
+        return lr * gamma ** bisect.bisect_right(milestones, step)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def classification_loss(model: nn.Module, label_smoothing: float) -> Callable:
-    def loss_fn(x: torch.Tensor, y: torch.Tensor):
-        logits = model(x)
-        return F.cross_entropy(logits, y, label_smoothing=label_smoothing), {}
+def schedule(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """step -> the scheduled rate of cfg (before any layer's lr_scale)."""
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+    milestones = None
+    if cfg.lr_schedule == "step":  # SimMIM lr_scheduler.py: milestones = epoch x iterations per epoch
+        milestones = [int(e * steps_per_epoch) for e in cfg.lr_step_epochs]
+    return lambda step: lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr, cfg.warmup_lr, milestones,
+                              cfg.lr_step_gamma)
 
-    return loss_fn
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group trains at `lr`, times its `lr_scale` where it has one (layer-wise decay; MAE
+    util/lr_sched.py adjust_learning_rate)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
+
+
+def accum_changes_objective(model: nn.Module, accum_steps: int, batch_size: int) -> str:
+    """Why gradient accumulation over `accum_steps` micro-batches is not the update of one batch of `batch_size`
+    for this model ("" where it is): a contrastive objective draws its negatives from each micro-batch (MoCo v3
+    main_moco.py: the keys of the whole, all-gathered batch) and a BatchNorm in training mode normalises each
+    micro-batch (MoCo's projector and predictor, the reference linear probe's BatchNorm, main_linprobe.py)."""
+    if accum_steps <= 1:
+        return ""
+    micro = batch_size // accum_steps
+    modes = {m: m.training for m in model.modules()}
+    model.train()  # which BatchNorms fit() trains in training mode (a linear probe keeps its encoder in eval)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m, mode in modes.items():
+        m.training = mode
+    reasons = []
+    if any(getattr(m, "in_batch_negatives", False) for m in model.modules()):
+        reasons.append(f"the contrastive negatives come from each micro-batch of {micro} images (per worker), "
+                       f"not from the batch of {batch_size}")
+    if norms:
+        reasons.append(f"{len(norms)} BatchNorm layer(s) normalise each micro-batch of {micro} images (per worker), "
+                       f"not the batch of {batch_size}")
+    return "; ".join(reasons)
+
+
+def classification_loss(model: nn.Module, label_smoothing: float, mixup: Optional[Callable] = None) -> Callable:
+    """Cross-entropy with label smoothing; with `mixup` (a timm.data.Mixup, which folds the label smoothing into
+    its soft targets) the batch is mixed on the device and the loss is timm's SoftTargetCrossEntropy, as DeiT's
+    main.py and MAE's main_finetune.py train (timm/data/mixup.py draws lam from NumPy, seeded per epoch)."""
+    if mixup is None:
+        def loss_fn(x: torch.Tensor, y: torch.Tensor):
+            logits = model(x)
+            return F.cross_entropy(logits, y, label_smoothing=label_smoothing), {}
+
+        return loss_fn
+    from timm.loss import SoftTargetCrossEntropy
+
+    soft_ce = SoftTargetCrossEntropy()
+
+    def mixed_loss_fn(x: torch.Tensor, y: torch.Tensor):
+        x, target = mixup(x, y)  # in place on this micro-batch; target (N, K) sums to 1 per row
+        return soft_ce(model(x), target), {}
+
+    return mixed_loss_fn
 
 
 @torch.no_grad()
@@ -254,6 +396,7 @@ class FitResult:
     history: list[dict] = field(default_factory=list)  # one dict of metrics per epoch
     resumed_from_epoch: int = 0  # epochs already done when this process started
     train_s: float = 0.0
+    accum_changes_objective: str = ""  # why accumulation is not the whole batch's update ("" where it is)
 
 
 def fit(
@@ -312,9 +455,15 @@ def fit(
     if accum < 1 or cfg.batch_size % accum:
         raise ValueError(f"train.accum_steps {accum} must be >= 1 and divide train.batch_size {cfg.batch_size}; "
                          "pick a divisor (batch_size / accum_steps images go through the model at once)")
+    result.accum_changes_objective = accum_changes_objective(model, accum, cfg.batch_size)
+    if result.accum_changes_objective and dist.is_main():
+        log.warning(f"[vitablate] warning: train.accum_steps {accum} changes the objective: "
+                    f"{result.accum_changes_objective}; a larger micro-batch (fewer accum_steps, more GPUs via "
+                    "execution.workers) is closer to the reference")
     step_loss, sync = dist.wrap_loss(model, loss_fn, device)  # DDP with several workers
     total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+    lr_of_step = schedule(cfg, steps_per_epoch)
+    last_lr = optimizer.param_groups[0]["lr"]  # the scheduled rate (the top layer's under layer decay)
     # non-finite check: every step on CPU (cheap), every 25 on GPU (a host sync each time)
     check_every = 1 if device.type == "cpu" else 25
     t_start = time.perf_counter()
@@ -333,8 +482,8 @@ def fit(
             return (transform(x, gen) if transform is not None else x), y
 
         for i, micro in enumerate(_steps(train_batches(epoch), accum, micro_batches, prepare)):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+            last_lr = lr_of_step(step)
+            set_lr(optimizer, last_lr)  # each group's lr_scale (layer-wise decay) times the schedule
             optimizer.zero_grad(set_to_none=True)
             step_images = sum(ym.shape[0] for _, ym in micro)
             # gradient accumulation: the mean loss over the batch, one micro-batch's share at a time
@@ -372,7 +521,7 @@ def fit(
                 "train.grad_clip, then re-run to resume."
             )
         dt = time.perf_counter() - t0
-        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "lr": last_lr,
                    "images_per_s": n_images / dt, "epoch_s": dt}
         metrics.update({k: (v / max(1, n_images)).item() for k, v in logs_sum.items()})
         if evaluate is not None:

@@ -7,6 +7,7 @@ tasks and `tracking.py` logs what they return. A job writes its outputs under
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -17,7 +18,7 @@ import torch
 
 from . import __version__
 from . import distributed as dist
-from .config import JobConfig, ModelConfig, to_dict
+from .config import ConfigError, JobConfig, ModelConfig, check_recipe, mixes, to_dict
 from .data import BatchAugment, DatasetBundle, load_dataset, normalize, to_unit
 from .engine import (
     Checkpoint,
@@ -53,8 +54,13 @@ def model_kwargs(m: ModelConfig, data: DatasetBundle, mixer: str) -> dict:
             f"model img_size {kw['img_size']} differs from the data's {data.img_size}; "
             "set model.img_size to the size the data should be resized to"
         )
+    # model.drop_rate: timm VisionTransformer's drop_rate (dropout before the head), passed only when set, so the
+    # kwargs (and the checkpoints' meta) of a run without it stay as they were
+    dropout = {"drop_rate": m.drop_rate} if m.drop_rate else {}
     return dict(kw, mixer=mixer, in_chans=data.in_chans, num_classes=data.num_classes,
-                mlp_ratio=m.mlp_ratio, global_pool=m.global_pool, drop_path_rate=m.drop_path_rate)
+                mlp_ratio=m.mlp_ratio, global_pool=m.global_pool, drop_path_rate=m.drop_path_rate,
+                pos_embed=m.pos_embed, freeze_patch_embed=m.freeze_patch_embed, weight_init=m.weight_init,
+                init_values=m.init_values, **dropout)
 
 
 def setup(cfg: JobConfig) -> tuple[torch.device, object]:
@@ -81,6 +87,8 @@ def load_data(cfg: JobConfig, device: torch.device, train_crop: bool = False) ->
         extra = dict(crop_scale=tuple(a.crop_scale) if a.crop_scale else None, flip=a.flip,
                      micro_batch=dist.check_batch(cfg.train.batch_size, cfg.train.accum_steps),
                      pin_memory=device.type == "cuda", train_mode=mode)
+        if mode == "train" and a.rand_augment:  # timm's RandAugment on each crop, in the loader workers
+            extra["rand_augment"] = a.rand_augment
     subsets = {k: v for k, v in dict(n_train=d.n_train, n_val=d.n_val, n_test=d.n_test).items() if v is not None}
     bundle = load_dataset(d.name, root=d.root, img_size=cfg.model.img_size, label_by=d.label_by,
                           extra_test_dirs=d.extra_test_dirs or None, num_workers=d.num_workers, **extra, **subsets)
@@ -107,25 +115,90 @@ def make_transforms(cfg: JobConfig, data: DatasetBundle, device: torch.device):
     mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
     aug = build_augment(cfg, data)
+    erase = random_erasing(cfg, device)
 
     def eval_transform(x: torch.Tensor) -> torch.Tensor:
         return normalize(to_unit(x), mean, std)
 
     def train_transform(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return normalize(aug(to_unit(x), generator=gen), mean, std)
+        x = normalize(aug(to_unit(x), generator=gen), mean, std)
+        return x if erase is None else erase(x)
 
     return train_transform, eval_transform
 
 
-def epoch_batches(split, batch_size: int, seed: int, accum_steps: int = 1):
+def random_erasing(cfg: JobConfig, device: torch.device):
+    """train.augment.random_erasing: timm's RandomErasing on the normalised batch, on the device (None when 0).
+
+    timm's create_transform places it after Normalize (timm/data/transforms_factory.py; DeiT main.py --reprob
+    0.25 --remode pixel --recount 1), where "pixel" fills with N(0, 1) noise in normalised units. Its per-image
+    draws come from Python's `random` and torch's global generator (timm/data/random_erasing.py), both seeded
+    from (seed, epoch) by engine.fit, so a resumed run erases the same boxes. Image-folder batches leave the
+    loader as uint8 and are normalised on the device, so both kinds of data are erased here."""
+    a = cfg.train.augment
+    if not a.random_erasing:
+        return None
+    from timm.data.random_erasing import RandomErasing
+
+    return RandomErasing(a.random_erasing, mode=a.random_erasing_mode, device=str(device))
+
+
+def build_mixup(cfg: JobConfig, num_classes: int):
+    """timm's Mixup/CutMix for the recipe (None when both alphas are 0), as DeiT's main.py and MAE's
+    main_finetune.py build it: batch mode, label smoothing folded into the soft targets."""
+    tc = cfg.train
+    if not mixes(tc):
+        return None
+    micro = dist.check_batch(tc.batch_size, tc.accum_steps)
+    if micro % 2:
+        raise ConfigError(f"train.mixup_alpha/cutmix_alpha: timm's Mixup pairs each image with the micro-batch "
+                          f"reversed, so a worker's micro-batch must be even, but train.batch_size {tc.batch_size} / "
+                          f"(execution.workers {dist.world_size()} x train.accum_steps {tc.accum_steps}) = {micro}; "
+                          "pick an even micro-batch")
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=tc.mixup_alpha, cutmix_alpha=tc.cutmix_alpha, prob=tc.mix_prob,
+                 switch_prob=tc.mix_switch_prob, mode="batch", label_smoothing=tc.label_smoothing,
+                 num_classes=num_classes)
+
+
+def build_ema(cfg: JobConfig, model: torch.nn.Module):
+    """train.ema: timm's ModelEmaV3 of `model` (the student: what model.pt keeps), decay train.ema_decay per
+    optimiser step with no warm-up, as DeiT's ModelEma (main.py --model-ema-decay 0.99996); None when off."""
+    if not cfg.train.ema:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=cfg.train.ema_decay)
+
+
+@contextlib.contextmanager
+def evaluated_weights(model: torch.nn.Module, ema):
+    """Inside: `model` holds the EMA weights (every forward built on it, a wrapper's or a compiled one, uses
+    them); on leaving, its own weights come back bit for bit. Yields the online state dict (None without an
+    EMA, when nothing changes)."""
+    if ema is None:
+        yield None
+        return
+    online = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(ema.module.state_dict())
+    try:
+        yield online
+    finally:
+        model.load_state_dict(online)
+
+
+def epoch_batches(split, batch_size: int, seed: int, accum_steps: int = 1, repeats: int = 1):
     """train_batches(epoch) for `fit(micro_batches=True)`: a fresh shuffle drawn from (seed, epoch), the same on
-    every worker; this worker's share of each step's `batch_size` images, as accum_steps micro-batches."""
+    every worker; this worker's share of each step's `batch_size` images, as accum_steps micro-batches.
+    repeats > 1: repeated augmentation (train.repeated_aug; datasets.batch_plan, after DeiT's RASampler)."""
     dist.check_batch(batch_size, accum_steps)
+    more = {"repeats": repeats} if repeats > 1 else {}
 
     def batches(epoch: int):
         gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
         return split.batches(batch_size, shuffle=True, generator=gen, drop_last=True,
-                             shard=dist.shard() if dist.is_distributed() else None, micro=accum_steps)
+                             shard=dist.shard() if dist.is_distributed() else None, micro=accum_steps, **more)
 
     return batches
 
@@ -142,6 +215,8 @@ def shifted_sets(cfg: JobConfig, data: DatasetBundle) -> dict:
     the configured corruptions of the test split at the configured severity."""
     from .data import corrupt_split
 
+    if not cfg.shift.in_job:
+        return {}
     sets = dict(data.extra_tests)
     for name in cfg.shift.corruptions:
         if not hasattr(data.test, "x"):
@@ -206,6 +281,13 @@ def base_record(cfg: JobConfig) -> dict:
     }
 
 
+def accum_fields(result) -> dict:
+    """The record's note on gradient accumulation: accum_changes_objective (true where train.accum_steps > 1 is not
+    the update of one whole batch: MoCo's negatives, BatchNorm statistics) and, then, why."""
+    reason = result.accum_changes_objective
+    return {"accum_changes_objective": bool(reason), **({"accum_changes_objective_reason": reason} if reason else {})}
+
+
 def classifier_job(cfg: JobConfig, on_epoch: OnEpoch, build: Callable) -> dict:
     """Train and evaluate a classifier; `build(model, kw, device)` says how.
 
@@ -214,11 +296,16 @@ def classifier_job(cfg: JobConfig, on_epoch: OnEpoch, build: Callable) -> dict:
     of eval_forward) and what evaluation calls. The student `model` is what model.pt keeps.
     """
     t0 = time.perf_counter()
+    check_recipe(cfg.train, cfg.data.name)
     device, precision = setup(cfg)
     data = load_data(cfg, device, train_crop=True)
     kw = model_kwargs(cfg.model, data, cfg.mixer)
     model = create_model(**kw)
     fit_module, loss_fn, forward = build(model, kw, device)
+    if loss_fn is not None and mixes(cfg.train):
+        raise ConfigError(f"train.mixup_alpha/cutmix_alpha need the plain classification loss, but {cfg.job} "
+                          f"{cfg.transfer.method} brings its own; set both alphas to 0 for it")
+    ema = build_ema(cfg, model)  # a copy of the weights as built (after a fine-tune's encoder is loaded)
     eager_forward = forward  # attention capture needs the eager modules
     if cfg.execution.compile:
         forward = torch.compile(forward)
@@ -228,30 +315,42 @@ def classifier_job(cfg: JobConfig, on_epoch: OnEpoch, build: Callable) -> dict:
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size {tc.batch_size} exceeds the {len(data.train)} training images; lower it")
     if loss_fn is None:
-        loss_fn = classification_loss(forward, tc.label_smoothing)
+        loss_fn = classification_loss(forward, tc.label_smoothing, build_mixup(cfg, data.num_classes))
 
     def evaluate() -> dict:
         fit_module.eval()
-        return {"top1_val": top1(*sharded_predict(forward, data.val, tc.eval_batch_size, precision, eval_transform))}
+        with evaluated_weights(model, ema):  # train.ema: the EMA weights are the ones evaluated
+            return {"top1_val": top1(*sharded_predict(forward, data.val, tc.eval_batch_size, precision,
+                                                      eval_transform))}
 
+    extra = {}
+    if ema is not None:  # the EMA lives in the checkpoint and follows each optimiser step (DeiT main.py)
+        extra = dict(extra_state={"ema": ema}, after_step=lambda step, total: ema.update(model))
     result = fit(
-        fit_module, loss_fn, epoch_batches(data.train, tc.batch_size, cfg.seed, tc.accum_steps), steps_per_epoch, tc,
-        precision, Checkpoint(os.path.join(cfg.output_dir, "checkpoint.pt")), cfg.seed, transform=train_transform,
-        evaluate=evaluate, on_epoch=on_epoch, meta={"config": to_dict(cfg), "model": kw}, micro_batches=True,
+        fit_module, loss_fn, epoch_batches(data.train, tc.batch_size, cfg.seed, tc.accum_steps, tc.repeated_aug),
+        steps_per_epoch, tc, precision, Checkpoint(os.path.join(cfg.output_dir, "checkpoint.pt")), cfg.seed,
+        transform=train_transform, evaluate=evaluate, on_epoch=on_epoch, meta={"config": to_dict(cfg), "model": kw},
+        micro_batches=True, **extra,
     )
     fit_module.eval()
-    final = evaluate() | evaluate_splits(forward, data, tc.eval_batch_size, precision, eval_transform,
-                                         shifted_sets(cfg, data))
     maps = {}
-    if dist.is_main():  # rank 0 alone writes the job's outputs
-        path = os.path.join(cfg.output_dir, "model.pt")
-        with atomic_path(path) as tmp:
-            torch.save({"model": model.state_dict(), "model_kwargs": kw, "config": to_dict(cfg)}, tmp)
-        maps = save_query_maps(model, eager_forward, data, eval_transform, cfg.output_dir)
+    with evaluated_weights(model, ema) as online:  # test, shifted sets, model.pt, maps: the evaluated weights
+        final = evaluate() | evaluate_splits(forward, data, tc.eval_batch_size, precision, eval_transform,
+                                             shifted_sets(cfg, data))
+        if dist.is_main():  # rank 0 alone writes the job's outputs
+            path = os.path.join(cfg.output_dir, "model.pt")
+            saved = {"model": model.state_dict(), "model_kwargs": kw, "config": to_dict(cfg)}
+            if ema is not None:  # "model" holds the EMA weights that were evaluated; the online ones beside them
+                saved["online_model"] = online
+            with atomic_path(path) as tmp:
+                torch.save(saved, tmp)
+            maps = save_query_maps(model, eager_forward, data, eval_transform, cfg.output_dir)
     return base_record(cfg) | maps | {
         "params_m": count_params(model) / 1e6, "epochs": tc.epochs, "device": str(device),
+        "evaluated_weights": "ema" if ema is not None else "online",
         "precision": str(precision.dtype or "float32"), "resumed_from_epoch": result.resumed_from_epoch,
         "train_s": result.train_s, "wall_s": time.perf_counter() - t0, "history": result.history, **final,
+        **accum_fields(result),
     }
 
 
@@ -302,7 +401,10 @@ def load_pretrained(model: torch.nn.Module, state: dict, what: str) -> None:
     bad = [k for k in missing if not k.startswith(("head.",) + _FINAL_NORMS)]
     bad += [k for k in unexpected if not k.startswith(_FINAL_NORMS)]
     if bad:
-        raise ValueError(f"{what} does not fit this model: mismatched weights {bad[:5]}")
+        hint = ("; LayerScale (ls1/ls2.gamma) is in one model only: give the fine-tuned model the encoder's "
+                "model.init_values (pretext.by_pretext.<pretext>.finetune_model, transfer.model)"
+                if any(".ls1." in k or ".ls2." in k for k in bad) else "")
+        raise ValueError(f"{what} does not fit this model: mismatched weights {bad[:5]}{hint}")
 
 
 def pretext_id(cfg: JobConfig) -> str:
@@ -314,7 +416,7 @@ def encoder_kwargs(cfg: JobConfig, data: DatasetBundle) -> dict:
     return model_kwargs(cfg.model, data, "attention") | {"num_classes": 0}  # pooled features out
 
 
-def build_objective(cfg: JobConfig, data: DatasetBundle):
+def build_objective(cfg: JobConfig, data: DatasetBundle, device: torch.device = torch.device("cpu")):
     """(the pretext objective around a new encoder, the encoder's create_model kwargs): the encoder is built
     from the pre-training job's own model settings (pretext.model <- by_pretext.<pretext>.pretrain_model)."""
     from .objectives import build_pretext
@@ -323,7 +425,8 @@ def build_objective(cfg: JobConfig, data: DatasetBundle):
     extra = cfg.pretext.objective_kwargs()
     if cfg.pretext.name == "supervised":
         extra = dict(num_classes=data.num_classes, label_smoothing=cfg.train.label_smoothing,
-                     augment=build_augment(cfg, data))  # the same augmentation as training from scratch
+                     augment=build_augment(cfg, data),  # the same augmentation as training from scratch
+                     erase=random_erasing(cfg, device), mixup=build_mixup(cfg, data.num_classes))
     return build_pretext(cfg.pretext.name, create_model(**kw), data.mean, data.std, **extra), kw
 
 
@@ -332,16 +435,36 @@ def pretrain_setup(cfg: JobConfig, device: torch.device):
     (crops from the full images); on an image folder the others' loader takes their crops of the full images
     (mode "views": objective.take_loader_views), and their device augmentation no longer crops or flips."""
     data = load_data(cfg, device, train_crop=cfg.pretext.name == "supervised")
-    objective, kw = build_objective(cfg, data)
+    objective, kw = build_objective(cfg, data, device)
     if getattr(data.train, "mode", None) == "views":
         data.train.views = objective.take_loader_views()
     return data, objective, kw
+
+
+def check_pretext_recipe(cfg: JobConfig) -> None:
+    """A pre-training recipe's DeiT keys: the supervised pretext applies RandAugment (loader), random erasing,
+    Mixup/CutMix (objectives.Supervised) and repeated augmentation; the self-supervised ones draw their own views,
+    so there those keys would be silently ignored: refused, naming them. An EMA is never evaluated in pre-training."""
+    tc, a = cfg.train, cfg.train.augment
+    check_recipe(tc, cfg.data.name, "pretext.pretrain")
+    if cfg.pretext.name != "supervised":
+        used = [k for k, on in (("augment.rand_augment", a.rand_augment), ("augment.random_erasing", a.random_erasing),
+                                ("mixup_alpha", tc.mixup_alpha), ("cutmix_alpha", tc.cutmix_alpha),
+                                ("repeated_aug", tc.repeated_aug > 1)) if on]
+        if used:
+            raise ConfigError(f"pretext {cfg.pretext.name!r} draws its own views and does not apply train.{used}; "
+                              "remove them from its pre-training recipe (pretext.pretrain / by_pretext) and set them "
+                              "in pretext.finetune instead")
+    if tc.ema:
+        raise ConfigError("train.ema is not applied in pre-training (the encoder saved is the online one); remove it "
+                          "from pretext.pretrain / by_pretext.<pretext>.pretrain")
 
 
 def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     """Pre-train an encoder with `cfg.pretext` (the pretext question's first job)."""
 
     t0 = time.perf_counter()
+    check_pretext_recipe(cfg)
     device, precision = setup(cfg)
     data, objective, kw = pretrain_setup(cfg, device)
     encoder = objective.encoder
@@ -352,7 +475,8 @@ def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size {tc.batch_size} exceeds the {len(data.train)} training images; lower it")
     result = fit(
-        objective, lambda x, y: objective(x, y), epoch_batches(data.train, tc.batch_size, cfg.seed, tc.accum_steps),
+        objective, lambda x, y: objective(x, y), epoch_batches(data.train, tc.batch_size, cfg.seed, tc.accum_steps,
+                                                                  tc.repeated_aug),
         steps_per_epoch, tc, precision, Checkpoint(os.path.join(cfg.output_dir, "checkpoint.pt")), cfg.seed,
         on_epoch=on_epoch, after_step=objective.after_step, meta={"config": to_dict(cfg)}, micro_batches=True,
         transform=lambda x, gen: to_unit(x),  # uint8 image-folder batches -> [0, 1] on the device
@@ -365,7 +489,7 @@ def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
         "pretext": pretext_id(cfg), "params_m": count_params(encoder) / 1e6, "epochs": tc.epochs,
         "final_loss": result.history[-1]["train_loss"], "device": str(device), "train_s": result.train_s,
         "resumed_from_epoch": result.resumed_from_epoch, "wall_s": time.perf_counter() - t0,
-        "history": result.history,
+        "history": result.history, **accum_fields(result),
     }
 
 
@@ -417,6 +541,8 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional
     if name == "linear_probe":  # the L2 strength with the best val top-1 (one value: that one)
         predict, wd, _ = select_linear_probe(tx, ty, *feats["val"], k, cfg.eval.probe_weight_decay)
         out["probe_weight_decay"] = wd
+        if cfg.question == "transfer":  # its shift job applies this probe to the shifted sets
+            save_probe(cfg, predict.state)
     for split, (x, y) in feats.items():  # val, test and every shifted test set
         if split != "train":
             out[f"top1_{split}"] = (knn_accuracy(tx, ty, x, y, k, cfg.eval.knn_k, cfg.eval.knn_temperature)
@@ -436,6 +562,13 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional
                 out |= shape_bias(pred, cc["y_shape"].cpu(), cc["y_texture"].cpu())
     return base_record(cfg) | maps | {"eval": name, "pretext": pretext_id(cfg), "device": str(device),
                                       "wall_s": time.perf_counter() - t0, "history": [], **out}
+
+
+def save_probe(cfg: JobConfig, state: dict) -> None:
+    """A transfer linear probe's head (probe.pt beside its record), which its shift job applies."""
+    path = os.path.join(cfg.output_dir, "probe.pt")
+    with atomic_path(path) as tmp:  # creates output_dir
+        torch.save(state, tmp)
 
 
 def reference_linear_probe(cfg: JobConfig, on_epoch: OnEpoch, encoder, data: DatasetBundle, device, precision) -> dict:
@@ -464,10 +597,12 @@ def reference_linear_probe(cfg: JobConfig, on_epoch: OnEpoch, encoder, data: Dat
     final = evaluate() | evaluate_splits(probe, data, tc.eval_batch_size, precision, eval_transform,
                                          shifted_sets(cfg, data))
     maps = save_query_maps(encoder, encoder, data, eval_transform, cfg.output_dir)
+    if cfg.question == "transfer":  # its shift job applies this probe to the shifted sets
+        save_probe(cfg, {"kind": "reference", "head": probe.head.state_dict()})
     return base_record(cfg) | maps | {"eval": cfg.eval.name, "pretext": pretext_id(cfg), "probe": "reference",
                                       "device": str(device), "epochs": tc.epochs, "train_s": result.train_s,
                                       "resumed_from_epoch": result.resumed_from_epoch, "history": result.history,
-                                      **final}
+                                      **final, **accum_fields(result)}
 
 
 def analyse_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
@@ -582,6 +717,13 @@ def transfer(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     return classifier_job(cfg, on_epoch, build) | tags
 
 
+def evaluate_shift(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
+    """A transfer student tested under distribution shift (vitablate.shift)."""
+    from .shift import evaluate_shift as run
+
+    return run(cfg, on_epoch)
+
+
 def noop(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     """Trains nothing (execution.dry_jobs): measures the orchestration around a job, shows placement."""
     start = time.time()
@@ -599,6 +741,7 @@ JOBS: dict[str, Callable[[JobConfig, OnEpoch], dict]] = {
     "evaluate_encoder": evaluate_encoder,
     "analyse_encoder": analyse_encoder,
     "transfer": transfer,
+    "evaluate_shift": evaluate_shift,
     "noop": noop,
 }
 

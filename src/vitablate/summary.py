@@ -356,9 +356,11 @@ def transfer_section(df: pl.DataFrame, reference_layers: str = "all") -> str:
 # --- the document ---------------------------------------------------------------------------
 
 def build_summary(architecture: Sequence[str] = (), pretext: Sequence[str] = (), analyses: Sequence[str] = (),
-                  transfer: Sequence[str] = (), reference_layers: str = "all") -> str:
+                  transfer: Sequence[str] = (), reference_layers: str = "all",
+                  transfer_shift: Sequence[str] = ()) -> str:
     """The whole summary.md from record paths; a question with no records is left out. `reference_layers`:
-    the transfer layer set copy and distillation are judged on (the config's first `transfer.layers`)."""
+    the transfer layer set copy and distillation are judged on (the config's first `transfer.layers`);
+    `transfer_shift`: the students' shift records (their top1_shift_* join the students' rows)."""
     n = len(architecture) + len(pretext) + len(analyses) + len(transfer)
     parts = [
         "# vitablate summary\n",
@@ -386,7 +388,8 @@ def build_summary(architecture: Sequence[str] = (), pretext: Sequence[str] = (),
         parts.append(pretext_section(evals, rep))
         parts.append(sources("pretext"))
     if transfer:
-        parts.append(transfer_section(aggregate.load_records(transfer), reference_layers))
+        parts.append(transfer_section(aggregate.load_records(transfer, shift=transfer_shift or ()),
+                                      reference_layers))
         parts.append(sources("transfer"))
     if len(parts) == 2:
         raise ValueError("no run records for the summary: the config has no architecture, pretext or transfer section")

@@ -29,6 +29,7 @@ from .config import JobConfig, from_dict
 log = logging.getLogger("vitablate.jobs")
 # eval jobs that train nothing run as one process whatever execution.workers says
 _ONE_PROCESS = {("evaluate_encoder", "linear_probe"), ("evaluate_encoder", "knn"), ("analyse_encoder", None),
+                ("evaluate_shift", None),
                 ("transfer", "linear_probe"), ("transfer", "ensemble")}
 _group_placements: list[dict] = []  # every rank's placement, in this worker process (rank order)
 
@@ -109,7 +110,7 @@ def _worker_loop(config: dict) -> None:
     import torch
 
     from . import distributed, jobs
-    from .execution import _execute, placement
+    from .submit import _execute, placement
 
     os.chdir(config["cwd"])  # Ray Train starts workers in its own directory; the job's paths are the launcher's
     if torch.cuda.is_available() and config["cfg"]["execution"]["num_gpus"] > 0:

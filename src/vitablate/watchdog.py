@@ -57,7 +57,7 @@ def write_pid_file(path: str, info: dict) -> None:
 def stop_all(info: dict) -> None:
     """Stop the dispatcher, then the Ray cluster, that a run's pid file names (only processes that still name their
     own temp dir: a pid reused by an unrelated process is never signalled)."""
-    from .execution import _kill_stragglers, _stop
+    from .cluster import _kill_stragglers, _stop
 
     for key in ("dispatcher", "ray"):
         entry = info.get(key)

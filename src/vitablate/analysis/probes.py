@@ -63,6 +63,22 @@ def fit_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: 
     def predict(x: torch.Tensor) -> torch.Tensor:
         return head((x - mean) / std)
 
+    predict.state = {"kind": "lbfgs", "mean": mean, "std": std, "head": head.state_dict()}  # for probe.pt
+    return predict
+
+
+def linear_probe_from_state(state: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The `fit_linear_probe` predict whose `.state` was saved (a transfer linear probe's probe.pt): the same
+    standardisation and head, so it gives the same logits."""
+    mean, std = state["mean"], state["std"]
+    weight = state["head"]["weight"]
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0])
+    head.load_state_dict(state["head"])
+
+    @torch.no_grad()
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return head((x - mean) / std)
+
     return predict
 
 

@@ -72,23 +72,25 @@ class Split:
         drop_last: bool = False,
         shard: tuple[int, int] | None = None,
         micro: int = 1,
+        repeats: int = 1,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (x, y) batches by slicing the tensors (no per-sample Python loop).
 
         With shuffle, the permutation comes from `generator` (on the generator's
         device, CPU by default), so a seeded generator makes runs repeatable.
         shard=(rank, world): yield only this worker's contiguous part of each batch (see
-        `batch_plan`); micro: yield each (part of a) batch as this many consecutive micro-batches.
+        `batch_plan`); micro: yield each (part of a) batch as this many consecutive micro-batches;
+        repeats: repeated augmentation (`batch_plan`), each image `repeats` times per epoch.
         """
         _check_batch_size(batch_size)
-        if not shuffle and shard is None and micro == 1:  # plain slices, no index tensors
+        if not shuffle and shard is None and micro == 1 and repeats == 1:  # plain slices, no index tensors
             for start in range(0, len(self), batch_size):
                 if drop_last and start + batch_size > len(self):
                     break
                 yield self.x[start : start + batch_size], self.y[start : start + batch_size]
             return
-        for idx in batch_plan(len(self), batch_size, shuffle, generator, drop_last, shard, micro):
-            idx = idx.to(self.x.device)
+        for idx in batch_plan(len(self), batch_size, shuffle, generator, drop_last, shard, micro, repeats):
+            idx = (idx % len(self) if repeats > 1 else idx).to(self.x.device)  # copy k of image i is k * n + i
             yield self.x[idx], self.y[idx]
 
 
@@ -100,20 +102,33 @@ def batch_plan(
     drop_last: bool = False,
     shard: tuple[int, int] | None = None,
     micro: int = 1,
+    repeats: int = 1,
 ) -> Iterator[torch.Tensor]:
     """Index tensors of the batches of n items: the (seeded) permutation cut into batches; with
     shard=(rank, world), each batch cut into `world` contiguous parts and this rank's part kept (the
-    parts of all ranks make up exactly the one-worker batch); each kept part cut into `micro` pieces."""
+    parts of all ranks make up exactly the one-worker batch); each kept part cut into `micro` pieces.
+
+    repeats > 1: repeated augmentation as DeiT's RASampler (facebookresearch/deit: samplers.py): every index
+    of the permutation is repeated `repeats` times in a row and the epoch keeps the first n entries, so the
+    epoch has its usual length and holds n / repeats distinct images, each `repeats` times, mostly in the same
+    batch (each copy augmented on its own). The indices are then "virtual", copy k of item i being k * n + i
+    (take them modulo n), so a loader can draw each copy's own augmentation; and a sharded batch is dealt
+    out with a stride (rank r keeps entries r, r + world, ...) instead of in contiguous parts, so the copies
+    of an image go to different workers, as RASampler's `indices[rank:total_size:num_replicas]` does.
+    repeats 1 draws exactly the same numbers as before the option existed."""
     if shuffle:
         gen_device = generator.device if generator is not None else "cpu"
         order = torch.randperm(n, generator=generator, device=gen_device).cpu()
     else:
         order = torch.arange(n)
+    if repeats > 1:
+        copy = torch.arange(repeats).repeat(n)  # 0, 1, .., repeats-1, 0, 1, ..
+        order = (order.repeat_interleave(repeats) + n * copy)[:n]
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size]
         if shard is not None:
-            idx = torch.tensor_split(idx, shard[1])[shard[0]]
+            idx = idx[shard[0]::shard[1]] if repeats > 1 else torch.tensor_split(idx, shard[1])[shard[0]]
         yield from (part for part in torch.tensor_split(idx, micro) if len(part))
 
 
@@ -219,12 +234,14 @@ class FolderSplit(torch.utils.data.Dataset):
         drop_last: bool = False,
         shard: tuple[int, int] | None = None,
         micro: int = 1,
+        repeats: int = 1,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Same contract as Split.batches; reads through a DataLoader (self.num_workers)."""
         _check_batch_size(batch_size)
         if generator is not None and generator.device.type != "cpu":
             raise ValueError("FolderSplit.batches needs a CPU generator for shuffling; pass torch.Generator()")
-        plan = [idx.tolist() for idx in batch_plan(len(self), batch_size, shuffle, generator, drop_last, shard, micro)]
+        plan = [(idx % len(self)).tolist()
+                for idx in batch_plan(len(self), batch_size, shuffle, generator, drop_last, shard, micro, repeats)]
         loader = torch.utils.data.DataLoader(
             self,
             batch_sampler=plan,
@@ -765,6 +782,7 @@ def load_imagefolder(
     micro_batch: int | None = None,
     pin_memory: bool = False,
     train_mode: str = "train",
+    rand_augment: str | None = None,
     **kw,
 ) -> DatasetBundle:
     """ImageNet-style root/train/<class>/* and root/val/<class>/*.
@@ -776,7 +794,8 @@ def load_imagefolder(
     the full-resolution image; "view" resizes the whole image and centre-crops; "views" takes a pretext's
     own crops of the full-resolution image (ImageFolderStream `views`, set by jobs.pretrain);
     "eval" resizes to img_size / 0.875 (bicubic) and centre-crops, as val and test always do
-    (jobs that only read features). seed and micro_batch are unused (fixed split; batches are
+    (jobs that only read features). rand_augment: a timm RandAugment string applied to the "train" crops in
+    the loader workers (ImageFolderStream). seed and micro_batch are unused (fixed split; batches are
     sized by the caller).
     """
     from .pipeline import ImageFolderStream
@@ -800,7 +819,8 @@ def load_imagefolder(
 
     def fs(sub: str, indices=None, mode: str = "eval") -> ImageFolderStream:
         return ImageFolderStream(os.path.join(root, sub), img_size, mode=mode, indices=indices,
-                                 num_workers=num_workers, crop_scale=crop_scale, flip=flip, pin_memory=pin_memory)
+                                 num_workers=num_workers, crop_scale=crop_scale, flip=flip, pin_memory=pin_memory,
+                                 rand_augment=rand_augment if mode == "train" else None, mean=IMAGENET_MEAN)
 
     full = fs("train")
     keep, hold = _stratified_holdout(full.targets.numpy(), val_fraction)

@@ -65,6 +65,33 @@ def resized_crop_box(width: int, height: int, scale: tuple[float, float], ratio:
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def rand_augment_pil(config: str, img_size: int, mean: tuple[float, ...]):
+    """timm's RandAugment for PIL images of `img_size` px, with the parameters timm's create_transform gives it
+    (timm/data/transforms_factory.py, transforms_imagenet_train: translate_const 0.45 x size, the dataset mean
+    as fill, and the training interpolation, bicubic in DeiT main.py and MAE main_finetune.py)."""
+    from PIL import Image
+    from timm.data.auto_augment import rand_augment_transform
+
+    hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(min(255, round(255 * m)) for m in mean),
+                   interpolation=Image.BICUBIC)
+    return rand_augment_transform(config, hparams)
+
+
+def seeded_host_rngs(seed: int, fn, *args):
+    """fn(*args) with Python's and NumPy's global generators seeded from `seed` (timm's RandAugment draws from
+    both), restoring their previous states afterwards, so each image's augmentation depends on its own seed."""
+    import random
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        return fn(*args)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
 class _Plan:
     """A batch sampler whose batches are replaced every epoch (the DataLoader that iterates it persists)."""
 
@@ -97,7 +124,8 @@ class ImageFolderStream(FolderSplit):
     def __init__(self, root: str | os.PathLike, img_size: int, mode: str = "eval", in_chans: int = 3,
                  indices=None, class_names: Optional[list[str]] = None, num_workers: int = 0,
                  crop_scale: Optional[tuple[float, float]] = None, flip: bool = True, pin_memory: bool = False,
-                 views: Optional[list] = None):
+                 views: Optional[list] = None, rand_augment: Optional[str] = None,
+                 mean: tuple[float, ...] = (0.485, 0.456, 0.406)):
         if mode not in ("train", "eval", "view", "views"):
             raise ValueError(f"ImageFolderStream mode must be train, eval, view or views, got {mode!r}")
         super().__init__(root, img_size, in_chans=in_chans, indices=indices, class_names=class_names,
@@ -108,6 +136,9 @@ class ImageFolderStream(FolderSplit):
         self.flip = flip
         self.views = list(views or [])  # mode "views": set by the pretext (jobs.pretrain) before the first batch
         self.pin_memory = pin_memory
+        # mode "train": timm's RandAugment on the PIL crop, as timm's create_transform places it (after the
+        # random-resized crop and flip; DeiT main.py and MAE main_finetune.py --aa rand-m9-mstd0.5-inc1)
+        self.rand_augment = rand_augment_pil(rand_augment, img_size, mean) if rand_augment else None
         self._plan = _Plan()
         self._loader: Optional[torch.utils.data.DataLoader] = None
 
@@ -150,6 +181,8 @@ class ImageFolderStream(FolderSplit):
             img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
             if self.flip and torch.rand(1, generator=gen).item() < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            if self.rand_augment is not None:  # drawn after crop and flip, so those stay as without it
+                img = seeded_host_rngs(int(torch.randint(0, 2**31, (1,), generator=gen)), self.rand_augment, img)
         else:
             shorter = round(size * EVAL_RESIZE) if self.mode == "eval" else size
             img = TF.resize(img, shorter, InterpolationMode.BICUBIC, antialias=True)
@@ -195,14 +228,21 @@ class ImageFolderStream(FolderSplit):
         drop_last: bool = False,
         shard: tuple[int, int] | None = None,
         micro: int = 1,
+        repeats: int = 1,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Same contract as Split.batches, uint8 images; each loader batch is one micro-batch."""
+        """Same contract as Split.batches, uint8 images; each loader batch is one micro-batch.
+
+        repeats: repeated augmentation (`batch_plan`); copy k of image i draws its crop (and RandAugment) from
+        the seed of virtual index k * n + i, so the copies differ (copy 0 keeps the seed it had without repeats).
+        """
         _check_batch_size(batch_size)
         if generator is not None and generator.device.type != "cpu":
             raise ValueError("ImageFolderStream.batches needs a CPU generator for shuffling; pass torch.Generator()")
         base = int(torch.randint(0, 2**62, (1,), generator=generator)) if self.train else 0
-        self._plan.batches = [[(i, base + 7919 * i) if self.train else i for i in idx.tolist()]
-                              for idx in batch_plan(len(self), batch_size, shuffle, generator, drop_last, shard, micro)]
+        n = len(self)
+        plan = batch_plan(n, batch_size, shuffle, generator, drop_last, shard, micro, repeats)
+        self._plan.batches = [[(v % n, base + 7919 * v) if self.train else v % n for v in idx.tolist()]
+                              for idx in plan]
         for x, y in self.loader():
             if self.device is not None:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

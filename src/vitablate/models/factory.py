@@ -10,6 +10,7 @@ to classes through `MIXERS`; named sizes live in
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -49,6 +50,73 @@ MIXERS: dict[str, Callable[[Geometry], dict[str, Callable]]] = {
 }
 
 
+POS_EMBEDS = ("learn", "sincos", "sincos_moco_v3")  # model.pos_embed
+WEIGHT_INITS = ("timm", "moco_v3", "mae")  # model.weight_init
+
+
+def sincos_pos_embed_2d(dim: int, grid: int, num_prefix_tokens: int = 0, row_first: bool = False) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding: (num_prefix_tokens + grid*grid, dim), zeros for prefix tokens.
+
+    Patches in row-major order. Each axis takes dim/2 channels: sin(pos * w_k) then cos(pos * w_k), with
+    w_k = 1 / 10000^(k / (dim/4)), k < dim/4. MAE (facebookresearch/mae: util/pos_embed.py,
+    get_2d_sincos_pos_embed: np.meshgrid(grid_w, grid_h) puts the column index in the first half) and
+    `row_first=True`: MoCo v3 (vits.py, build_2d_sincos_position_embedding: torch.meshgrid(grid_w, grid_h)
+    with 'ij' indexing puts the row index first). Computed in float64, returned as float32.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    gy, gx = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))  # (dim/4,)
+
+    def one_axis(pos: torch.Tensor) -> torch.Tensor:  # (M,) -> (M, dim/2)
+        out = pos.reshape(-1)[:, None] * omega[None, :]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    axes = (gy, gx) if row_first else (gx, gy)
+    emb = torch.cat([one_axis(axes[0]), one_axis(axes[1])], dim=1)  # (grid*grid, dim)
+    emb = torch.cat([torch.zeros(num_prefix_tokens, dim, dtype=torch.float64), emb], dim=0)
+    return emb.float()
+
+
+def _init_moco_v3(model: VisionTransformer, in_chans: int) -> None:
+    """MoCo v3's initialisation (facebookresearch/moco-v3: vits.py, VisionTransformerMoCo.__init__), after timm's."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            if "qkv" in name:  # vits.py: "treat the weights of Q, K, V separately": fan_out is a third of the rows
+                bound = math.sqrt(6.0 / float(m.weight.shape[0] // 3 + m.weight.shape[1]))
+                nn.init.uniform_(m.weight, -bound, bound)
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    if model.cls_token is not None:
+        nn.init.normal_(model.cls_token, std=1e-6)
+    # vits.py: xavier-uniform over the patch projection as a Linear, bound sqrt(6 / (3 * p * p + embed_dim)); its
+    # 3 is the RGB channel count, in_chans here
+    proj = model.patch_embed.proj
+    bound = math.sqrt(6.0 / float(in_chans * math.prod(proj.kernel_size) + model.embed_dim))
+    nn.init.uniform_(proj.weight, -bound, bound)
+    nn.init.zeros_(proj.bias)
+
+
+def _init_mae(model: VisionTransformer) -> None:
+    """MAE's encoder initialisation (facebookresearch/mae: models_mae.py, initialize_weights and _init_weights),
+    after timm's; the position embedding is model.pos_embed's business."""
+    w = model.patch_embed.proj.weight.data
+    nn.init.xavier_uniform_(w.view([w.shape[0], -1]))  # "initialize patch_embed like nn.Linear"
+    if model.cls_token is not None:
+        nn.init.normal_(model.cls_token, std=0.02)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def create_model(
     mixer: str = "attention",
     img_size: int = 224,
@@ -62,6 +130,10 @@ def create_model(
     class_token: bool = True,
     mlp_ratio: float = 4.0,
     drop_path_rate: float = 0.0,
+    pos_embed: str = "learn",
+    freeze_patch_embed: bool = False,
+    weight_init: str = "timm",
+    init_values: Optional[float] = None,
     **timm_kwargs,
 ) -> VisionTransformer:
     """A timm `VisionTransformer` whose blocks use `mixer` (a key of `MIXERS`).
@@ -69,9 +141,28 @@ def create_model(
     `global_pool='avg'` (default) classifies from the mean patch token so every
     mixer, `identity` included, sees the whole image; the CLS token stays in the
     sequence as in the references. Extra keyword arguments go to timm.
+
+    The pre-training papers' details (config `model.*`; the defaults leave timm's model untouched, its
+    parameters and random draws included): `pos_embed` sincos / sincos_moco_v3 fixes the position embedding
+    to `sincos_pos_embed_2d` and stops its gradient (MAE models_mae.py, MoCo v3 vits.py; the parameter keeps
+    its name, so checkpoints load into a model with a learnt one); `freeze_patch_embed` stops the patch
+    projection's gradient (MoCo v3 vits.py stop_grad_conv1); `weight_init` re-initialises as MoCo v3 or
+    MAE do, after timm; `init_values` adds timm's LayerScale (SimMIM models/vision_transformer.py gamma_1/2).
     """
     if mixer not in MIXERS:
         raise ValueError(f"unknown mixer {mixer!r}; choose one of {sorted(MIXERS)}")
+    if pos_embed not in POS_EMBEDS:
+        raise ValueError(f"model.pos_embed is {pos_embed!r}; choose one of {list(POS_EMBEDS)}")
+    if weight_init not in WEIGHT_INITS:
+        raise ValueError(f"model.weight_init is {weight_init!r}; choose one of {list(WEIGHT_INITS)}")
+    if init_values is not None:
+        if mixer == "feedforward":
+            raise ValueError("model.init_values (LayerScale) needs timm's Block, which the feedforward mixer "
+                             "replaces; set model.init_values: null for it")
+        timm_kwargs["init_values"] = init_values
+    if pos_embed != "learn" and embed_dim % 4:
+        raise ValueError(f"model.pos_embed {pos_embed} needs embed_dim divisible by 4, got {embed_dim}; "
+                         "use pos_embed: learn or another width")
     if img_size % patch_size:
         raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}; pick sizes that divide")
     if embed_dim % num_heads:
@@ -84,6 +175,20 @@ def create_model(
         mlp_ratio=mlp_ratio, class_token=class_token, drop_path_rate=drop_path_rate,
         **MIXERS[mixer](geometry), **timm_kwargs,
     )
+    if weight_init == "moco_v3":
+        _init_moco_v3(model, in_chans)
+    elif weight_init == "mae":
+        _init_mae(model)
+    if pos_embed != "learn":
+        if model.pos_embed is None:
+            raise ValueError(f"model.pos_embed {pos_embed} needs timm's absolute position embedding")
+        npt = 0 if model.no_embed_class else model.num_prefix_tokens
+        with torch.no_grad():
+            model.pos_embed.copy_(sincos_pos_embed_2d(embed_dim, grid, npt, row_first=pos_embed == "sincos_moco_v3")
+                                  .unsqueeze(0))
+        model.pos_embed.requires_grad_(False)
+    if freeze_patch_embed:
+        model.patch_embed.proj.requires_grad_(False)
     model.mixer = mixer  # read by jobs and analysis; not a parameter
     return model
 

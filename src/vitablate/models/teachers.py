@@ -33,8 +33,11 @@ def shape_from_state_dict(sd: dict, num_heads: int) -> dict:
     mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim if "blocks.0.mlp.fc1.weight" in sd else 4.0
     # timm ends a token-pooled ViT (MAE's and MoCo v3's released encoders) in `norm`, an avg-pooled one in `fc_norm`
     global_pool = "token" if "norm.weight" in sd and "fc_norm.weight" not in sd else "avg"
+    # LayerScale (timm's ls1/ls2.gamma; SimMIM's ViT) is in the weights or not: its value comes from them
+    init_values = 1.0 if "blocks.0.ls1.gamma" in sd else None
     return dict(img_size=grid * patch, patch_size=patch, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                in_chans=in_chans, mlp_ratio=mlp_ratio, class_token="cls_token" in sd, global_pool=global_pool)
+                in_chans=in_chans, mlp_ratio=mlp_ratio, class_token="cls_token" in sd, global_pool=global_pool,
+                init_values=init_values)
 
 
 def load_teacher(spec: str, student_kwargs: dict) -> nn.Module:

@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, PatchDropout, trunc_normal_
+from timm.loss import SoftTargetCrossEntropy
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
@@ -37,6 +38,7 @@ from vitablate.data.augment import BatchAugment, normalize, two_views
 from vitablate.distributed import concat_all_gather
 from vitablate.distributed import rank as dist_rank
 from vitablate.models import add_prefix_and_positions
+from vitablate.models.factory import sincos_pos_embed_2d
 
 __all__ = [
     "PretextObjective",
@@ -122,23 +124,6 @@ def moco_momentum(step: int, total_steps: int, base: float) -> float:
     """MoCo v3's cosine momentum schedule: `base` at step 0 rising to 1.0 at `total_steps`."""
     progress = min(1.0, max(0.0, step / max(1, total_steps)))
     return 1.0 - 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - base)
-
-
-def sincos_pos_embed_2d(dim: int, grid: int, num_prefix_tokens: int = 0) -> Tensor:
-    """Fixed 2D sine-cosine position embedding as MAE: (num_prefix_tokens + grid*grid, dim), zeros for prefix tokens."""
-    if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
-    gy, gx = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                            indexing="ij")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))  # (dim/4,)
-
-    def one_axis(pos: Tensor) -> Tensor:  # (M,) -> (M, dim/2)
-        out = pos.reshape(-1)[:, None] * omega[None, :]
-        return torch.cat([out.sin(), out.cos()], dim=1)
-
-    emb = torch.cat([one_axis(gx), one_axis(gy)], dim=1)  # (grid*grid, dim); MAE puts w-axis first
-    emb = torch.cat([torch.zeros(num_prefix_tokens, dim, dtype=torch.float64), emb], dim=0)
-    return emb.float()
 
 
 def deterministic(module: nn.Module) -> nn.Module:
@@ -270,8 +255,11 @@ class Supervised(PretextObjective):
     """Cross-entropy with label smoothing through a linear head on the encoder's pooled features."""
 
     def __init__(self, encoder: VisionTransformer, mean: Sequence[float], std: Sequence[float], num_classes: int,
-                 label_smoothing: float = 0.1, augment: Optional[nn.Module] = None) -> None:
+                 label_smoothing: float = 0.1, augment: Optional[nn.Module] = None, erase=None, mixup=None) -> None:
         super().__init__(encoder, mean, std)
+        # DeiT's regularisers, as classifier training has them (jobs.random_erasing, jobs.build_mixup): timm's
+        # RandomErasing on the normalised batch, timm's Mixup/CutMix with SoftTargetCrossEntropy; None = off
+        self.erase, self.mixup = erase, mixup
         img = encoder.patch_embed.img_size[0]
         # light CIFAR-style augmentation: pad-and-crop by 1/8 of the side, horizontal flip
         self.augment = augment if augment is not None else BatchAugment(
@@ -286,9 +274,17 @@ class Supervised(PretextObjective):
                 generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, Tensor | float]]:
         if y is None:
             raise ValueError("the supervised pretext needs labels y")
-        feats = self.encoder(self.normalize(self.augment(x, generator=generator)))  # (B, embed_dim), pooled
+        x = self.normalize(self.augment(x, generator=generator))
+        if self.erase is not None:
+            x = self.erase(x)
+        if self.mixup is not None:
+            x, target = self.mixup(x, y)  # soft targets, label smoothing folded in
+        feats = self.encoder(x)  # (B, embed_dim), pooled
         logits = self.head(feats)  # (B, num_classes)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        if self.mixup is not None:
+            loss = SoftTargetCrossEntropy()(logits.float(), target)
+        else:
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         return loss, {"loss_ce": loss.detach()}
 
 
@@ -305,6 +301,10 @@ class MoCo(PretextObjective):
     Keys come from the momentum branch without gradients; `after_step` moves it towards
     the online branch with the cosine momentum schedule from `momentum` to 1.0.
     """
+
+    # the negatives are the other keys of the batch the loss sees (main_moco.py gathers the whole batch's keys):
+    # gradient accumulation shrinks it to a micro-batch (engine.accum_changes_objective)
+    in_batch_negatives = True
 
     def __init__(self, encoder: VisionTransformer, mean: Sequence[float], std: Sequence[float], dim: int = 128,
                  mlp_dim: int = 512, temperature: float = 0.2, momentum: float = 0.99,
@@ -484,7 +484,8 @@ class MAE(PretextObjective):
     """MAE: the encoder sees visible patches (+ prefix tokens) only; a light decoder rebuilds every patch.
 
     Decoder: Linear to `decoder_dim`, mask tokens put back at the masked positions, fixed
-    2D sin-cos position embeddings, `decoder_depth` timm Blocks, LayerNorm, Linear to
+    2D sin-cos position embeddings, `decoder_depth` timm Blocks of `decoder_heads` heads (MAE ViT-B: 512-d, 8
+    blocks, 16 heads: models_mae.py mae_vit_base_patch16_dec512d8b), LayerNorm, Linear to
     p*p*C pixels. Loss: MSE on masked patches against per-patch normalised targets
     (norm_pix_loss): (t - mean) / sqrt(var + 1e-6), over each patch's p*p*C values.
     """
@@ -502,6 +503,9 @@ class MAE(PretextObjective):
         grid = encoder.patch_embed.grid_size
         if grid[0] != grid[1]:
             raise ValueError(f"square patch grid expected, got {grid}")
+        if decoder_dim % decoder_heads:
+            raise ValueError(f"pretext.objective.mae_decoder_heads {decoder_heads} does not divide mae_decoder_dim "
+                             f"{decoder_dim}; pick a divisor (MAE: 512-d decoder, 16 heads, models_mae.py)")
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         # fixed (not learnt) as MAE; a buffer so it follows .to(device) and is saved

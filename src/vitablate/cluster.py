@@ -1,0 +1,293 @@
+"""Ray cluster lifecycle: connect to RAY_ADDRESS or start this run's private cluster, its dispatcher and watchdog.
+
+The workflow's `onstart` calls `start_session()`: with RAY_ADDRESS set it only
+checks that cluster; without it, it starts a private local cluster (its own temp
+dir, no dashboard) and exports its address, so every job of this run, in any
+process, goes to it; `stop_session()` at the end stops exactly that cluster.
+Submitting jobs to the cluster: `vitablate.submit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Optional
+
+_PRIVATE_ENV = "VITABLATE_PRIVATE_RAY"  # set while a private cluster started by this run is up
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps a node on 127.0.0.1 (private cluster)
+_WATCHDOG_ENV = "VITABLATE_WATCHDOG"  # "<pid>:<pid file>" of this run's watchdog (vitablate.watchdog)
+
+
+def _ray():
+    import ray
+
+    return ray
+
+
+def connect(address: Optional[str] = None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS) unless this process already has."""
+    ray = _ray()
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise RuntimeError(
+            "no Ray cluster to submit to: set RAY_ADDRESS to a cluster's address, "
+            "or run through `snakemake`, which starts a private local cluster"
+        )
+    _probe(address)
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    except Exception as e:
+        raise RuntimeError(
+            f"cannot reach the Ray cluster at RAY_ADDRESS={address!r} ({type(e).__name__}: {e}); "
+            "check the address (`ray status` on the head node) or unset RAY_ADDRESS to run locally"
+        ) from e
+
+
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when nothing listens at host:port (ray.init retries for long)."""
+    host_port = address.split("://")[-1]
+    if host_port in ("auto", "local") or ":" not in host_port:
+        return
+    host, port = host_port.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise RuntimeError(
+            f"cannot reach the Ray cluster at RAY_ADDRESS={address!r} ({e}); check the head node's address "
+            "(`ray status` there) and that its GCS port is open, or unset RAY_ADDRESS to run locally"
+        ) from None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None, timeout_s: float = 90,
+                  dispatcher: bool = True, results_dir: Optional[str] = None, locks: tuple[str, ...] = ()) -> str:
+    """Connect to RAY_ADDRESS, or start a private local cluster; returns its address.
+
+    The private cluster is a `ray start --head --block` child in its own process group,
+    with its own temp dir and port and token authentication on, so that Snakemake's own
+    process never becomes a Ray driver (its Ctrl-C handling stays Snakemake's) and
+    `stop_session` stops exactly this cluster. A watchdog (vitablate.watchdog) stops the
+    cluster and the dispatcher if this process dies without calling `stop_session`; its pid
+    file goes under `results_dir` (the next run reaps what a dead run left), and it removes
+    `locks` (this Snakemake run's lock files) when it has to stop the run's processes.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        _probe(os.environ["RAY_ADDRESS"])
+        address = os.environ["RAY_ADDRESS"]
+        os.environ.pop(_PRIVATE_ENV, None)  # inherited from a parent's session: not ours to stop
+    else:
+        address = _start_private_cluster(num_cpus, num_gpus, timeout_s)
+    if dispatcher:  # for Snakemake's job processes; a caller that submits itself (`vitablate job`) needs none
+        _start_dispatcher(timeout_s)
+    if os.environ.get(_PRIVATE_ENV) or os.environ.get(_dispatcher_env()):
+        _start_watchdog(results_dir, locks)
+    return address
+
+
+def _dispatcher_env() -> str:
+    from .dispatcher import ENV
+
+    return ENV
+
+
+def _start_watchdog(results_dir: Optional[str], locks: tuple[str, ...]) -> None:
+    """Start this run's watchdog (vitablate.watchdog) on this process, with the pid file naming what it started."""
+    from . import watchdog
+
+    info = {"snakemake_pid": os.getpid(), "snakemake_create_time": watchdog.create_time(os.getpid()),
+            "snakemake_locks": [os.path.abspath(p) for p in locks], "results_dir": results_dir}
+    private, disp = os.environ.get(_PRIVATE_ENV), os.environ.get(_dispatcher_env())
+    if private:
+        pid, temp_dir = private.split(":", 1)
+        info["ray"] = {"pid": int(pid), "dir": temp_dir}
+    if disp:
+        pid, path = disp.split(":", 1)
+        info["dispatcher"] = {"pid": int(pid), "dir": os.path.dirname(path)}
+    path = (watchdog.pid_file(results_dir, os.getpid()) if results_dir
+            else os.path.join(info.get("dispatcher", info.get("ray"))["dir"], "owner.json"))
+    watchdog.write_pid_file(path, info)
+    with open(os.path.splitext(path)[0] + ".log", "a") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "vitablate.watchdog", path], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    os.environ[_WATCHDOG_ENV] = f"{proc.pid}:{path}"
+
+
+def _stop_watchdog() -> None:
+    """stop_session: end the watchdog first (it must not mistake the orderly stop for a crash), drop the pid file."""
+    entry = os.environ.pop(_WATCHDOG_ENV, None)
+    if not entry:
+        return
+    pid, path = entry.split(":", 1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(int(pid), signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(int(pid), 0)
+    with contextlib.suppress(OSError):
+        os.remove(path)
+    log = os.path.splitext(path)[0] + ".log"
+    with contextlib.suppress(OSError):
+        if os.path.getsize(log) == 0:  # the watchdog had nothing to say
+            os.remove(log)
+
+
+def _start_private_cluster(num_cpus: Optional[int], num_gpus: Optional[int], timeout_s: float) -> str:
+    ray_cli = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
+    # short path: Ray's unix sockets live under the temp dir and must stay < 108 bytes. Ray makes its temp dir
+    # world-writable (0777, re-applied by every process that joins), so it lives inside a 0700 directory of ours.
+    temp_dir = tempfile.mkdtemp(prefix="vtr", dir="/tmp")
+    port = _free_port()
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"] == "token":
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))  # inherited by every job
+    # Loopback only: Ray resolves --node-ip-address=127.0.0.1 to the machine's network address (and its servers
+    # then listen there and on the wildcard address) unless multi-node clusters are off, which a private
+    # single-node cluster can afford; every process that joins it inherits the setting.
+    # ray-project/ray: python/ray/_private/services.py, resolve_ip_for_localhost / get_node_ip_address
+    os.environ[_LOOPBACK_ENV] = "0"
+    _refresh_ray_settings(private=True)
+    cmd = [ray_cli, "start", "--head", "--block", f"--port={port}", f"--temp-dir={temp_dir}/r",
+           "--include-dashboard=false", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+    if num_cpus:
+        cmd.append(f"--num-cpus={num_cpus}")
+    if num_gpus is not None:
+        cmd.append(f"--num-gpus={num_gpus}")
+    with open(os.path.join(temp_dir, "ray_start.log"), "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _stop(proc.pid, temp_dir)
+                raise RuntimeError(f"the private Ray cluster did not start (see {temp_dir}/ray_start.log)") from None
+            time.sleep(0.2)
+    os.environ["RAY_ADDRESS"] = address  # jobs (spawned processes) join this cluster
+    os.environ[_PRIVATE_ENV] = f"{proc.pid}:{temp_dir}"
+    return address
+
+
+def private_cluster_dir() -> Optional[str]:
+    """The temp dir of the private cluster this process's session started (None under RAY_ADDRESS)."""
+    private = os.environ.get(_PRIVATE_ENV)
+    return private.split(":", 1)[1] if private else None
+
+
+def _start_dispatcher(timeout_s: float) -> None:
+    """The run's single Ray driver (see dispatcher.py); job processes find it through $VITABLATE_DISPATCHER."""
+    from .dispatcher import ENV
+
+    temp_dir = tempfile.mkdtemp(prefix="vtd", dir="/tmp")
+    path = os.path.join(temp_dir, "d.sock")
+    log_path = os.path.join(temp_dir, "dispatcher.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "vitablate.dispatcher", "--socket", path],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            with open(log_path) as f:
+                cause = f.read().strip().splitlines()[-1:] or ["no output"]
+            _stop(proc.pid, temp_dir)
+            stop_session()
+            raise RuntimeError(f"the vitablate dispatcher did not start: {cause[0]}")
+        time.sleep(0.05)
+    os.environ[ENV] = f"{proc.pid}:{path}"
+
+
+def _stop(pid: int, temp_dir: str) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)  # `ray start --block` stops its Ray processes on SIGTERM
+        for _ in range(100):
+            _reap(pid)
+            os.killpg(pid, 0)  # raises once no process of the group is left
+            time.sleep(0.1)
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _reap(pid)
+    _kill_stragglers(temp_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _kill_stragglers(temp_dir: str, timeout_s: float = 10.0) -> None:
+    """Wait for, then kill, processes still naming `temp_dir` (Ray daemons outside the process group)."""
+    import psutil
+
+    def left() -> list:
+        out = []
+        for p in psutil.process_iter(["cmdline", "status"]):
+            with contextlib.suppress(psutil.Error):
+                if (p.pid != os.getpid() and p.info["status"] != psutil.STATUS_ZOMBIE
+                        and temp_dir in " ".join(p.info["cmdline"] or [])):
+                    out.append(p)
+        return out
+
+    deadline = time.monotonic() + timeout_s
+    while (procs := left()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status of our child `pid` if it has exited (a zombie still counts as alive)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child (started by another process) or already reaped
+        pass
+
+
+def stop_session() -> None:
+    """Stop the private cluster started by `start_session` (an external one is left running)."""
+    from .dispatcher import ENV
+
+    _stop_watchdog()
+    dispatcher = os.environ.pop(ENV, None)
+    if dispatcher:
+        pid, path = dispatcher.split(":", 1)
+        _stop(int(pid), os.path.dirname(path))
+    ray = sys.modules.get("ray")  # Snakemake's process never imports Ray: keep it that way
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    private = os.environ.pop(_PRIVATE_ENV, None)
+    if private:
+        pid, temp_dir = private.split(":", 1)
+        os.environ.pop("RAY_ADDRESS", None)
+        os.environ.pop(_LOOPBACK_ENV, None)
+        _refresh_ray_settings(private=False)
+        _stop(int(pid), temp_dir)
+
+
+def _refresh_ray_settings(private: bool) -> None:
+    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is imported, and caches the auth token the
+    first time it uses one: a process that imported Ray before starting its private cluster (a test session,
+    a notebook) would still resolve 127.0.0.1 to the machine's address and present an old token, and never
+    join the loopback-only cluster. Where Ray is already loaded, set the constant it read and drop its token
+    cache, so the next ray.init reads this cluster's settings from the environment."""
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = not private
+    raylet = sys.modules.get("ray._raylet")
+    if raylet is not None and not sys.modules["ray"].is_initialized():
+        # ray-project/ray: python/ray/_private/authentication_test_utils.py, reset_auth_token_state
+        raylet.Config.initialize("")
+        raylet.AuthenticationTokenLoader.instance().reset_cache()

@@ -1,0 +1,174 @@
+"""A job's params are what determines its result: resources, other evaluations' settings and the shift
+settings change no training job's params, so Snakemake re-runs exactly the jobs whose results could change."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from conftest import REPO, job_counts, snakemake, write_config
+from vitablate import workflow as vw
+
+KINDS = ("architecture", "pretrain", "pretext_eval", "analysis", "transfer", "shift")
+RULES = {"architecture": "train_architecture", "pretrain": "pretrain", "pretext_eval": "pretext_eval",
+         "analysis": "pretext_analysis", "transfer": "transfer_train", "shift": "transfer_shift"}
+
+
+def tiny_config(results: str = "results") -> dict:
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    config["results_dir"] = results
+    config["reports_dir"] = f"{results}/reports"
+    config["architecture"].update(mixers=["attention", "feedforward"], seeds=[0, 1], seeds_by={})
+    config["pretext"].update(pretexts=["mae", "moco"], seeds=[0], seeds_by={},
+                             evals=["linear_probe", "finetune", "knn"])
+    config["transfer"].update(teachers={"mae": "pretext:mae"}, seeds=[0, 1], seeds_by={}, layers=["all", "first:2"],
+                              methods=["scratch", "finetune", "linear_probe", "attn_copy", "attn_distill", "ensemble"])
+    return config
+
+
+def all_params(config: dict) -> dict:
+    return {(kind, tuple(sorted(wc.items()))): vw.job_params(config, kind, wc)
+            for kind in KINDS for wc in vw.grid(config, kind)}
+
+
+def changed(before: dict, after: dict) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for key, params in before.items():
+        if after[key] != params:
+            out[key[0]] = out.get(key[0], 0) + 1
+    return out
+
+
+def _set(config: dict, dotted: str, value) -> dict:
+    config = copy.deepcopy(config)
+    *path, last = dotted.split(".")
+    node = config
+    for key in path:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return config
+
+
+# (setting, new value, the grid kinds whose every job's params change; all others keep theirs)
+CHANGES = [
+    ("execution.num_gpus", 1, ()),
+    ("execution.num_cpus", 2, ()),
+    ("execution.max_retries", 0, ()),
+    ("execution.memory_gb", 4, ()),
+    ("execution.data_on_device", False, ()),
+    ("execution.dry_job_sleep_s", 1.0, ()),
+    ("pretext.execution", {"num_cpus": 2}, ()),
+    ("pretext.eval.knn_k", 5, ("knn",)),
+    ("pretext.eval.analysis_images", 64, ("analysis",)),
+    ("pretext.eval.probe_weight_decay", [1.0e-3], ("linear_probe", "analysis")),
+    ("transfer.shift.severity", 2, ("shift",)),
+    ("transfer.shift.corruptions", ["contrast"], ("shift",)),
+    ("execution.precision", "fp32", KINDS),  # numerics: every job
+]
+
+
+def expected(config: dict, kinds: tuple) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for kind in KINDS:
+        wcs = vw.grid(config, kind)
+        if kind == "pretext_eval":
+            wcs = [wc for wc in wcs if kind in kinds or wc["eval"] in kinds]
+        elif kind not in kinds:
+            wcs = []
+        if wcs:
+            out[kind] = len(wcs)
+    return out
+
+
+@pytest.mark.parametrize("key, value, kinds", CHANGES, ids=[c[0] for c in CHANGES])
+def test_changing_a_setting_changes_the_params_of_exactly_the_jobs_that_read_it(key, value, kinds):
+    config = tiny_config()
+    vw.check_config(config)
+    changed_config = _set(config, key, value)
+    vw.check_config(changed_config)
+    assert changed(all_params(config), all_params(changed_config)) == expected(config, kinds)
+
+
+def test_evaluation_params_hold_only_their_own_settings():
+    config = tiny_config()
+    wc = dict(dataset="digits", pretext="mae", seed=0)
+    knn = vw.job_params(config, "pretext_eval", dict(wc, eval="knn"))
+    finetune = vw.job_params(config, "pretext_eval", dict(wc, eval="finetune"))
+    from vitablate.config import EvalConfig, ExecutionConfig
+
+    default = EvalConfig()
+    assert knn["eval"]["knn_k"] == config["pretext"]["eval"]["knn_k"]
+    assert knn["eval"]["probe_weight_decay"] == default.probe_weight_decay  # not the configured list: unread
+    assert {k: v for k, v in finetune["eval"].items() if k != "name"} == {
+        k: v for k, v in vars(default).items() if k != "name"}
+    for params in (knn, finetune):
+        assert not set(params["execution"]) & set(vw.RESOURCE_KEYS)
+    # the rule body adds the resources back from the workflow config
+    config["execution"]["num_cpus"] = 3
+    config["pretext"]["execution"] = {"max_retries": 7}
+    job = vw.with_resources(knn, config)
+    assert (job.execution.num_cpus, job.execution.max_retries) == (3, 7)
+    assert job.execution.precision == ExecutionConfig().precision == "auto"
+
+
+def test_transfer_training_holds_no_shift_settings_and_the_shift_job_reads_its_model():
+    config = tiny_config()
+    config["datasets"]["digits"]["data"] = {"extra_test_dirs": {"mine": "/somewhere"}}
+    for wc in vw.grid(config, "transfer"):
+        train = vw.transfer_job(config, **wc)
+        assert train.shift.corruptions == [] and not train.shift.in_job and train.data.extra_test_dirs == {}
+        shift = vw.shift_job(config, **wc)
+        assert shift.shift.corruptions == config["transfer"]["shift"]["corruptions"] and shift.shift.in_job
+        assert shift.data.extra_test_dirs == {"mine": "/somewhere"}
+        saved = {"ensemble": None, "linear_probe": "probe.pt"}.get(wc["method"], "model.pt")
+        assert shift.init_from == (f"{train.output_dir}/{saved}" if saved else None)
+        inputs = vw.shift_inputs(config, **wc)
+        assert inputs[0] == f"{train.output_dir}/record.json"
+        if wc["method"] in ("attn_copy", "linear_probe"):  # the teacher runs at test time
+            assert shift.transfer.teacher == train.transfer.teacher and len(inputs) == 2
+        if wc["method"] == "ensemble":
+            assert [m.rsplit("/", 1)[0] + "/record.json" for m in shift.transfer.ensemble_members] == inputs[1:]
+    assert len(vw.grid(config, "shift")) == len(vw.grid(config, "transfer"))
+    config["transfer"]["shift"]["corruptions"] = []
+    del config["datasets"]["digits"]["data"]
+    assert vw.grid(config, "shift") == []  # nothing to shift to: no shift jobs
+
+
+def _targets(config: dict) -> list[str]:
+    """Every job's record (the report rules need trained models: dry jobs train none)."""
+    patterns = {"architecture": "{r}/architecture/{dataset}/{mixer}/seed{seed}/record.json",
+                "pretrain": "{r}/pretext/{dataset}/{pretext}/seed{seed}/record.json",
+                "pretext_eval": "{r}/pretext/{dataset}/{pretext}/seed{seed}/{eval}/record.json",
+                "analysis": "{r}/pretext/{dataset}/{pretext}/seed{seed}/analysis/record.json",
+                "transfer": "{r}/transfer/{dataset}/{teacher}/{method}/{layers}/seed{seed}/record.json",
+                "shift": "{r}/transfer/{dataset}/{teacher}/{method}/{layers}/seed{seed}/shift/record.json"}
+    return [patterns[kind].format(r=config["results_dir"], **wc) for kind in KINDS for wc in vw.grid(config, kind)]
+
+
+@pytest.mark.slow
+def test_snakemake_reruns_exactly_the_jobs_a_change_affects(workflow):
+    """A really tiny real run of every job (one epoch each) through Snakemake and Ray; then, for each change,
+    `snakemake -n` plans exactly the jobs whose params it changes, counted from the grid."""
+    config = tiny_config()
+    config["architecture"].update(mixers=["attention"])
+    config["pretext"].update(pretexts=["mae"])
+    config["transfer"].update(methods=["scratch", "attn_copy", "linear_probe"], layers=["all"], seeds=[0])
+    for section, recipe in (("architecture", "train"), ("pretext", "pretrain"), ("pretext", "finetune"),
+                            ("transfer", "train")):
+        config[section][recipe]["epochs"] = 1
+    write_config(workflow, config)
+    targets = _targets(config)
+    r = snakemake(workflow, "--cores", "2", *targets)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    r = snakemake(workflow, "-n", "--cores", "2", *targets)
+    assert r.returncode == 0 and job_counts(r.stdout + r.stderr) == {}, (r.stdout + r.stderr)[-3000:]
+    for key, value, kinds in [c for c in CHANGES if c[0] in (
+            "execution.num_gpus", "execution.num_cpus", "execution.max_retries", "pretext.eval.knn_k",
+            "transfer.shift.severity")]:
+        write_config(workflow, _set(config, key, value))
+        r = snakemake(workflow, "-n", "--cores", "2", *targets)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        want = {RULES[k]: n for k, n in expected(config, kinds).items()}
+        assert job_counts(r.stdout + r.stderr) == want, (key, (r.stdout + r.stderr)[-3000:])
