@@ -45,8 +45,6 @@ rule architecture_report:
         ),
     log:
         f"{RESULTS}/logs/architecture/report.log",
-    params:
-        mlflow_uri=MLFLOW_URI,  # the per-epoch curves are read from the MLflow store
     conda:
         ENV
     script:

@@ -88,8 +88,6 @@ rule pretext_report:
                              caption="../reports/captions/pretext_attention.rst"),
     log:
         f"{RESULTS}/logs/pretext/report.log",
-    params:
-        mlflow_uri=MLFLOW_URI,  # the per-epoch curves are read from the MLflow store
     conda:
         ENV
     script:

@@ -61,8 +61,6 @@ rule transfer_report:
                              caption="../reports/captions/transfer_attention.rst"),
     log:
         f"{RESULTS}/logs/transfer/report.log",
-    params:
-        mlflow_uri=MLFLOW_URI,  # the per-epoch curves are read from the MLflow store
     conda:
         ENV
     script:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 timm = pytest.importorskip("timm")
+from timm.layers import Attention  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 from vitablate.analysis import (  # noqa: E402
@@ -21,7 +22,7 @@ from vitablate.analysis import (  # noqa: E402
     nmi,
     token_cosine,
 )
-from vitablate.analysis.metrics import recompute_attention  # noqa: E402
+from vitablate.models import create_model  # noqa: E402
 
 GRID = 4
 PATCH = 16
@@ -289,6 +290,15 @@ def test_layerwise_analysis_shapes_and_ranges():
         assert isinstance(r["fourier_hf"], float) and math.isfinite(r["fourier_hf"])
 
 
+def recompute_attention(attn_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's `Attention` map for input x (B, N, C), written out: the independent reference."""
+    b, n, _ = x.shape
+    heads, head_dim = attn_module.num_heads, attn_module.head_dim
+    qkv = attn_module.qkv(x).reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn_module.q_norm(qkv[0]), attn_module.k_norm(qkv[1])
+    return ((q * attn_module.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
 @pytest.mark.parametrize("kw", [{}, {"qk_norm": True}, {"reg_tokens": 2}])
 def test_recomputed_attention_matches_timm(kw):
     model = _tiny_vit(**kw).eval()
@@ -307,6 +317,7 @@ def test_recomputed_attention_matches_timm(kw):
         h.remove()
 
     res = layerwise_analysis(model, x)
+    assert all(type(blk.attn) is Attention and "capture" not in vars(blk.attn) for blk in model.blocks)  # restored
     p = model.num_prefix_tokens
     for i, blk in enumerate(model.blocks):
         with torch.no_grad():
@@ -315,6 +326,31 @@ def test_recomputed_attention_matches_timm(kw):
         ref = drop_prefix(captured[i], p)
         assert torch.allclose(res[i + 1]["attention_distance"], attention_distance(ref, 4, 4), atol=1e-5)
         assert torch.allclose(res[i + 1]["nmi"], nmi(ref), atol=1e-6)
+
+
+def test_layerwise_analysis_leaves_the_forward_bit_identical():
+    """Capturing maps (observe) must not change what the blocks compute: the token metrics equal,
+    bit for bit, those of the block outputs of timm's own forward_features (no capture), for a
+    vitablate model and for plain timm with the same weights; so do the layer-wise features."""
+    torch.manual_seed(0)
+    ours = create_model(mixer="attention", img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                        num_classes=3).eval()
+    timm_vit = _tiny_vit().eval()
+    timm_vit.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 3, 16, 16)
+    outs = []
+    hooks = [blk.register_forward_hook(lambda m, a, o: outs.append(o)) for blk in timm_vit.blocks]
+    with torch.no_grad():
+        timm_vit.forward_features(x)
+    for h in hooks:
+        h.remove()
+    for model in (ours, timm_vit):
+        res = layerwise_analysis(model, x)
+        for r, o in zip(res[1:], outs):
+            assert r["token_cosine"] == float(token_cosine(o[:, 1:]))
+            assert r["fourier_hf"] == float(fourier_hf(o[:, 1:], 4))
+        feats = layerwise_features(model, x)
+        assert all(torch.equal(f, o[:, 1:].mean(1)) for f, o in zip(feats[1:], outs))
 
 
 def test_layerwise_analysis_layer0_is_the_embedding():

@@ -7,6 +7,7 @@ import torch
 
 from vitablate.config import TrainConfig
 from vitablate.engine import Checkpoint, NonFiniteLossError, classification_loss, fit, lr_at, pick_precision
+from vitablate.execution import job_log
 from vitablate.models import create_model
 
 
@@ -172,9 +173,13 @@ def test_checkpoint_of_another_config_is_not_resumed(tmp_path):
     m = model()
     fit(m, classification_loss(m, 0.1), batches, 6, cfg_long, prec, ck, 0, meta={"config": {"train": {"epochs": 4}}})
     m2 = model()
-    short = fit(m2, classification_loss(m2, 0.1), batches, 6, cfg_short, prec, ck, 0,
-                meta={"config": {"train": {"epochs": 2}, "execution": {"num_cpus": 4}}})
+    log_path = tmp_path / "job.log"
+    with job_log(str(log_path)):  # the job's log file, as a Ray task writes it
+        short = fit(m2, classification_loss(m2, 0.1), batches, 6, cfg_short, prec, ck, 0,
+                    meta={"config": {"train": {"epochs": 2}, "execution": {"num_cpus": 4}}})
     assert short.resumed_from_epoch == 0 and len(short.history) == 2
+    notice = [line for line in log_path.read_text().splitlines() if "belongs to a different config" in line]
+    assert len(notice) == 1 and str(tmp_path / "c.pt") in notice[0] and "training from scratch" in notice[0]
     # the same config (only resources differ) does resume
     m3 = model()
     again = fit(m3, classification_loss(m3, 0.1), batches, 6, cfg_short, prec, ck, 0,

@@ -1,5 +1,5 @@
 """Figures: one colour per setting across figures, centre-query attention maps, and training
-curves read back from a real (SQLite) MLflow store."""
+curves from the run records' per-epoch history."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from matplotlib.colors import to_hex
 
-from vitablate import aggregate, figures, tracking
+from vitablate import aggregate, figures
 from vitablate.analysis.maps import centre_query, query_attention
 from vitablate.data.datasets import Split
 from vitablate.jobs import save_query_maps
@@ -211,59 +211,86 @@ def test_a_setting_has_one_colour_in_every_figure(tmp_path):
     assert all(_png(p) for p in tmp_path.glob("*.png"))
 
 
-# --- training curves from a real MLflow store ----------------------------------------------
+# --- training curves from the run records' history -----------------------------------------
 
-def test_curves_are_read_from_mlflow_and_averaged_over_seeds(tmp_path, caplog):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    c = tracking.client(uri)
-    exp = c.create_experiment("architecture")
+def _record(path, **fields):
+    path.write_text(json.dumps(fields))
+    return str(path)
+
+
+def test_curves_are_read_from_the_records_and_averaged_over_seeds(tmp_path, caplog):
     paths = []
     for mixer, offset in (("attention", 0.0), ("pooling", 10.0)):
         for seed in (0, 1):
-            run = c.create_run(exp).info.run_id
-            for epoch in (1, 2, 3):
-                c.log_metric(run, "top1_val", offset + 10 * epoch + 2 * seed, step=epoch)
-                c.log_metric(run, "train_loss", 1.0 / epoch, step=epoch)
-            # the final summary re-logs the last epoch (here with another value): the later one counts
-            c.log_metric(run, "top1_val", offset + 30.5 + 2 * seed, step=3)
-            rec = {"dataset": "digits", "mixer": mixer, "seed": seed, "mlflow_run_id": run}
-            paths.append(tmp_path / f"{mixer}{seed}.json")
-            paths[-1].write_text(json.dumps(rec))
-    (tmp_path / "no_run.json").write_text(json.dumps(dict(dataset="digits", mixer="identity", seed=0)))
-    paths = [str(p) for p in paths] + [str(tmp_path / "no_run.json")]
+            history = [{"epoch": e, "top1_val": offset + 10 * e + 2 * seed, "train_loss": 1.0 / e, "lr": 0.1}
+                       for e in (1, 2, 3)]
+            paths.append(_record(tmp_path / f"{mixer}{seed}.json", dataset="digits", mixer=mixer, seed=seed,
+                                 history=history))
+    paths.append(_record(tmp_path / "none.json", dataset="digits", mixer="identity", seed=0, history=[]))
+    paths.append(_record(tmp_path / "loss.json", dataset="digits", mixer="mixer", seed=0,
+                         history=[{"epoch": 1, "train_loss": 0.5}]))  # no validation metric
 
     by = ["dataset", "mixer"]
     with caplog.at_level(logging.WARNING):
-        raw = aggregate.load_curves(paths, uri, by, ["top1_val", "train_loss"])
-    assert "no mlflow_run_id" in caplog.text
-    assert raw.filter(pl.col("metric") == "top1_val").height == 2 * 2 * 3  # the duplicate step counted once
+        raw = aggregate.load_curves(paths, by, ["top1_val", "train_loss"])
+    assert "none.json has no per-epoch history" in caplog.text and "loss.json has no per-epoch top1_val" in caplog.text
+    assert raw.filter(pl.col("metric") == "top1_val").height == 2 * 2 * 3
     table = aggregate.curve_table(raw, by)
     row = table.filter((pl.col("mixer") == "pooling") & (pl.col("metric") == "top1_val")
                        & (pl.col("epoch") == 2)).row(0, named=True)
     assert row["n_seeds"] == 2 and row["value_mean"] == pytest.approx(31.0)
     assert row["value_std"] == pytest.approx(np.std([30.0, 32.0], ddof=1))
-    assert table["mixer"].unique(maintain_order=True).to_list() == ["attention", "pooling"]  # record order
+    assert table["mixer"].unique(maintain_order=True).to_list() == ["attention", "pooling", "mixer"]  # record order
     fig = figures.plot_architecture_curves(table, str(tmp_path / "curves.png"))
     assert _png(tmp_path / "curves.png")
     line = next(ln for ln in fig.axes[1].lines if ln.get_label() == "attention")
-    assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == pytest.approx([11.0, 21.0, 31.5])
-
-
-def test_an_unreadable_store_leaves_curves_out_without_failing(tmp_path, caplog):
-    rec = tmp_path / "r.json"
-    rec.write_text(json.dumps(dict(dataset="digits", mixer="attention", seed=0, mlflow_run_id="abc")))
-    missing = f"sqlite:///{tmp_path}/nowhere/mlflow.db"
-    with caplog.at_level(logging.WARNING):
-        raw = aggregate.load_curves([str(rec)], missing, ["dataset", "mixer"], ["top1_val"])
-    assert raw.is_empty() and "no MLflow store" in caplog.text
-    assert not (tmp_path / "nowhere").exists()  # reading never creates a store
-    # a run id the store does not know
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    tracking.client(uri)
-    with caplog.at_level(logging.WARNING):
-        raw = aggregate.load_curves([str(rec)], uri, ["dataset", "mixer"], ["top1_val"])
-    assert raw.is_empty() and "left out" in caplog.text
-    figures.plot_architecture_curves(aggregate.curve_table(raw, ["dataset", "mixer"]), str(tmp_path / "c.png"))
-    figures.plot_pretext_curves(raw, raw, str(tmp_path / "p.png"))
-    figures.plot_transfer_curves(raw, str(tmp_path / "t.png"))
+    assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == pytest.approx([11.0, 21.0, 31.0])
+    # nothing to show still draws the figures
+    empty = aggregate.load_curves([paths[4]], by, ["top1_val"])
+    figures.plot_architecture_curves(aggregate.curve_table(empty, by), str(tmp_path / "c.png"))
+    figures.plot_pretext_curves(empty, empty, str(tmp_path / "p.png"))
+    figures.plot_transfer_curves(empty, str(tmp_path / "t.png"))
     assert all(_png(tmp_path / n) for n in ("c.png", "p.png", "t.png"))
+
+
+def test_a_resumed_run_has_its_whole_curve(tmp_path):
+    """A job interrupted after epoch 2 and resumed: its record's curve covers epochs 1-4, the values
+    those epochs logged when they ran (the MLflow run of the second attempt holds epochs 3-4 only)."""
+    from vitablate.config import TrainConfig
+    from vitablate.engine import Checkpoint, classification_loss, fit, pick_precision
+
+    class Stop(Exception):
+        pass
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 1, 8, 8, generator=g), torch.randint(0, 2, (48,), generator=g)
+
+    def model():
+        torch.manual_seed(0)
+        return create_model(mixer="attention", img_size=8, patch_size=2, embed_dim=16, depth=1, num_heads=2,
+                            num_classes=2, in_chans=1)
+
+    def batches(epoch):
+        return [(x[i:i + 16], y[i:i + 16]) for i in range(0, len(x), 16)]
+
+    logged = {}  # what each epoch reported when it ran (on_epoch: what MLflow gets)
+
+    def on_epoch(epoch, metrics):
+        if epoch == 3:
+            raise Stop  # dies in epoch 3, before its checkpoint
+        logged[epoch] = metrics["train_loss"]
+
+    cfg, prec, ck = TrainConfig(epochs=4, batch_size=16, lr=3e-3), pick_precision(torch.device("cpu"), "fp32"), \
+        Checkpoint(str(tmp_path / "c.pt"))
+    m = model()
+    with pytest.raises(Stop):
+        fit(m, classification_loss(m, 0.0), batches, 3, cfg, prec, ck, 0, on_epoch=on_epoch)
+    m = model()
+    result = fit(m, classification_loss(m, 0.0), batches, 3, cfg, prec, ck, 0,
+                 on_epoch=lambda e, metrics: logged.__setitem__(e, metrics["train_loss"]))
+    assert result.resumed_from_epoch == 2
+    path = _record(tmp_path / "record.json", dataset="digits", mixer="attention", seed=0,
+                   resumed_from_epoch=result.resumed_from_epoch, history=result.history)
+    curve = aggregate.load_curves([path], ["dataset", "mixer"], ["train_loss"])
+    assert curve["epoch"].to_list() == [1, 2, 3, 4]
+    assert curve["value"].to_list() == [logged[e] for e in (1, 2, 3, 4)]

@@ -7,7 +7,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from vitablate.models import (
-    MIXERS, VARIANTS, MixingAttention, attention_maps, capturing, count_params, create_model, make_hookable,
+    MIXERS, VARIANTS, MixingAttention, add_prefix_and_positions, attention_maps, capturing, count_params, create_model,
+    embed, make_hookable,
 )
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5)
@@ -208,3 +209,58 @@ def test_bad_model_arguments_are_named(kwargs, match):
     args = dict(TINY) | kwargs
     with pytest.raises(ValueError, match=match):
         create_model(**args)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(reg_tokens=2), dict(no_embed_class=True), dict(class_token=False),
+                                dict(no_embed_class=True, reg_tokens=1), dict(pos_embed="none"),
+                                dict(pos_drop_rate=0.5, patch_drop_rate=0.0)])
+def test_embedding_helpers_are_timms_own_path(kw):
+    """add_prefix_and_positions is timm's private _pos_embed from public attributes, and
+    norm(blocks(embed(x))) is forward_features(x), bit for bit (dropout included, same seed)."""
+    torch.manual_seed(0)
+    kw = {"global_pool": "avg"} | kw
+    model = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3, **kw)
+    x = torch.randn(2, 3, 16, 16)
+    patches = model.patch_embed(x)
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        torch.manual_seed(1)
+        ref = model._pos_embed(patches)
+        torch.manual_seed(1)
+        assert torch.equal(add_prefix_and_positions(model, patches), ref)
+        torch.manual_seed(1)
+        ref = model.forward_features(x)
+        torch.manual_seed(1)
+        assert torch.equal(model.norm(model.blocks(embed(model, x))), ref)
+    assert embed(model, x).shape == (2, model.num_prefix_tokens + 16, 32)
+
+
+def test_observing_capture_keeps_timms_output_and_the_same_map():
+    """capturing(observe=True): the forward equals an uncaptured one exactly; the map equals the
+    one the capturing forward computes; plain timm Attention is hookable only for the duration."""
+    torch.manual_seed(0)
+    model = create_model(mixer="attention", **TINY).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        plain = model(x)
+        with capturing(model) as mods:
+            model(x)
+            manual = [m.last_map for m in mods]
+        with capturing(model, observe=True) as mods:
+            observed = model(x)
+            maps = [m.last_map for m in mods]
+    assert torch.equal(observed, plain)
+    assert torch.equal(maps[0], manual[0])  # the same computation on the same input
+    torch.testing.assert_close(maps[1], manual[1])  # its input came from the fused path here
+    # a plain timm model (no make_hookable) and a mixer without attention, with strict=False
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=16, num_classes=3)
+    with pytest.raises(ValueError, match="mixer='attention'"):
+        with capturing(vit):
+            pass
+    with torch.no_grad(), capturing(vit, observe=True, strict=False) as mods:
+        vit(torch.randn(1, 3, 32, 32))
+        assert all(m.last_map.shape == (1, 3, 5, 5) for m in mods)
+    assert all(type(b.attn).__name__ == "Attention" and "last_map" not in vars(b.attn) for b in vit.blocks)
+    pooling = create_model(mixer="pooling", **TINY)
+    with capturing(pooling, strict=False) as mods:
+        assert mods == [None, None]

@@ -336,11 +336,37 @@ def test_write_summary_writes_markdown_and_html(tmp_path):
     assert "<strong>Answer.</strong>" in page and "<code>attention</code>" in page
 
 
+def _squash(page: str) -> str:
+    return "".join(line.strip() for line in page.splitlines())
+
+
 def test_markdown_to_html_escapes_and_keeps_structure():
-    page = markdown_to_html("# T\n\na <b> & `x<y`\n\n- one\n- two\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    page = _squash(markdown_to_html("# T\n\na <b> & `x<y`\n\n- one\n- two\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"))
     assert "<p>a &lt;b&gt; &amp; <code>x&lt;y</code></p>" in page
     assert "<ul><li>one</li><li>two</li></ul>" in page
     assert "<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td><td>2</td></tr>" in page
+
+
+def test_every_table_and_list_of_the_summary_renders(tmp_path):
+    """Python-Markdown needs a blank line before a table or a list: each of the summary's pipe tables
+    becomes an HTML table with all its rows, each bullet a list item."""
+    evals = _pretext(tmp_path, {("moco", "linear_probe"): [60.0, 61.0, 60.5], ("mae", "linear_probe"): [50.0, 51.0, 50.2],
+                                ("moco", "finetune"): [90.0, 93.0, 91.0], ("mae", "finetune"): [91.0, 92.0, 90.5]})
+    analyses = _analyses(tmp_path, distance={"moco": [6.0, 6.1, 6.05], "mae": [3.0, 3.1, 3.05]},
+                         nmi={"moco": [0.01, 0.012, 0.011], "mae": [0.02, 0.05, 0.01]})
+    transfer = _records(tmp_path, "tr", [
+        dict(question="transfer", dataset="digits", teacher=t, method=m, layers="all", seed=s, top1_test=a)
+        for (t, m), values in {("none", "scratch"): [70.0, 71.0], ("mae", "finetune"): [80.0, 81.0],
+                               ("mae", "attn_copy"): [78.0, 79.5]}.items() for s, a in enumerate(values)])
+    text = build_summary(architecture=_arch(tmp_path, {"attention": [90.0, 91.0], "feedforward": [80.0, 82.0]}),
+                         pretext=evals, analyses=analyses, transfer=transfer)
+    page = markdown_to_html(text)
+    lines = text.splitlines()
+    tables = sum(1 for i, line in enumerate(lines) if line.startswith("|") and (i == 0 or not lines[i - 1].startswith("|")))
+    rows = sum(1 for line in lines if line.startswith("|") and not set(line) <= set("|-: "))
+    assert tables >= 1 and page.count("<table>") == tables and page.count("<tr>") == rows
+    assert page.count("<li>") == sum(1 for line in lines if line.startswith("- "))
+    assert "|" not in "".join(re.findall(r"<p>(.*?)</p>", page, flags=re.S))  # no table left as a paragraph
 
 
 def test_paper_numbers_are_the_design_documents():

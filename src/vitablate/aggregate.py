@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Sequence
 
 import polars as pl
 
-from .io import write_text
+from .io import atomic_path, write_text
 from .methods import TRANSFER_METHODS
 
 SCALAR = (int, float, str, bool, type(None))
@@ -89,10 +89,8 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
 
 
 def write_table(df: pl.DataFrame, csv_path: str, md_path: str) -> None:
-    os.makedirs(os.path.dirname(csv_path) or ".", exist_ok=True)
-    tmp = f"{csv_path}.tmp{os.getpid()}"
-    df.write_csv(tmp, float_precision=4)
-    os.replace(tmp, csv_path)
+    with atomic_path(csv_path) as tmp:
+        df.write_csv(tmp, float_precision=4)
     write_text(md_path, to_markdown(df))
 
 
@@ -187,7 +185,7 @@ def transfer_table(df: pl.DataFrame) -> pl.DataFrame:
 
 
 
-# --- training curves from the MLflow store -------------------------------------------------
+# --- training curves from the run records ---------------------------------------------------
 
 def _read_records(paths: Iterable[str], where: Callable[[dict], bool] | None = None) -> list[dict]:
     out = []
@@ -198,46 +196,31 @@ def _read_records(paths: Iterable[str], where: Callable[[dict], bool] | None = N
     return out
 
 
-def load_curves(paths: Iterable[str], uri: str, by: list[str], metrics: list[str],
+def load_curves(paths: Iterable[str], by: list[str], metrics: list[str],
                 where: Callable[[dict], bool] | None = None) -> pl.DataFrame:
-    """Per-epoch metrics of the records' MLflow runs (record["mlflow_run_id"]), long:
+    """Per-epoch metrics from the records' "history" (one dict per epoch, "epoch" 1-based), long:
     [*by, seed, metric, epoch, value]. `where(record)` picks the records.
 
-    Never fails the report: an unreadable store, a record without a run id, or a run without
-    the metric leaves that curve out with a logged warning. A resumed job's record names its
-    last run, which holds the epochs after the resume only (said in the warning).
+    The history is the job's whole training: a resumed job carries its earlier epochs over from the
+    checkpoint, so its curve starts at epoch 1 (its MLflow runs hold the epochs of each attempt
+    only). Never fails the report: a record without a history, or a history without the metric,
+    leaves that curve out with a logged warning.
     """
-    from . import tracking
-
     schema = {**{k: pl.Utf8 for k in by}, "seed": pl.Int64, "metric": pl.Utf8, "epoch": pl.Int64,
               "value": pl.Float64}
-    records = _read_records(paths, where)
-    if not records:
-        return pl.DataFrame(schema=schema)
-    why = tracking.readable_store(uri)
-    if why:
-        log.warning("training curves left out: %s", why)
-        return pl.DataFrame(schema=schema)
     rows = []
-    for rec in records:
-        run_id = rec.get("mlflow_run_id")
-        if not run_id:
-            log.warning("%s has no mlflow_run_id; its curves are left out", rec["_path"])
+    for rec in _read_records(paths, where):
+        history = rec.get("history") or []
+        if not history:
+            log.warning("%s has no per-epoch history; its curves are left out", rec["_path"])
             continue
-        if rec.get("resumed_from_epoch"):
-            log.warning("%s resumed from epoch %s: its MLflow run %s holds the later epochs only",
-                        rec["_path"], rec["resumed_from_epoch"], run_id)
+        key = {k: str(rec.get(k)) for k in by}
         for metric in metrics:
-            try:
-                history = tracking.metric_history(uri, run_id, metric)
-            except Exception as e:  # a run from another store, deleted, ...
-                log.warning("%s of run %s (%s) left out: %s", metric, run_id, rec["_path"], e)
-                continue
-            if not history:
-                log.warning("run %s (%s) logged no %s", run_id, rec["_path"], metric)
-            key = {k: str(rec.get(k)) for k in by}
-            rows += [key | {"seed": int(rec["seed"]), "metric": metric, "epoch": int(step), "value": float(v)}
-                     for step, v in history]
+            points = [(int(h["epoch"]), float(h[metric])) for h in history if h.get(metric) is not None]
+            if not points:
+                log.warning("%s has no per-epoch %s", rec["_path"], metric)
+            rows += [key | {"seed": int(rec["seed"]), "metric": metric, "epoch": epoch, "value": value}
+                     for epoch, value in points]
     return pl.DataFrame(rows, schema=schema)
 
 

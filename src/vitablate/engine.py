@@ -30,10 +30,11 @@ from torch import nn
 
 from . import distributed as dist
 from .config import TrainConfig
+from .io import atomic_path
 
 
 progress_log = logging.getLogger("vitablate.progress")  # one line per epoch; the job's log file shows it
-log = logging.getLogger("vitablate.engine")
+log = logging.getLogger("vitablate.engine")  # under the job's log (submit.job_log), as every vitablate.* logger
 
 
 def format_duration(seconds: float) -> str:
@@ -354,7 +355,6 @@ class Checkpoint:
     def save(self, state: dict) -> None:
         """Write atomically; a disk that is full or read-only fails naming the path, and leaves no temp file."""
         folder = os.path.dirname(self.path) or "."
-        tmp = f"{self.path}.tmp{os.getpid()}"
         try:
             os.makedirs(folder, exist_ok=True)
             # room for another copy of the last checkpoint (the new one replaces it only once it is whole)
@@ -362,11 +362,9 @@ class Checkpoint:
             free = shutil.disk_usage(folder).free
             if free < need + 2**20:
                 raise OSError(errno.ENOSPC, f"{free / 2**20:.0f} MB free, a checkpoint needs {need / 2**20:.0f} MB")
-            torch.save(state, tmp)
-            os.replace(tmp, self.path)  # a reader sees the old or the new file, never half of one
+            with atomic_path(self.path) as tmp:  # a reader sees the old or the new file, never half of one
+                torch.save(state, tmp)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
             raise CheckpointWriteError(
                 f"cannot write checkpoint {os.path.abspath(self.path)} ({e}); results_dir must be writable and have "
                 "room: free space or fix the mount, then re-run (the job resumes from its last checkpoint)") from e
@@ -444,7 +442,7 @@ def fit(
     state = dist.broadcast_object(checkpoint.load() if dist.is_main() else None)
     if state is not None and not _same_job(state.get("meta", {}), meta or {}):
         # a checkpoint of another config (the job's settings changed since): never resume it
-        print(f"[vitablate] {checkpoint.path} belongs to a different config; training from scratch", flush=True)
+        log.warning(f"[vitablate] warning: {checkpoint.path} belongs to a different config; training from scratch")
         state = None
     if state is not None:
         for name, module in modules.items():

@@ -9,13 +9,13 @@ can read back what was drawn.
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import numpy as np
 import polars as pl
 
 from .aggregate import method_rank, scratch_per_teacher
+from .io import atomic_path
 from .analysis.registry import EVALS, METRICS
 from .methods import TRANSFER_METHODS
 from .models.registry import MIXERS
@@ -69,10 +69,8 @@ def _plt():
 def _save(fig, png_path: str):
     import matplotlib.pyplot as plt
 
-    os.makedirs(os.path.dirname(png_path) or ".", exist_ok=True)
-    tmp = f"{png_path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, png_path)
+    with atomic_path(png_path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return fig
 
@@ -242,7 +240,7 @@ def plot_transfer_layers(table: pl.DataFrame, png_path: str):
     return _save(fig, png_path)
 
 
-# --- training curves (per-epoch MLflow metrics; see aggregate.curve_table) ---------------------
+# --- training curves (the records' per-epoch history; see aggregate.curve_table) --------------
 
 CURVE_LABELS = {"train_loss": "training loss", "top1_val": "validation top-1 (%)"}
 
@@ -268,11 +266,11 @@ def _curve_panel(ax, curves: pl.DataFrame, setting: str, metric: str, title: str
     if drawn > 1:
         ax.legend(fontsize=7)
     elif not drawn:
-        ax.text(0.5, 0.5, "no curve in the MLflow store", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no per-epoch history in the records", ha="center", va="center", transform=ax.transAxes)
     return bool(drawn)
 
 
-NO_CURVES = "no training curves: the MLflow store or the records' run ids were not available (see the report log)"
+NO_CURVES = "no training curves: the records hold no per-epoch history (see the report log)"
 
 
 def plot_architecture_curves(curves: pl.DataFrame, png_path: str):

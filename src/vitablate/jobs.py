@@ -31,6 +31,7 @@ from .engine import (
     seed_everything,
     top1,
 )
+from .io import atomic_path
 from .models import VARIANTS, count_params, create_model
 from .models.checkpoint import load_vit, save_checkpoint
 
@@ -308,12 +309,10 @@ def save_query_maps(model: torch.nn.Module, forward: Callable, data: DatasetBund
     model.train(was_training)
     attn, prefix = query_attention(maps, grid, model.num_prefix_tokens)
     path = os.path.join(output_dir, "attention_maps.npz")
-    os.makedirs(output_dir, exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, image=x[0].permute(1, 2, 0).float().cpu().numpy(),
                  maps=attn.reshape(len(maps), *grid).cpu().numpy(), prefix_mass=prefix.cpu().numpy(),
                  query=np.array(centre_query(grid)), patch_size=int(model.patch_embed.patch_size[0]))
-    os.replace(path + ".tmp", path)
     return {"attention_maps_path": path}
 
 
@@ -528,7 +527,7 @@ def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     )
     if dist.is_main():
         path = os.path.join(cfg.output_dir, "encoder.pt")
-        save_checkpoint(path, encoder, kw, to_dict(cfg), tmp=f"{path}.tmp{os.getpid()}")
+        save_checkpoint(path, encoder, kw, to_dict(cfg))
     return base_record(cfg) | {
         "pretext": pretext_id(cfg), "params_m": count_params(encoder) / 1e6, "epochs": tc.epochs,
         "final_loss": result.history[-1]["train_loss"], "device": str(device), "train_s": result.train_s,
@@ -612,9 +611,8 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional
 def save_probe(cfg: JobConfig, state: dict) -> None:
     """A transfer linear probe's head (probe.pt beside its record), which its shift job applies."""
     path = os.path.join(cfg.output_dir, "probe.pt")
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with atomic_path(path) as tmp:  # creates output_dir
+        torch.save(state, tmp)
 
 
 def reference_linear_probe(ctx: JobContext, on_epoch: OnEpoch, encoder) -> dict:
@@ -698,9 +696,8 @@ def analyse_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
         rows.append((layer, -1, "layer_probe_top1", top1(probe(b), ey)))
     table = pl.DataFrame(rows, schema=["layer", "head", "metric", "value"], orient="row")
     path = os.path.join(cfg.output_dir, "representation.parquet")
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    table.write_parquet(path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with atomic_path(path) as tmp:
+        table.write_parquet(tmp)
     per_layer = table.group_by(["layer", "metric"]).agg(pl.col("value").mean()).sort(["metric", "layer"])
     maps = save_query_maps(encoder, encoder, data, eval_transform, cfg.output_dir)
     return base_record(cfg) | maps | {"pretext": pretext_id(cfg), "analysis_path": path,

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator
 import yaml
 
 from .config import to_dict
+from .io import write_text
 from .workflow import RESOLVERS, active_questions, grid
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,7 @@ def write_header(preset: str, block: str) -> bool:
         i = next(i for i, line in enumerate(lines) if not line.startswith("#"))
         new = "".join(lines[:i]) + "#\n" + block + "".join(lines[i:])
     if new != text:
-        path.write_text(new)
+        write_text(str(path), new)  # atomic: an interrupted rewrite leaves the preset as it was
     return new != text
 
 
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     table = load_table()
     if args.write_doc:
-        DOC.write_text(markdown(table))
+        write_text(str(DOC), markdown(table))
         log.info("wrote %s", DOC)
     bad = 0
     for preset in table["presets"]:

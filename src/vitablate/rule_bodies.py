@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
-import sys
 import traceback
 
 from .config import JobConfig, TrackingConfig, consumed_checkpoints, from_dict, to_dict
 from .grid import producer_record
-from .io import write_text
+from .io import warning_lines, write_text
 from .resolve import with_resources
+
+log = logging.getLogger(__name__)
+
 
 def checkpoint_sources(cfg: JobConfig) -> dict[str, str]:
     """Without a shared filesystem: {checkpoint path: id of the MLflow run that uploaded it}.
@@ -89,12 +92,15 @@ def end_orphaned_runs(results: str, uri: str, message: str, since: float | None 
 
 @contextlib.contextmanager
 def logging_to(path: str | None):
-    """Send this process's stdout and stderr to the rule's log file, a failure's traceback included."""
+    """Send this process's stdout and stderr, and its `vitablate` log records, to the rule's log file,
+    a failure's traceback included."""
+    from .submit import job_log
+
     if not path:
         yield
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+    with open(path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f), job_log(path):
         try:
             yield
         except BaseException:
@@ -115,9 +121,10 @@ def run_job_rule(smk) -> None:
     cfg = with_resources(dict(smk.params.job), smk.config)  # params: what determines the result
     tracking = from_dict(TrackingConfig, dict(smk.config.get("tracking") or {}), "tracking")
     log = smk.log[0] if smk.log else None
+    log_start = os.path.getsize(log) if log and os.path.exists(log) else 0
     with logging_to(log):
-        print(f"[vitablate] {cfg.job} {cfg.output_dir} -> Ray (RAY_ADDRESS={os.environ.get('RAY_ADDRESS')})",
-              flush=True)
+        logging.getLogger("vitablate.workflow").info(
+            f"[vitablate] {cfg.job} {cfg.output_dir} -> Ray (RAY_ADDRESS={os.environ.get('RAY_ADDRESS')})")
         sources = checkpoint_sources(cfg)
         system_metrics_s = tracking.system_metrics_interval_s if tracking.system_metrics else None
         if os.environ.get(dispatcher.ENV):  # the run's one Ray driver (started by the Snakefile's onstart)
@@ -132,8 +139,10 @@ def run_job_rule(smk) -> None:
             fetch_host_outputs(record, smk.params.mlflow_uri)
         line = (f"[vitablate] done {cfg.output_dir} {where(record)} top1_test={record.get('top1_test')} "
                 f"wall={record.get('wall_s', 0):.1f}s")
-        print(line, flush=True)
+        logging.getLogger("vitablate.workflow").info(line)
     print(line, flush=True)  # the console too: which job ran where
+    for warning in warning_lines(log, log_start):  # and the job's warnings (its log has them)
+        print(warning, flush=True)
 
 
 def run_architecture_report(smk) -> None:
@@ -145,9 +154,9 @@ def run_architecture_report(smk) -> None:
         aggregate.write_table(table, smk.output.csv, smk.output.md)
         figures.plot_architecture(table, smk.output.png)
         by = ["dataset", "mixer"]
-        curves = aggregate.load_curves(list(smk.input.records), smk.params.mlflow_uri, by, ["train_loss", "top1_val"])
+        curves = aggregate.load_curves(list(smk.input.records), by, ["train_loss", "top1_val"])
         figures.plot_architecture_curves(aggregate.curve_table(curves, by), smk.output.curves_png)
-        print(table, file=sys.stdout)
+        log.info(f"\n{table}")
 
 
 def run_pretext_report(smk) -> None:
@@ -169,15 +178,15 @@ def run_pretext_report(smk) -> None:
         else:
             for path in (smk.output.bias_csv, smk.output.bias_md):
                 write_text(path, "no shape/texture labels in these datasets\n")
-        by, uri = ["dataset", "pretext"], smk.params.mlflow_uri
-        pretrain = aggregate.load_curves(list(smk.input.pretrains), uri, by, ["train_loss"])
-        finetune = aggregate.load_curves(list(smk.input.evals), uri, by, ["top1_val"],
+        by = ["dataset", "pretext"]
+        pretrain = aggregate.load_curves(list(smk.input.pretrains), by, ["train_loss"])
+        finetune = aggregate.load_curves(list(smk.input.evals), by, ["top1_val"],
                                          where=lambda r: r.get("eval") == "finetune")
         figures.plot_pretext_curves(aggregate.curve_table(pretrain, by), aggregate.curve_table(finetune, by),
                                     smk.output.curves_png)
         figures.plot_pretext_attention(aggregate.attention_cells(list(smk.input.analyses), by),
                                        smk.output.attention_png)
-        print(table, rep, sep="\n", file=sys.stdout)
+        log.info(f"\n{table}\n{rep}")
 
 
 def run_transfer_report(smk) -> None:
@@ -191,13 +200,13 @@ def run_transfer_report(smk) -> None:
         figures.plot_transfer_layers(table, smk.output.layers_png)
         by = ["dataset", "teacher", "method"]
         # the student's curves: jobs trained by epochs (not linear_probe, ensemble), all layers transferred
-        curves = aggregate.load_curves(list(smk.input.records), smk.params.mlflow_uri, by, ["top1_val"],
+        curves = aggregate.load_curves(list(smk.input.records), by, ["top1_val"],
                                        where=lambda r: r.get("layers") == "all" and bool(r.get("history")))
         figures.plot_transfer_curves(aggregate.curve_table(curves, by), smk.output.curves_png)
         cells = aggregate.attention_cells(list(smk.input.records), by,
                                           where=lambda r: r.get("layers") == "all" and r.get("method") != "ensemble")
         figures.plot_transfer_attention(cells, smk.output.attention_png)
-        print(table, file=sys.stdout)
+        log.info(f"\n{table}")
 
 
 def run_summary(smk) -> None:
@@ -209,4 +218,4 @@ def run_summary(smk) -> None:
                              pretext=list(smk.input.evals), analyses=list(smk.input.analyses),
                              transfer=list(smk.input.transfer), transfer_shift=list(smk.input.transfer_shift),
                              reference_layers=smk.params.reference_layers)
-        print(text, file=sys.stdout)
+        log.info(f"\n{text}")

@@ -9,12 +9,8 @@ follow the numbers, including where the seeds do not separate two settings.
 from __future__ import annotations
 
 import html
-import math
-import re
 import statistics
-import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
 
 import polars as pl
 
@@ -23,217 +19,16 @@ from .analysis.registry import EVALS, METRICS, computed_metrics
 from .io import write_text
 from .methods import LAYERED
 from .objectives.registry import PRETEXTS, family, pretext_base
-
-ALPHA = 0.05  # two-sided; p-values are Holm-corrected within each question's family of comparisons
-POWER = 0.80  # the power at which the minimum detectable difference is stated
-
-
-@dataclass(frozen=True)
-class Ref:
-    """One published number: top-1 (%) on ImageNet-1K at paper scale, with where it is printed."""
-
-    value: float
-    source: str
-
-
-MELAS = "Melas-Kyriazi (2021), *Do You Even Need Attention?*, arXiv:2105.02723"
-DEIT = "Touvron et al. (ICML 2021), *Training data-efficient image transformers & distillation through attention*"
-MOCO3 = "Chen, Xie & He (ICCV 2021), *An Empirical Study of Training Self-Supervised Vision Transformers*"
-MAE = "He et al. (CVPR 2022), *Masked Autoencoders Are Scalable Vision Learners*"
-SIMMIM = "Xie et al. (CVPR 2022), *SimMIM: A Simple Framework for Masked Image Modeling*"
-ATTN_TRANSFER = ("Li et al. (NeurIPS 2024), *On the Surprising Effectiveness of Attention Transfer for Vision "
-                 "Transformers*, ViT-L student, MAE ViT-L teacher")
-
-# Every paper number the summary prints, each with its source; a number without one is not printed.
-PAPER: dict[str, dict] = {
-    "architecture": {  # model size -> mixer -> Ref; attention is DeiT's recipe, the one feedforward is trained with
-        "base": {"attention": Ref(79.9, f"DeiT-B, as quoted in {MELAS}, abstract"),
-                 "feedforward": Ref(74.9, f"{MELAS}, abstract and FF-base in its code's README")},
-        "tiny": {"attention": Ref(72.2, f"DeiT-Ti, {DEIT}"),
-                 "feedforward": Ref(61.4, f"FF-tiny, {MELAS}, its code's README")},
-        "large": {"feedforward": Ref(71.4, f"FF-large, {MELAS}, its code's README")},
-    },
-    "pretext": {  # pretext -> eval -> Ref (ViT-B/16)
-        "moco": {"linear_probe": Ref(76.7, f"{MOCO3}, ViT-B linear probing"),
-                 "finetune": Ref(83.2, f"MoCo v3 ViT-B fine-tuned, {MAE}, Table 3")},
-        "simmim": {"linear_probe": Ref(56.7, f"{SIMMIM}, ViT-B linear probing"),
-                   "finetune": Ref(83.8, f"{SIMMIM}, ViT-B fine-tuning")},
-        "mae": {"linear_probe": Ref(68.0, f"{MAE}, ViT-B linear probing"),
-                "finetune": Ref(83.6, f"{MAE}, Table 3, ViT-B")},
-    },
-    "transfer": {method: Ref(v, ATTN_TRANSFER) for method, v in (
-        ("scratch", 83.0), ("finetune", 85.7), ("attn_copy", 85.1), ("attn_distill", 85.7), ("ensemble", 86.3))},
-}
-
-
-FASHION_MNIST_BENCHMARK = ("the benchmark table of Fashion-MNIST's repository, github.com/zalandoresearch/fashion-mnist "
-                           "(README, Benchmark; Xiao, Rasul & Vollgraf 2017, arXiv:1708.07747), trained on all "
-                           "60,000 training images")
-# Published baselines per dataset, test top-1 (%): so a reader can see whether this run's models are sane.
-DATASET_BASELINES: dict[str, dict[str, Ref]] = {
-    "fashion_mnist": {
-        "human (crowd-sourced, 1,000 test images)": Ref(83.5, FASHION_MNIST_BENCHMARK),
-        "MLP 256-128-64": Ref(90.0, FASHION_MNIST_BENCHMARK),
-        "2 conv layers, <100K parameters": Ref(92.5, FASHION_MNIST_BENCHMARK),
-    },
-}
-
-
-def paper_gap_closed(method: str) -> float:
-    """The paper's gap closed, from its top-1 numbers: (method - scratch) / (finetune - scratch)."""
-    t = {m: r.value for m, r in PAPER["transfer"].items()}
-    return (t[method] - t["scratch"]) / (t["finetune"] - t["scratch"])
-
-
-def paper_sources(question: str) -> list[str]:
-    """One line per source of a question's paper numbers: each number (what it is, its value), then the source."""
-    by_source: dict[str, list[str]] = {}
-    for key, by in PAPER[question].items():
-        items = [(None, by)] if isinstance(by, Ref) else list(by.items())
-        for sub, ref in items:
-            label = f"`{key}`" if sub is None else f"`{sub}`, {key}" if question == "architecture" else f"`{key}`, {sub}"
-            by_source.setdefault(ref.source, []).append(f"{label} {ref.value:.1f}")
-    return [f"{'; '.join(numbers)}: {source}" for source, numbers in by_source.items()]
-
+from .papers import (  # noqa: F401 (vitablate.summary.PAPER and Ref: the names tests and docs use)
+    ATTN_TRANSFER, DATASET_BASELINES, DEIT, MAE, MELAS, MOCO3, PAPER, SIMMIM, Ref, paper_gap_closed, paper_sources,
+)
+from .stats import (  # noqa: F401 (re-exported)
+    ALPHA, POWER, Welch, family_note, format_p, holm, mean_std, min_detectable_difference, welch,
+)
 
 # pretext families, from the registry (vitablate.objectives.registry; hybrid_<lambda> -> hybrid), read live
 CL = PRETEXTS.view(lambda e: e.family == "CL")
 MIM = PRETEXTS.view(lambda e: e.family == "MIM")
-
-
-# --- statistics -----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Welch:
-    """Welch's two-sided t-test of `a` against `b` across seeds; p is None when not testable.
-
-    `ci`: the 95 % confidence interval of mean(a) - mean(b) (Welch); `mdd`: the smallest difference
-    this many seeds at this spread detect with 80 % power at α = 0.05 (two-sided, per comparison);
-    `p_holm`: p after Holm's correction over its family of `family_size` comparisons (see holm()).
-    """
-
-    a: str
-    b: str
-    xa: tuple[float, ...]
-    xb: tuple[float, ...]
-    t: float | None
-    p: float | None
-    why_not: str = ""
-    ci: tuple[float, float] | None = None
-    mdd: float | None = None
-    p_holm: float | None = None
-    family_size: int = 1
-
-    @property
-    def diff(self) -> float:
-        return statistics.fmean(self.xa) - statistics.fmean(self.xb)
-
-    @property
-    def separated(self) -> bool:
-        return self.p_holm is not None and self.p_holm < ALPHA
-
-    def flipped(self) -> "Welch":
-        """The same test read as `b` against `a`."""
-        ci = None if self.ci is None else (-self.ci[1], -self.ci[0])
-        return replace(self, a=self.b, b=self.a, xa=self.xb, xb=self.xa, t=None if self.t is None else -self.t,
-                       ci=ci)
-
-    def _p_text(self) -> str:
-        if self.family_size > 1:
-            return f"Holm-adjusted p = {_p(self.p_holm)} of {self.family_size} (raw p = {_p(self.p)})"
-        return f"p = {_p(self.p)}"
-
-    def sentence(self, unit: str = "points", digits: int = 1) -> str:
-        """One clause: which side is above (Holm-adjusted p < ALPHA), or that the seeds do not separate
-        them and how large a difference they could have seen."""
-        n = f"n = {len(self.xa)} vs {len(self.xb)}"
-        d = f"{self.diff:+.{digits}f} {unit}".strip()
-        if self.p is None:
-            return f"`{self.a}` against `{self.b}`: Δ = {d}, not testable ({self.why_not})"
-        if self.separated:
-            w = self if self.diff > 0 else self.flipped()
-            lo, hi = w.ci
-            return (f"`{w.a}` is above `{w.b}` by {w.diff:.{digits}f} {unit}".rstrip()
-                    + f" (95% CI {lo:.{digits}f} to {hi:.{digits}f}; Welch's t = {w.t:.2f}, {w._p_text()}, {n})")
-        lo, hi = self.ci
-        return (f"the seeds do not separate `{self.a}` and `{self.b}` (Δ = {d}, 95% CI {lo:+.{digits}f} to "
-                f"{hi:+.{digits}f}; {self._p_text()}, Welch's t = {self.t:.2f}, {n}): a difference below "
-                f"{self.mdd:.{digits}f} {unit} could not be seen at this seed spread".replace("  ", " "))
-
-    def verdict(self, paper_a_above_b: bool) -> str:
-        """This run's direction against the paper's, as a phrase."""
-        if not self.separated:
-            return "not separated, so this run neither confirms nor contradicts the paper"
-        if (self.diff > 0) == paper_a_above_b:
-            return "the same direction as the paper"
-        return "the opposite direction to the paper"
-
-
-def _p(p: float) -> str:
-    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
-
-
-def min_detectable_difference(xa: Sequence[float], xb: Sequence[float], alpha: float = ALPHA,
-                              power: float = POWER) -> float:
-    """The difference in means that a two-sided two-sample t-test at `alpha` detects with `power`, at
-    these sample sizes and their pooled standard deviation (statsmodels' TTestIndPower)."""
-    from statsmodels.stats.power import TTestIndPower
-
-    na, nb = len(xa), len(xb)
-    pooled = math.sqrt(((na - 1) * statistics.variance(xa) + (nb - 1) * statistics.variance(xb)) / (na + nb - 2))
-    d = TTestIndPower().solve_power(effect_size=None, nobs1=na, alpha=alpha, power=power, ratio=nb / na,
-                                    alternative="two-sided")
-    return float(d) * pooled
-
-
-def welch(a: str, xa: Sequence[float], b: str, xb: Sequence[float]) -> Welch:
-    """Welch's t-test and its 95 % CI (scipy.stats.ttest_ind, equal_var=False) with the minimum detectable
-    difference; refuses n < 2 or no spread. A family of one until holm() corrects it."""
-    xa, xb = tuple(float(v) for v in xa), tuple(float(v) for v in xb)
-    if not xa or not xb:
-        return Welch(a, b, xa or (math.nan,), xb or (math.nan,), None, None, "a side has no runs")
-    if min(len(xa), len(xb)) < 2:
-        return Welch(a, b, xa, xb, None, None, f"n = {len(xa)} vs {len(xb)}: Welch's test needs 2 seeds per side")
-    if statistics.variance(xa) == 0 and statistics.variance(xb) == 0:
-        return Welch(a, b, xa, xb, None, None, "no spread across seeds on either side")
-    from scipy.stats import ttest_ind
-
-    with warnings.catch_warnings():
-        # one side without spread (equal values) is a valid Welch test; scipy warns about its moments
-        warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
-        res = ttest_ind(xa, xb, equal_var=False)
-        ci = res.confidence_interval(1 - ALPHA)
-    t, p = float(res.statistic), float(res.pvalue)
-    if not math.isfinite(p):
-        return Welch(a, b, xa, xb, None, None, "the test statistic is undefined for these values")
-    return Welch(a, b, xa, xb, t, p, ci=(float(ci.low), float(ci.high)), mdd=min_detectable_difference(xa, xb),
-                 p_holm=p)
-
-
-def holm(tests: Sequence[Welch]) -> list[Welch]:
-    """The tests with Holm's step-down correction over the testable ones (statsmodels' multipletests)."""
-    from statsmodels.stats.multitest import multipletests
-
-    testable = [i for i, t in enumerate(tests) if t.p is not None]
-    out = list(tests)
-    if testable:
-        adjusted = multipletests([tests[i].p for i in testable], alpha=ALPHA, method="holm")[1]
-        for i, q in zip(testable, adjusted):
-            out[i] = replace(tests[i], p_holm=float(q), family_size=len(testable))
-    return out
-
-
-def family_note(what: str, tests: Sequence[Welch]) -> str:
-    """The sentence that names a Holm family ('' when none of its tests could be run)."""
-    k = sum(t.p is not None for t in tests)
-    return f"*Holm family:* {what} ({k} test{'s' if k != 1 else ''})." if k else ""
-
-
-def mean_std(values: Sequence[float], digits: int = 2) -> str:
-    """'mean ± sample std' (std 0 for a single seed, as in the tables)."""
-    m = statistics.fmean(values)
-    s = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def _samples(df: pl.DataFrame, keys: list[str], value: str = "top1_test") -> dict[tuple, list[float]]:
@@ -299,7 +94,7 @@ def architecture_section(df: pl.DataFrame) -> str:
         details = []
         if ("feedforward", "attention") in tests:
             t = tests[("feedforward", "attention")].flipped()
-            p = _p(t.p_holm) if t.p is not None else "not testable"
+            p = format_p(t.p_holm) if t.p is not None else "not testable"
             details.append(f"Against the paper, which has {Q1_PAPER_FINDING}: here `attention` minus `feedforward` "
                            f"is {t.diff:+.1f} points (Holm-adjusted p = {p}), {t.verdict(True)}.")
         for (a, b), t in tests.items():
@@ -478,10 +273,10 @@ def transfer_answer(teacher: str, tests: dict[str, Welch], gap: dict, reference_
             part = f"{name} its attention maps{where} is not testable against scratch ({t.why_not})"
         elif t.separated:
             part = (f"{name} its attention maps{where} is {'above' if t.diff > 0 else 'below'} scratch "
-                    f"(Holm-adjusted p = {_p(t.p_holm)})")
+                    f"(Holm-adjusted p = {format_p(t.p_holm)})")
         else:
             part = (f"{name} its attention maps{where} is not separated from scratch (Holm-adjusted p = "
-                    f"{_p(t.p_holm)}; a difference below {t.mdd:.1f} points could not be seen)")
+                    f"{format_p(t.p_holm)}; a difference below {t.mdd:.1f} points could not be seen)")
         gtxt = f"; gap closed {g:.0%}" if g is not None else ""
         parts.append(f"{part}{gtxt} (paper: {paper_gap_closed(m):.0%})")
     if not parts:
@@ -618,50 +413,20 @@ table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em}th,td{border:1
 th{background:#f0f0f0}code{background:#f4f4f4;padding:0 .2em}h2{border-bottom:1px solid #ddd;margin-top:1.6em}"""
 
 
-def _inline(text: str) -> str:
-    """Markdown inline marks this module writes (`code`, **bold**, *italic*) -> HTML, text escaped."""
-    text = html.escape(text, quote=False)
-    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-    text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
-    return re.sub(r"\*([^*]+)\*", r"<em>\1</em>", text)
-
-
 def markdown_to_html(md: str, title: str = "vitablate summary") -> str:
     """summary.md as a standalone HTML page (Snakemake's report shows HTML inline, not markdown).
 
-    Handles only the markdown this module writes: headings, paragraphs, bullet lists, pipe tables.
+    Python-Markdown with its `tables` extension; raw HTML in the text is escaped, not passed
+    through (the summary quotes config values, which may hold `<` or `&`).
     """
-    out, lines, i = [], md.splitlines(), 0
-    while i < len(lines):
-        line = lines[i]
-        if not line.strip():
-            i += 1
-        elif m := re.match(r"(#{1,6}) (.*)", line):
-            out.append(f"<h{len(m[1])}>{_inline(m[2])}</h{len(m[1])}>")
-            i += 1
-        elif line.startswith("|"):
-            rows = []
-            while i < len(lines) and lines[i].startswith("|"):
-                rows.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
-                i += 1
-            head, body = rows[0], [r for r in rows[1:] if not all(set(c) <= set("-:") for c in r)]
-            out.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
-                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body)
-                       + "</tbody></table>")
-        elif line.startswith("- "):
-            items = []
-            while i < len(lines) and lines[i].startswith("- "):
-                items.append(f"<li>{_inline(lines[i][2:])}</li>")
-                i += 1
-            out.append("<ul>" + "".join(items) + "</ul>")
-        else:
-            para = []
-            while i < len(lines) and lines[i].strip() and not re.match(r"(#{1,6} |\||- )", lines[i]):
-                para.append(lines[i])
-                i += 1
-            out.append(f"<p>{_inline(' '.join(para))}</p>")
+    import markdown
+
+    converter = markdown.Markdown(extensions=["tables"], output_format="html")
+    converter.preprocessors.deregister("html_block")  # raw HTML is text here
+    converter.inlinePatterns.deregister("html")
+    body = converter.convert(md)
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{HTML_STYLE}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+            f"<style>{HTML_STYLE}</style></head><body>\n" + body + "\n</body></html>\n")
 
 
 def write_summary(md_path: str, html_path: str | None = None, **records: Sequence[str]) -> str:

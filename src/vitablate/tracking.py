@@ -25,7 +25,7 @@ import time
 from typing import Any, Callable, TypeVar
 
 from .config import flatten
-from .io import write_json
+from .io import atomic_path, write_json
 
 CHECKPOINT_DIR = "checkpoints"  # artifact folder of the checkpoints a run hands to other jobs
 # MLflow 3's UI opens an experiment by its kind: untagged, it shows the GenAI trace overview ("No data");
@@ -325,10 +325,9 @@ def log_checkpoints(uri: str, run_id: str, paths: list[str]) -> dict[str, str]:
 def fetch_artifact(uri: str, run_id: str, artifact_path: str, dest: str) -> str:
     """Download one artifact of a run to the file `dest`, atomically (a retry never sees half a file)."""
     c = client(uri)
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(dest) or ".") as d:
+    with atomic_path(dest) as tmp, tempfile.TemporaryDirectory(dir=os.path.dirname(dest) or ".") as d:
         got = retry(lambda: c.download_artifacts(run_id, artifact_path, d), f"download {artifact_path} of run {run_id}")
-        os.replace(got, dest)
+        os.replace(got, tmp)  # MLflow names the download after the artifact: move it to the temp name
     return dest
 
 
@@ -360,29 +359,3 @@ def end_latest(uri: str | None, output_dir: str, error: str, status: str = "FAIL
         with contextlib.suppress(Exception):
             return end_if_running(uri, latest["run_id"], error, status)
     return False
-
-
-def readable_store(uri: str) -> str | None:
-    """None when the store at `uri` can be read, else why not (for readers that must not create one)."""
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        return None if os.path.exists(path) else f"no MLflow store at {path}"
-    try:
-        probe(uri)
-    except RuntimeError as e:
-        return str(e)
-    return None
-
-
-def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    """(step, value) of one metric of one run, by step; a step logged twice keeps its last value.
-
-    Per-epoch metrics use the epoch as step; the final summary re-logs top1_val at the last epoch.
-    """
-    c = client(uri)
-    history = retry(lambda: c.get_metric_history(run_id, key), f"read {key} of run {run_id}")
-    by_step: dict[int, tuple[int, float]] = {}
-    for m in history:
-        if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
-            by_step[m.step] = (m.timestamp, m.value)
-    return [(step, by_step[step][1]) for step in sorted(by_step)]

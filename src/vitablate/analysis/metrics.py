@@ -2,8 +2,9 @@
 
 All metrics are pure functions of tensors (attention maps or block-output tokens)
 plus two drivers, :func:`layerwise_analysis` and :func:`layerwise_features`, that
-run a timm-style ``VisionTransformer`` once with forward hooks and apply them to
-the embedding output (layer 0) and every block's output (layer i = block i).
+run a timm ``VisionTransformer`` once (its public ``forward_intermediates``, the
+attention maps read by ``vitablate.models.capturing``) and apply them to the
+embedding output (layer 0) and every block's output (layer i = block i).
 
 Conventions
 -----------
@@ -20,13 +21,16 @@ Conventions
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..models import capturing, embed
 
 __all__ = [
     "attention_distance",
@@ -34,7 +38,6 @@ __all__ = [
     "drop_prefix",
     "token_cosine",
     "fourier_hf",
-    "recompute_attention",
     "layerwise_analysis",
     "layerwise_features",
 ]
@@ -316,47 +319,6 @@ def fourier_hf(tokens: Tensor, grid_size: Any, eps: float = 1e-6) -> Tensor:
 # --------------------------------------------------------------------------- #
 # Model drivers
 # --------------------------------------------------------------------------- #
-def recompute_attention(attn_module: nn.Module, x: Tensor) -> Tensor:
-    """Post-softmax attention map of a timm-style ``Attention`` module for input ``x``.
-
-    Mirrors ``timm.layers.Attention`` without a mask:
-    ``qkv(x).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)``, q/k norms,
-    ``softmax(q * scale @ k^T)``. Recomputing from the hook input keeps the
-    analysis independent of the module's fused/unfused code path.
-
-    Args:
-        attn_module: module with ``qkv``, ``num_heads``, ``head_dim`` (and optionally
-            ``scale``, ``q_norm``, ``k_norm``).
-        x: (B, N, C) module input (already normed by the block).
-
-    Returns:
-        (B, H, N, N) attention probabilities, including any prefix tokens.
-    """
-    qkv_layer = getattr(attn_module, "qkv", None)
-    if qkv_layer is None:
-        raise ValueError(
-            f"{type(attn_module).__name__} has no 'qkv' projection; only timm-style "
-            "self-attention modules can be recomputed"
-        )
-    if x.dim() != 3:
-        raise ValueError(f"attention input must be (B, N, C), got {tuple(x.shape)}")
-    heads = int(attn_module.num_heads)
-    head_dim = int(getattr(attn_module, "head_dim", 0) or x.shape[-1] // heads)
-    scale = getattr(attn_module, "scale", None)
-    scale = head_dim**-0.5 if scale is None else scale
-    b, n, _ = x.shape
-    qkv = qkv_layer(x).reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d)
-    q, k = qkv[0], qkv[1]  # (B, H, N, d) each
-    q_norm = getattr(attn_module, "q_norm", None)
-    k_norm = getattr(attn_module, "k_norm", None)
-    if q_norm is not None:
-        q = q_norm(q)
-    if k_norm is not None:
-        k = k_norm(k)
-    logits = (q * scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-    return logits.softmax(dim=-1)
-
-
 def _model_geometry(
     model: nn.Module, x: Tensor, num_prefix_tokens: int | None, patch_size: Any, grid_size: Any
 ) -> tuple[int, tuple[float, float], tuple[int, int]]:
@@ -407,25 +369,28 @@ def _check_model_input(model: nn.Module, x: Tensor) -> Tensor:
     return x if param is None else x.to(param.device)
 
 
-def _run_with_hooks(model: nn.Module, x: Tensor, hooks: list[tuple[nn.Module, Any]]) -> None:
-    """One eval-mode, no-grad forward with temporary forward hooks; restores every
-    submodule's own training flag (not just the root's) afterwards."""
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no grad for the block; restores every submodule's own training flag (not
+    just the root's) afterwards."""
     modes = [(m, m.training) for m in model.modules()]
-    handles = []
     try:
-        for module, fn in hooks:
-            handles.append(module.register_forward_hook(fn, with_kwargs=True))
         model.eval()
         with torch.no_grad():
-            if hasattr(model, "forward_features"):
-                model.forward_features(x)  # head is not needed for block outputs
-            else:
-                model(x)
+            yield
     finally:
-        for h in handles:
-            h.remove()
         for m, flag in modes:
             m.training = flag
+
+
+def _depth_outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
+    """(B, N_total, C) tokens at every depth, prefix tokens included: index 0 the embedding output
+    (the first block's input, `vitablate.models.embed`), index i block i's output (timm's public
+    `forward_intermediates`, unnormalised)."""
+    blocks = model.forward_intermediates(x, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True)
+    if model.num_prefix_tokens:  # (patch tokens, prefix tokens) per block
+        blocks = [torch.cat([prefix, patches], dim=1) for patches, prefix in blocks]
+    return [embed(model, x), *blocks]
 
 
 def layerwise_analysis(
@@ -454,7 +419,8 @@ def layerwise_analysis(
         tensor or None, "token_cosine": float, "fourier_hf": float``); the attention
         metrics of layer i describe block i's attention. Tensors are float32/64 on
         the CPU. Attention metrics are None for layer 0 and for blocks whose token
-        mixer has no ``qkv`` projection.
+        mixer is not timm's ``Attention`` (or vitablate's ``MixingAttention``); the
+        forward is the model's own, bit for bit (``capturing`` with ``observe``).
     """
     from .registry import METRICS, computed_metrics
 
@@ -472,41 +438,28 @@ def layerwise_analysis(
         value = entry.obj(x, **{k: geometry[k] for k in entry.meta.get("needs", ())})
         return value.detach().cpu() if entry.meta.get("per_head") else float(value)
 
-    def attn_hook(i: int):
-        def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            inp = args[0] if args else kwargs["x"]  # (B, N_total, C) normed tokens
-            full = recompute_attention(module, inp)  # (B, H, N_total, N_total)
+    def consume_map(i: int):
+        def fn(module: nn.Module, args: tuple, output: Any) -> None:
+            full = module.last_map  # (B, H, N_total, N_total), captured by `capturing`
+            module.last_map = module.last_logits = module.last_q = module.last_k = None  # one layer at a time
             patch_attn = drop_prefix(full, n_prefix)  # (B, H, N, N)
             for name in attn_metrics:
                 results[i][name] = compute(name, patch_attn)
         return fn
 
-    def token_metrics(i: int, out: Tensor) -> None:
+    handles = []
+    with _evaluating(model), capturing(model, observe=True, strict=False) as mods:
+        try:  # each block's map is read as soon as the block has run: one map in memory at a time
+            handles = [m.register_forward_hook(consume_map(i)) for i, m in enumerate(mods, start=1) if m is not None]
+            outs = _depth_outputs(model, x)
+        finally:
+            for h in handles:
+                h.remove()
+    for i, out in enumerate(outs):
         patches = out[:, n_prefix:]  # (B, N, C), CLS/registers dropped
         for name in token_metric_names:
             results[i][name] = compute(name, patches)
-
-    def block_hook(i: int):
-        def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            token_metrics(i, output[0] if isinstance(output, (tuple, list)) else output)
-        return fn
-
-    hooks = [(model.blocks[0], _embedding_hook(lambda emb: token_metrics(0, emb)))]
-    for i, blk in enumerate(model.blocks, start=1):
-        hooks.append((blk, block_hook(i)))
-        attn_mod = getattr(blk, "attn", None)
-        if isinstance(attn_mod, nn.Module) and getattr(attn_mod, "qkv", None) is not None:
-            hooks.append((attn_mod, attn_hook(i)))
-    _run_with_hooks(model, x, hooks)
     return results
-
-
-def _embedding_hook(consume: Any) -> Any:
-    """A forward hook for the first block that passes its *input* (the embedding
-    output, (B, N_total, C)) to ``consume``; registered like the other hooks."""
-    def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        consume(args[0] if args else kwargs["x"])
-    return fn
 
 
 def layerwise_features(
@@ -529,23 +482,15 @@ def layerwise_features(
     if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) \
             or num_prefix_tokens < 0:
         raise ValueError(f"num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
-    feats: list[Tensor | None] = [None] * (len(model.blocks) + 1)
-
-    def pool(i: int, out: Tensor) -> None:
+    with _evaluating(model):
+        outs = _depth_outputs(model, x)
+    feats = []
+    for out in outs:
         patches = out[:, num_prefix_tokens:]  # (B, N, C)
         if patches.shape[1] == 0:
             raise ValueError(
                 f"num_prefix_tokens={num_prefix_tokens} leaves no patch tokens "
                 f"(block output has {out.shape[1]} tokens)"
             )
-        feats[i] = patches.mean(dim=1).detach()  # (B, C)
-
-    def block_hook(i: int):
-        def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            pool(i, output[0] if isinstance(output, (tuple, list)) else output)
-        return fn
-
-    hooks = [(model.blocks[0], _embedding_hook(lambda emb: pool(0, emb)))]
-    hooks += [(blk, block_hook(i)) for i, blk in enumerate(model.blocks, start=1)]
-    _run_with_hooks(model, x, hooks)
-    return feats  # type: ignore[return-value]
+        feats.append(patches.mean(dim=1).detach())  # (B, C)
+    return feats

@@ -9,8 +9,8 @@ from importlib import import_module
 _EXPORTS = {
     "MIXERS": ".registry",
     "VARIANTS": "..config",
-    **{name: ".factory" for name in ("Geometry", "attention_maps", "attention_modules", "capturing", "count_params",
-                                     "create_model", "make_hookable", "resolve_layers")},
+    **{name: ".factory" for name in ("Geometry", "add_prefix_and_positions", "attention_maps", "attention_modules", "capturing", "count_params",
+                                     "create_model", "embed", "make_hookable", "resolve_layers")},
     **{name: ".mixers" for name in ("FeatureAttention", "FeedForwardBlock", "IdentityMixer", "MixingAttention",
                                     "PoolingMixer", "TokenMLP")},
 }

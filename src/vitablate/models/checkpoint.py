@@ -29,13 +29,14 @@ def read_checkpoint(path: str, what: str, missing: str, unreadable: str) -> dict
 
 
 def save_checkpoint(path: str, model: torch.nn.Module, model_kwargs: dict, config: dict,
-                    tmp: Optional[str] = None, extra: Optional[dict] = None) -> None:
+                    extra: Optional[dict] = None) -> None:
     """Write a vitablate checkpoint atomically (a temporary file, then a rename). `extra`: more entries beside
     the three (a model.pt trained with an EMA keeps its online weights as "online_model", a state dict)."""
-    tmp = tmp or f"{path}.tmp"
-    torch.save({"model": model.state_dict(), "model_kwargs": dict(model_kwargs), "config": config, **(extra or {})},
-               tmp)
-    os.replace(tmp, path)
+    from ..io import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "model_kwargs": dict(model_kwargs), "config": config,
+                    **(extra or {})}, tmp)
 
 
 def load_vit(path: str) -> tuple[torch.nn.Module, dict, dict]:

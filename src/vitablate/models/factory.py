@@ -178,6 +178,38 @@ def create_model(
     return model
 
 
+def add_prefix_and_positions(model: VisionTransformer, patches: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) patch tokens -> (B, prefix + L, D): the CLS / register tokens prepended and the
+    position embeddings added, as timm's `VisionTransformer` does before its blocks.
+
+    timm keeps this step private (`_pos_embed`); masked image modelling needs it on its own, after
+    the patch embedding and before the blocks (SimMIM swaps masked patches for a mask token first,
+    MAE drops the masked patches after it), so it is rebuilt here from the model's public
+    attributes (`cls_token`, `reg_token`, `pos_embed`, `no_embed_class`, `pos_drop`).
+    Bit-identical to timm's step (tests/test_models.py); a `dynamic_img_size` model is refused.
+    """
+    if getattr(model, "dynamic_img_size", False):
+        raise ValueError("add_prefix_and_positions needs a fixed image size (dynamic_img_size=False)")
+    prefix = [t.expand(patches.shape[0], -1, -1) for t in (model.cls_token, model.reg_token) if t is not None]
+    x = patches
+    if model.pos_embed is None:  # no positions: timm skips pos_drop too
+        return torch.cat([*prefix, x], dim=1)
+    if model.no_embed_class:  # the position embeddings cover the patches only (DeiT-3): add, then prepend
+        x = x + model.pos_embed
+        x = torch.cat([*prefix, x], dim=1) if prefix else x
+    else:  # they cover the prefix tokens too (original ViT): prepend, then add
+        x = torch.cat([*prefix, x], dim=1) if prefix else x
+        x = x + model.pos_embed
+    return model.pos_drop(x)
+
+
+def embed(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) images -> (B, prefix + L, D): what the first block of `model` receives
+    (patch embedding, prefix tokens and positions, patch dropout, pre-norm); `model.norm(blocks(...))`
+    of it is `model.forward_features(x)`. Layer 0 of the layer-wise analyses."""
+    return model.norm_pre(model.patch_drop(add_prefix_and_positions(model, model.patch_embed(x))))
+
+
 def make_hookable(model: nn.Module) -> nn.Module:
     """Turn every timm `Attention` in `model` into a `MixingAttention` in place.
 
@@ -191,12 +223,18 @@ def make_hookable(model: nn.Module) -> nn.Module:
     return model
 
 
-def attention_modules(model: nn.Module) -> list[MixingAttention]:
-    """The per-block token-mixing attention modules, in block order."""
+def attention_modules(model: nn.Module, strict: bool = True) -> list[Optional[MixingAttention]]:
+    """The per-block token-mixing attention modules, in block order.
+
+    strict=False: a block that does not mix tokens by attention gives None, and timm's own
+    `Attention` is returned as it is (`capturing` makes it hookable while it captures).
+    """
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise ValueError(f"{type(model).__name__} has no .blocks; expected a timm VisionTransformer")
     mods = [getattr(blk, "attn", blk) for blk in blocks]  # a whole-block mixer has no .attn
+    if not strict:
+        return [m if isinstance(m, Attention) else None for m in mods]
     bad = {type(m).__name__ for m in mods if not isinstance(m, MixingAttention)}
     if bad:
         raise ValueError(
@@ -220,18 +258,37 @@ def resolve_layers(layers: Optional[Sequence[int]], depth: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def capturing(model: nn.Module, layers: Optional[Sequence[int]] = None) -> Iterator[list[MixingAttention]]:
-    """Within the block, the chosen layers keep their maps (`.last_map`, `.last_logits`)."""
-    mods = attention_modules(model)
+def capturing(model: nn.Module, layers: Optional[Sequence[int]] = None, observe: bool = False,
+              strict: bool = True) -> Iterator[list[Optional[MixingAttention]]]:
+    """Within the block, the chosen layers keep their maps (`.last_map`, `.last_logits`).
+
+    The one way attention maps are read (training losses, figures, the layer-wise analyses).
+    observe=True: the forward stays bit-identical to one without capture (timm's own fused
+    attention computes each block's output; the map is computed beside it), for readers of the
+    block outputs too. strict=False: blocks that do not attend give None, and timm's plain
+    `Attention` is made hookable for the duration (its class is restored after).
+    """
+    mods = attention_modules(model, strict)
     chosen = [mods[i] for i in resolve_layers(layers, len(mods))]
+    swapped = [m for m in chosen if m is not None and type(m) is Attention]
+    for m in swapped:
+        m.__class__ = MixingAttention
+        MixingAttention.reset_hooks(m)
     for m in chosen:
-        m.capture = True
+        if m is not None:
+            m.capture, m.observe = True, observe
     try:
         yield chosen
     finally:
         for m in chosen:
-            m.capture = False
-            m.last_map = m.last_logits = m.last_q = m.last_k = None
+            if m is not None:
+                m.capture = m.observe = False
+                m.last_map = m.last_logits = m.last_q = m.last_k = None
+        for m in swapped:
+            for name in ("capture", "observe", "override_map", "override_q", "override_k", "last_map", "last_logits",
+                         "last_q", "last_k"):
+                m.__dict__.pop(name, None)
+            m.__class__ = Attention
 
 
 def attention_maps(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:

@@ -10,7 +10,9 @@ checkpoints load) plus per-module switches that later questions need:
   pre-softmax logits (`last_logits`) of the last forward;
 - `override_map`: use this post-softmax map instead of softmax(QK^T) (attention copy);
 - `override_q` / `override_k`: use these queries or keys instead of the module's own
-  (copy Q-only / K-only); `capture` also keeps `last_q`, `last_k`.
+  (copy Q-only / K-only); `capture` also keeps `last_q`, `last_k`;
+- `observe` (with `capture`): keep the map, but compute the output by timm's own path, so
+  the forward is bit-identical to one without capture (analyses that read block outputs too).
 
 With every switch off, the forward is timm's fused scaled-dot-product path: the
 hooks cost one attribute check per block.
@@ -34,6 +36,7 @@ class MixingAttention(Attention):
 
     def reset_hooks(self) -> None:
         self.capture = False
+        self.observe = False
         self.override_map: Optional[torch.Tensor] = None  # (B, H, N, N) post-softmax
         self.override_q: Optional[torch.Tensor] = None  # (B, H, N, head_dim), after q_norm
         self.override_k: Optional[torch.Tensor] = None
@@ -77,6 +80,10 @@ class MixingAttention(Attention):
             attn = logits.softmax(dim=-1)
         if self.capture:
             self.last_map, self.last_logits, self.last_q, self.last_k = attn, logits, q, k
+        if self.observe:  # the map is kept; the output is timm's own, exactly as without capture
+            if self.override_map is not None or self.override_q is not None or self.override_k is not None:
+                raise ValueError("observe keeps timm's own output: it cannot be combined with an override")
+            return super().forward(x)
         x = self.attn_drop(attn) @ v
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.norm(x)

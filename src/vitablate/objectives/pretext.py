@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from vitablate.data.augment import BatchAugment, normalize, two_views
 from vitablate.distributed import concat_all_gather
 from vitablate.distributed import rank as dist_rank
+from vitablate.models import add_prefix_and_positions
 from vitablate.models.factory import sincos_pos_embed_2d
 
 from .registry import PRETEXTS
@@ -458,7 +459,7 @@ class SimMIM(PretextObjective):
         x = enc.patch_embed(imgs)  # (N, L, D)
         w = mask.unsqueeze(-1).to(x.dtype)
         x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
-        x = enc._pos_embed(x)  # prepends CLS, adds position embeddings: (N, prefix + L, D)
+        x = add_prefix_and_positions(enc, x)  # prepends CLS, adds position embeddings: (N, prefix + L, D)
         x = enc.patch_drop(x)
         x = enc.norm_pre(x)
         x = enc.blocks(x)
@@ -557,7 +558,7 @@ class MAE(PretextObjective):
         enc = self.encoder
         npt = enc.num_prefix_tokens
         x = enc.patch_embed(imgs)  # (N, L, D)
-        x = enc._pos_embed(x)  # (N, prefix + L, D): prefix tokens + position embeddings for all
+        x = add_prefix_and_positions(enc, x)  # (N, prefix + L, D): prefix tokens + position embeddings for all
         prefix, patches = x[:, :npt], x[:, npt:]
         patches, mask, ids_restore = self.random_masking(patches, mask_ratio, generator)
         x = torch.cat([prefix, patches], dim=1)  # (N, prefix + L_keep, D): the blocks see only these

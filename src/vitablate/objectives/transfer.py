@@ -132,13 +132,8 @@ class _SharedDropPaths:
 
 
 def _run_blocks(model: nn.Module, x: torch.Tensor, upto: int) -> None:
-    """timm's forward_features, stopped after block `upto`: later blocks' maps are not needed."""
-    x = model.patch_embed(x)
-    x = model._pos_embed(x)
-    x = model.patch_drop(x)
-    x = model.norm_pre(x)
-    for blk in model.blocks[: upto + 1]:
-        x = blk(x)
+    """timm's forward, stopped after block `upto` (later blocks' maps are not needed)."""
+    model.forward_intermediates(x, indices=[upto], stop_early=True, output_fmt="NLC", intermediates_only=True)
 
 
 class AttentionCopy(nn.Module):
