@@ -43,6 +43,12 @@ def expected_counts(c: dict) -> dict[str, int]:
         per_teacher = sum(len(t["layers"]) if m in LAYERED else 1 for m in t["methods"] if m != "scratch")
         per_seed = ("scratch" in t["methods"]) + len(t["teachers"]) * per_teacher
         out |= {"transfer_train": len(t["datasets"]) * len(t["seeds"]) * per_seed, "transfer_report": 1}
+        # distribution shift is its own job per trained student, where the preset has something to shift to
+        # (generated corruptions or extra test folders)
+        shifted = [d for d in t["datasets"] if (t.get("shift") or {}).get("corruptions")
+                   or ((c.get("datasets") or {}).get(d, {}).get("data") or {}).get("extra_test_dirs")]
+        if shifted:
+            out["transfer_shift"] = len(shifted) * len(t["seeds"]) * per_seed
     return out
 
 
@@ -83,7 +89,9 @@ def test_preset_dag_and_gpu_requests(tmp_path, path):
     for rule, wc in training:
         # the params Snakemake hands the job: the rule's `params.job` is exactly this call
         params = vw.job_params(config, JOB_RULES[rule], wc)
-        assert params["execution"]["num_gpus"] == GPUS_PER_JOB[path.stem], (rule, wc)
+        # resources are none of the params: the rule body adds them at run time (with_resources)
+        assert "num_gpus" not in params["execution"]
+        assert vw.with_resources(params, config).execution.num_gpus == GPUS_PER_JOB[path.stem], (rule, wc)
         assert params["train"]["batch_size"] % params["train"]["accum_steps"] == 0
         assert params["output_dir"].startswith(config["results_dir"] + "/")
 
