@@ -59,7 +59,8 @@ def workflow_schema(config_path: str) -> str:
     Snakefile uses), wherever the config lives; for an installed copy without the repository, a
     schema.yaml beside the config or in its parent folder (a copied workflow's config/)."""
     here = os.path.dirname(os.path.abspath(config_path))
-    for candidate in (REPO_SCHEMA, os.path.join(here, "schema.yaml"), os.path.join(os.path.dirname(here), "schema.yaml")):
+    beside = [os.path.join(here, "schema.yaml"), os.path.join(os.path.dirname(here), "schema.yaml")]
+    for candidate in (REPO_SCHEMA, *beside):
         if os.path.isfile(candidate):
             return os.path.normpath(candidate)
     raise OSError(f"no config/schema.yaml found (looked in the vitablate repository, {os.path.normpath(REPO_SCHEMA)}, "
