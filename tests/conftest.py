@@ -65,3 +65,21 @@ def write_config(wf: Path, config: dict) -> None:
 
 def read_config(wf: Path) -> dict:
     return yaml.safe_load((wf / "config" / "config.yaml").read_text())
+
+
+def e2e_config(name: str) -> dict:
+    """The tiny end-to-end config `.test/config/<name>.yaml` (a person runs it by hand with
+    `snakemake --configfile .test/config/<name>.yaml -n` from the repository root)."""
+    return yaml.safe_load((REPO / ".test" / "config" / f"{name}.yaml").read_text())
+
+
+def expected_transfer_runs(config: dict) -> int:
+    """Transfer jobs of a grid, counted here from the config's lists (not by vitablate): per dataset, scratch
+    once per seed, every other method once per teacher and seed, and attn_copy/attn_distill once per layer set.
+    Assumes no seeds_by."""
+    t = config["transfer"]
+    assert not t.get("seeds_by"), "this count assumes every job runs every seed"
+    methods, layered = t["methods"], {"attn_copy", "attn_distill"}
+    per_teacher = sum(len(t.get("layers", ["all"])) if m in layered else 1 for m in methods if m != "scratch")
+    per_dataset = ("scratch" in methods) + len(t["teachers"]) * per_teacher
+    return len(t["datasets"]) * len(t["seeds"]) * per_dataset
