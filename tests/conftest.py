@@ -54,6 +54,29 @@ def job_counts(output: str) -> dict[str, int]:
     return counts
 
 
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    """An existing two-node Ray cluster on loopback (each node 4 CPUs and 2 declared GPUs, token authentication
+    on), shared by every test of a module that asks for it (tests/test_cluster.py holds them all, so one
+    cluster starts per session and none idles beside the rest of the suite). Yields (cluster, the auth
+    environment a driver needs); a test reaches it with RAY_ADDRESS=cluster.address and that environment."""
+    import secrets
+
+    token = secrets.token_hex(16)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "token")  # every process of the cluster and every driver
+        mp.setenv("RAY_AUTH_TOKEN", token)
+        from ray.cluster_utils import Cluster  # after the env: Ray reads RAY_AUTH_MODE when imported
+
+        cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=4, num_gpus=2))
+        try:
+            cluster.add_node(num_cpus=4, num_gpus=2)
+            cluster.wait_for_nodes()
+            yield cluster, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+        finally:
+            cluster.shutdown()
+
+
 @pytest.fixture
 def workflow(tmp_path: Path) -> Path:
     return copy_workflow(tmp_path / "wf")
