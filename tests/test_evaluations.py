@@ -188,10 +188,13 @@ def test_check_a_config_outside_the_config_folder(tmp_path, capsys):
     assert "no_such_mixer" in err and "Traceback" not in err
 
 
-def test_check_every_preset_and_the_default(capsys):
+def test_check_every_preset_the_default_and_the_e2e_configs(capsys):
+    """Including .test/config/*.yaml, the end-to-end tests' configs a person runs by hand."""
     from vitablate.cli import main
 
-    for path in [REPO / "config/config.yaml", *sorted((REPO / "config/presets").glob("*.yaml"))]:
+    e2e = sorted((REPO / ".test/config").glob("*.yaml"))
+    assert {p.stem for p in e2e} >= {"architecture", "pretext", "transfer", "fashion-mnist"}
+    for path in [REPO / "config/config.yaml", *sorted((REPO / "config/presets").glob("*.yaml")), *e2e]:
         assert main(["check", str(path)]) == 0, capsys.readouterr().err
         assert capsys.readouterr().out.strip().endswith(": ok")
 
