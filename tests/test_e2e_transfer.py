@@ -45,7 +45,7 @@ def test_tiny_transfer_run(workflow, tmp_path):
         for row in sub.filter(~pl.col("method").is_in(["scratch", "finetune"])).iter_rows(named=True):
             expected = (top1(teacher, row["method"], row["layers"]) - scratch) / (finetune - scratch)
             if abs(finetune - scratch) > 1e-9:
-                assert row["gap_closed"] == pytest.approx(expected, abs=1e-6), row
+                assert row["gap_closed"] == pytest.approx(expected, abs=1e-4), row  # the CSV keeps 4 decimals
     for fig in ("transfer.png", "transfer_layers.png", "transfer_curves.png", "transfer_attention.png"):
         assert (workflow / "results/reports/figures" / fig).read_bytes()[:4] == b"\x89PNG"
 
