@@ -54,6 +54,29 @@ def job_counts(output: str) -> dict[str, int]:
     return counts
 
 
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    """An existing two-node Ray cluster on loopback (each node 4 CPUs and 2 declared GPUs, token authentication
+    on), shared by every test of a module that asks for it (tests/test_cluster.py holds them all, so one
+    cluster starts per session and none idles beside the rest of the suite). Yields (cluster, the auth
+    environment a driver needs); a test reaches it with RAY_ADDRESS=cluster.address and that environment."""
+    import secrets
+
+    token = secrets.token_hex(16)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "token")  # every process of the cluster and every driver
+        mp.setenv("RAY_AUTH_TOKEN", token)
+        from ray.cluster_utils import Cluster  # after the env: Ray reads RAY_AUTH_MODE when imported
+
+        cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=4, num_gpus=2))
+        try:
+            cluster.add_node(num_cpus=4, num_gpus=2)
+            cluster.wait_for_nodes()
+            yield cluster, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+        finally:
+            cluster.shutdown()
+
+
 @pytest.fixture
 def workflow(tmp_path: Path) -> Path:
     return copy_workflow(tmp_path / "wf")
@@ -65,3 +88,21 @@ def write_config(wf: Path, config: dict) -> None:
 
 def read_config(wf: Path) -> dict:
     return yaml.safe_load((wf / "config" / "config.yaml").read_text())
+
+
+def e2e_config(name: str) -> dict:
+    """The tiny end-to-end config `.test/config/<name>.yaml` (a person runs it by hand with
+    `snakemake --configfile .test/config/<name>.yaml -n` from the repository root)."""
+    return yaml.safe_load((REPO / ".test" / "config" / f"{name}.yaml").read_text())
+
+
+def expected_transfer_runs(config: dict) -> int:
+    """Transfer jobs of a grid, counted here from the config's lists (not by vitablate): per dataset, scratch
+    once per seed, every other method once per teacher and seed, and attn_copy/attn_distill once per layer set.
+    Assumes no seeds_by."""
+    t = config["transfer"]
+    assert not t.get("seeds_by"), "this count assumes every job runs every seed"
+    methods, layered = t["methods"], {"attn_copy", "attn_distill"}
+    per_teacher = sum(len(t.get("layers", ["all"])) if m in layered else 1 for m in methods if m != "scratch")
+    per_dataset = ("scratch" in methods) + len(t["teachers"]) * per_teacher
+    return len(t["datasets"]) * len(t["seeds"]) * per_dataset

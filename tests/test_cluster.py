@@ -1,10 +1,16 @@
 """The multi-machine path on loopback: an existing two-node Ray cluster (RAY_ADDRESS), each node
-declaring 2 GPUs, token authentication on, jobs asking for half a GPU."""
+declaring 2 GPUs, token authentication on, jobs asking for half a GPU, or for more than a node holds. The
+cluster (conftest.two_node_cluster) is started once for this module's tests."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import secrets
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,21 +25,6 @@ def _max_overlap(intervals):
         cur += d
         best = max(best, cur)
     return best
-
-
-@pytest.fixture
-def two_node_cluster(monkeypatch):
-    token = secrets.token_hex(16)
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # every process of the cluster and every driver
-    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
-    from ray.cluster_utils import Cluster  # after the env: Ray reads RAY_AUTH_MODE when imported
-    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=4, num_gpus=2))
-    cluster.add_node(num_cpus=4, num_gpus=2)
-    cluster.wait_for_nodes()
-    try:
-        yield cluster, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    finally:
-        cluster.shutdown()
 
 
 @pytest.mark.slow
@@ -77,3 +68,33 @@ def test_unreachable_ray_address_is_a_clear_error(workflow):
     out = r.stdout + r.stderr
     assert r.returncode != 0
     assert "RAY_ADDRESS" in out and "127.0.0.1:1" in out
+
+
+@pytest.mark.slow
+def test_a_job_no_node_can_hold_on_an_external_cluster_is_reported_while_it_waits(workflow, two_node_cluster):
+    """On a cluster at RAY_ADDRESS (which an autoscaler may grow) the job waits rather than fails, but says so in
+    its log, naming the key and what the nodes offer (and again every minute while it stays pending).
+    (test_faults.py's fault 3, on the external cluster.)"""
+    cluster, auth = two_node_cluster
+    config = read_config(workflow)
+    config = {k: v for k, v in config.items() if k not in ("pretext", "transfer")}
+    config["architecture"].update(mixers=["identity"], seeds=[0])
+    config["execution"].update(dry_jobs=True, num_gpus=3)
+    write_config(workflow, config)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env |= {"RAY_ADDRESS": cluster.address, **auth}
+    log = workflow / "results/logs/architecture/digits/identity/seed0.log"
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "1", "architecture"], cwd=workflow,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (log.exists() and "is pending" in (text := log.read_text())):
+            assert proc.poll() is None, "snakemake ended before the pending warning"
+            assert time.time() < deadline, "no pending warning within 300 s"
+            time.sleep(0.2)
+        assert "execution.num_gpus is 3" in text and "4 CPUs and 2 GPUs; 4 CPUs and 2 GPUs" in text, text
+        assert "autoscaler" in text and proc.poll() is None  # still waiting, not failed
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)

@@ -10,13 +10,14 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from conftest import read_config, snakemake, write_config
+from conftest import e2e_config, snakemake, write_config
 
 
-def _tiny(workflow, mixers, seeds=(0,), epochs=1, **train):
-    config = read_config(workflow)
-    config["architecture"].update(mixers=list(mixers), seeds=list(seeds))
-    config["architecture"]["train"].update(epochs=epochs, **train)
+def _tiny(workflow, mixers=None):
+    """.test/config/architecture.yaml (attention and feedforward, seed 0, 1 epoch), with these mixers."""
+    config = e2e_config("architecture")
+    if mixers is not None:
+        config["architecture"]["mixers"] = list(mixers)
     write_config(workflow, config)
     return config
 
@@ -35,7 +36,7 @@ def _private_ray_processes(output: str) -> list[str]:
 
 @pytest.mark.slow
 def test_tiny_architecture_run_fills_table_and_mlflow(workflow):
-    config = _tiny(workflow, ["attention", "feedforward"])
+    config = _tiny(workflow)
     config["tracking"] = {"system_metrics": True, "system_metrics_interval_s": 0.2}  # a job lasts seconds
     write_config(workflow, config)
     r = snakemake(workflow, "--cores", "2", "architecture")
@@ -43,15 +44,16 @@ def test_tiny_architecture_run_fills_table_and_mlflow(workflow):
 
     table = pl.read_csv(workflow / "results/reports/tables/architecture.csv")
     assert table.columns == ["dataset", "mixer", "model", "params_m", "n_seeds", "top1_mean", "top1_std"]
-    assert sorted(table["mixer"].to_list()) == ["attention", "feedforward"]
-    assert table["n_seeds"].to_list() == [1, 1]
+    mixers = config["architecture"]["mixers"]
+    assert sorted(table["mixer"].to_list()) == sorted(mixers)
+    assert table["n_seeds"].to_list() == [len(config["architecture"]["seeds"])] * len(mixers)
     assert all(0 <= v <= 100 for v in table["top1_mean"].to_list())
     assert (workflow / "results/reports/tables/architecture.md").exists()
     for fig in ("architecture.png", "architecture_curves.png"):
         assert (workflow / "results/reports/figures" / fig).read_bytes()[:4] == b"\x89PNG"
 
     # every job ran as a Ray task, and left its record, config, checkpoint and weights
-    for mixer in ("attention", "feedforward"):
+    for mixer in mixers:
         d = workflow / "results/architecture/digits" / mixer / "seed0"
         record = json.loads((d / "record.json").read_text())
         assert record["ray_node_id"] and record["mixer"] == mixer and record["epochs"] == 1
@@ -68,13 +70,13 @@ def test_tiny_architecture_run_fills_table_and_mlflow(workflow):
     client = MlflowClient(tracking_uri=f"sqlite:///{workflow}/results/mlflow.db")
     exp = client.get_experiment_by_name("architecture")
     runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 2
+    assert len(runs) == len(mixers) * len(config["architecture"]["seeds"])
     for run in runs:
         assert run.info.status == "FINISHED"
         tags = run.data.tags
         assert {tags[k] for k in ("question", "dataset", "seed", "job")} == {"architecture", "digits", "0",
                                                                             "train_classifier"}
-        assert tags["mixer"] in ("attention", "feedforward")
+        assert tags["mixer"] in mixers
         assert run.data.params["train.epochs"] == "1" and run.data.params["data.name"] == "digits"
         assert {"top1_test", "top1_val", "train_loss", "params_m", "images_per_s", "eta_s"} <= set(run.data.metrics)
         assert "system/cpu_utilization_percentage" in run.data.metrics  # tracking.system_metrics reached the job

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import REPO, copy_workflow, snakemake
+from conftest import copy_workflow, e2e_config, snakemake
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
@@ -21,14 +21,7 @@ def test_tiny_fashion_mnist_run_of_all_three_questions(tmp_path):
     if not FMNIST.is_file():
         pytest.fail(f"{FMNIST} is missing: tools/get-data.sh fashion-mnist (.ci/run installs it)")
     wf = copy_workflow(tmp_path / "wf")
-    config = yaml.safe_load((REPO / "config/presets/fashion-mnist-cpu.yaml").read_text())
-    config["datasets"]["fashion_mnist"]["data"] = {"n_train": 300, "n_val": 100, "n_test": 200}
-    for section, key in (("architecture", "train"), ("pretext", "pretrain"), ("pretext", "finetune"),
-                         ("transfer", "train")):
-        config[section][key] = dict(config[section][key], epochs=1)
-    config["pretext"]["by_pretext"] = {}
-    for q in ("architecture", "pretext", "transfer"):
-        config[q]["seeds"] = [0]
+    config = e2e_config("fashion-mnist")  # the preset, 300/100/200 images, 1 seed, 1 epoch
     (wf / "config" / "tiny.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
     r = snakemake(wf, "--cores", "2", "--configfile", "config/tiny.yaml", timeout=1500)

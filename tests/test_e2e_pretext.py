@@ -9,32 +9,25 @@ import polars as pl
 import pytest
 from mlflow import MlflowClient
 
-from conftest import job_counts, read_config, snakemake, write_config
+from conftest import e2e_config, job_counts, snakemake, write_config
 
 
 @pytest.mark.slow
 def test_tiny_pretext_run(workflow):
-    config = read_config(workflow)
-    config.pop("architecture")
-    config.pop("transfer")  # its default teachers name pretexts this tiny grid leaves out
+    config = e2e_config("pretext")  # shapes: the shape/texture probes and the cue-conflict shape bias
     p = config["pretext"]
-    # shapes: exercises the shape/texture probes and the cue-conflict shape bias
-    p.update(datasets=["shapes"], pretexts=["moco", "mae"], seeds=[0], evals=["linear_probe", "finetune", "knn"])
-    p["pretrain"].update(epochs=1)
-    p["finetune"].update(epochs=1)
-    p["eval"]["analysis_images"] = 16
     write_config(workflow, config)
     r = snakemake(workflow, "--cores", "2")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
 
     table = pl.read_csv(workflow / "results/reports/tables/pretext.csv")
     assert table.columns == ["dataset", "pretext", "eval", "n_seeds", "top1_mean", "top1_std"]
-    assert table.height == 2 * 3 and set(table["eval"]) == {"linear_probe", "finetune", "knn"}
+    assert table.height == len(p["pretexts"]) * len(p["evals"]) and set(table["eval"]) == set(p["evals"])
     rep = pl.read_csv(workflow / "results/reports/tables/representation.csv")
     assert rep.columns == ["dataset", "pretext", "layer", "metric", "value_mean", "value_std"]
     assert set(rep["metric"]) == {"attention_distance", "nmi", "token_cosine", "fourier_hf"}
     depth = 4  # vit_shapes
-    assert rep.filter(pl.col("metric") == "nmi").height == 2 * depth
+    assert rep.filter(pl.col("metric") == "nmi").height == len(p["pretexts"]) * depth
     assert sorted(rep.filter(pl.col("metric") == "nmi")["layer"].unique()) == list(range(1, depth + 1))  # blocks
     # the token metrics and layer probes also read the embedding output: layer 0, then block i at layer i
     for metric in ("fourier_hf", "token_cosine"):

@@ -126,6 +126,7 @@ def test_imagenet_preset_resolves_each_papers_recipe():
     assert vw.reference_layers(config) == "first:21"
 
 
+@pytest.mark.slow  # a real (non-dry) Snakemake run
 def test_a_real_run_without_the_data_stops_before_any_job_naming_the_path(tmp_path):
     wf = copy_workflow(tmp_path / "wf")
     r = snakemake(wf, "--cores", "2", "--configfile", "config/presets/cifar100-gpu.yaml", timeout=300)
@@ -153,6 +154,7 @@ def test_fashion_mnist_preset_gives_every_headline_arm_five_seeds():
     assert config["execution"]["num_gpus"] == 0 and config["datasets"]["fashion_mnist"]["data"]["n_train"] >= 1000
 
 
+@pytest.mark.slow  # a real (non-dry) Snakemake run
 def test_fashion_mnist_with_a_truncated_file_stops_before_any_job(tmp_path):
     """The files are checked before the first job: a download cut short names the file and the fix."""
     src = Path("/usr/share/datasets/fashion-mnist")

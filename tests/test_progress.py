@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import re
 
+import pytest
 import torch
 from mlflow import MlflowClient
 
@@ -52,6 +53,7 @@ def _run(uri: str, record: dict):
     return client, client.get_run(record["mlflow_run_id"])
 
 
+@pytest.mark.slow  # a real job with a new MLflow SQLite store (seconds to a minute on a loaded machine)
 def test_job_log_gets_start_and_progress_lines_and_mlflow_the_progress_metrics(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     log = tmp_path / "logs" / "job.log"
@@ -72,6 +74,7 @@ def test_job_log_gets_start_and_progress_lines_and_mlflow_the_progress_metrics(t
     assert "not in the old log" not in log.read_text()
 
 
+@pytest.mark.slow  # a new MLflow SQLite store and 2 s of sampling
 def test_system_metrics_switched_on_are_logged_into_the_jobs_run(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # a dry job holding its resources for 2 s: ten sampling intervals of 0.2 s

@@ -29,7 +29,9 @@ def _cfg(tmp_path, method, teacher, layers="all", **tr):
                      shift=ShiftConfig(corruptions=["gaussian_noise"], severity=1))
 
 
-@pytest.mark.parametrize("method", ["attn_copy", "copy_q", "copy_k", "attn_distill"])
+@pytest.mark.parametrize("method", ["attn_copy", "attn_distill",  # copy_q/copy_k share attn_copy's path: slow only
+                                    pytest.param("copy_q", marks=pytest.mark.slow),
+                                    pytest.param("copy_k", marks=pytest.mark.slow)])
 def test_teacher_weights_unchanged_by_training(tmp_path, method):
     path, original = _teacher_file(tmp_path)
     record = jobs.run(_cfg(tmp_path, method, path, layers="first:2"))

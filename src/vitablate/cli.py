@@ -57,6 +57,23 @@ def _job(args: argparse.Namespace) -> int:
     return 0
 
 
+# The workflow's schema in a source checkout (`pip install -e .`): <repository>/config/schema.yaml.
+REPO_SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "config", "schema.yaml")
+
+
+def workflow_schema(config_path: str) -> str:
+    """The schema `vitablate check` validates against: the repository's config/schema.yaml (the one the
+    Snakefile uses), wherever the config lives; for an installed copy without the repository, a
+    schema.yaml beside the config or in its parent folder (a copied workflow's config/)."""
+    here = os.path.dirname(os.path.abspath(config_path))
+    beside = [os.path.join(here, "schema.yaml"), os.path.join(os.path.dirname(here), "schema.yaml")]
+    for candidate in (REPO_SCHEMA, *beside):
+        if os.path.isfile(candidate):
+            return os.path.normpath(candidate)
+    raise OSError(f"no config/schema.yaml found (looked in the vitablate repository, {os.path.normpath(REPO_SCHEMA)}, "
+                  "and beside the config); pass --schema PATH")
+
+
 def _check(args: argparse.Namespace) -> int:
     import yaml
     from snakemake.utils import validate
@@ -66,10 +83,7 @@ def _check(args: argparse.Namespace) -> int:
     with open(args.config) as f:
         config = yaml.safe_load(f)
     check_raw_config(config, args.config)
-    here = os.path.dirname(os.path.abspath(args.config))
-    candidates = [os.path.join(here, "schema.yaml"), os.path.join(os.path.dirname(here), "schema.yaml")]
-    schema = args.schema or next((c for c in candidates if os.path.exists(c)), candidates[0])
-    validate(config, schema)
+    validate(config, args.schema or workflow_schema(args.config))
     check_config(config)
     print(f"{args.config}: ok")
     return 0
@@ -101,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_job)
     p = sub.add_parser("check", help="validate a workflow config")
     p.add_argument("config", nargs="?", default="config/config.yaml")
-    p.add_argument("--schema", help="default: schema.yaml beside the config")
+    p.add_argument("--schema", help="default: the repository's config/schema.yaml (the Snakefile's)")
     p.set_defaults(fn=_check_cmd)
     args = parser.parse_args(argv)
     return args.fn(args)

@@ -705,6 +705,17 @@ def analyse_encoder(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
                                       "layers": per_layer.to_dicts(), "history": []}
 
 
+def ensemble_forward(members: list[torch.nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ensemble's forward: the log of its members' class probabilities averaged (not their logits), so
+    that predict()'s softmax gives back exactly the averaged probabilities."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([m(x).float().softmax(-1) for m in members]).mean(0)
+        return probs.clamp_min(1e-12).log()
+
+    return forward
+
+
 def ensemble(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     """Average the class probabilities of trained classifiers (transfer: distilled student + fine-tuned teacher)."""
     ctx = JobContext.create(cfg)
@@ -713,11 +724,7 @@ def ensemble(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     if len(members) < 2:
         raise ValueError("an ensemble needs at least two members (transfer.ensemble_members)")
     eval_transform = ctx.eval_transform
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([m(x).float().softmax(-1) for m in members]).mean(0)
-        return probs.clamp_min(1e-12).log()  # predict() softmaxes this back to the averaged probabilities
-
+    forward = ensemble_forward(members)
     bs = cfg.train.eval_batch_size
     final = {"top1_val": top1(*predict(forward, data.val.batches(bs), precision, eval_transform))}
     final |= evaluate_splits(forward, data, bs, precision, eval_transform, shifted_sets(cfg, data))
