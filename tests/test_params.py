@@ -172,3 +172,21 @@ def test_snakemake_reruns_exactly_the_jobs_a_change_affects(workflow):
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
         want = {RULES[k]: n for k, n in expected(config, kinds).items()}
         assert job_counts(r.stdout + r.stderr) == want, (key, (r.stdout + r.stderr)[-3000:])
+
+
+@pytest.mark.parametrize("key, value, methods", [
+    ("transfer.distill_weight", 1.0, {"attn_distill"}),
+    ("transfer.distill_temperature", 2.0, {"attn_distill"}),
+    ("transfer.teacher_drop_path", True, {"attn_distill", "attn_copy"}),
+])
+def test_a_transfer_setting_changes_only_the_students_of_the_methods_that_read_it(key, value, methods):
+    config = tiny_config()
+    changed_config = _set(config, key, value)
+    vw.check_config(changed_config)
+    moved = sorted(wc["method"] for wc in vw.grid(config, "transfer")
+                   if vw.job_params(config, "transfer", wc) != vw.job_params(changed_config, "transfer", wc))
+    # the students of those methods, every layer set and seed (counted from the grid); nothing else
+    assert moved == sorted(wc["method"] for wc in vw.grid(config, "transfer") if wc["method"] in methods)
+    # a shift job's params hold none of the training settings: it re-runs when its student's model.pt does
+    assert all(vw.job_params(config, "shift", wc) == vw.job_params(changed_config, "shift", wc)
+               for wc in vw.grid(config, "shift"))

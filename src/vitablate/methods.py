@@ -10,6 +10,9 @@ Metadata of every entry:
 - `reads_members` (default False): the job reads other transfer jobs' models (an ensemble: its members), and so
   does its shift job;
 - `copy_mode` (copy methods only): what `AttentionCopy` copies ("map", "q", "k"), at training and test time;
+- `reads` (default none): the `transfer.*` settings the method reads (`distill_weight`, `distill_temperature`,
+  `teacher_drop_path`); the others keep their defaults in its job's params, so changing one re-runs only the
+  methods that read it (`vitablate.resolve.transfer_job`);
 - `colour`, `label`; registration order is the methods' order in tables and figures.
 
 This module imports no torch (the Snakemake parse and the reports read the registry): each function imports
@@ -90,26 +93,28 @@ def _copy(cfg, teacher, model, layers, device):
 
 
 @TRANSFER_METHODS.register("attn_copy", needs_teacher=True, loads_teacher=True, layered=True, colour="#1f77b4",
-                           teacher_at_test=True, copy_mode="map",
+                           teacher_at_test=True, copy_mode="map", reads=("teacher_drop_path",),
                            label="the teacher's attention maps copied into the student")
 def attn_copy(cfg, on_epoch=None) -> dict:
     return student_job(cfg, on_epoch, _copy)
 
 
 @TRANSFER_METHODS.register("copy_q", needs_teacher=True, loads_teacher=True, layered=False, colour="#aec7e8",
-                           teacher_at_test=True, copy_mode="q", label="the teacher's queries copied into the student")
+                           teacher_at_test=True, copy_mode="q", reads=("teacher_drop_path",),
+                           label="the teacher's queries copied into the student")
 def copy_q(cfg, on_epoch=None) -> dict:
     return student_job(cfg, on_epoch, _copy)
 
 
 @TRANSFER_METHODS.register("copy_k", needs_teacher=True, loads_teacher=True, layered=False, colour="#9edae5",
-                           teacher_at_test=True, copy_mode="k", label="the teacher's keys copied into the student")
+                           teacher_at_test=True, copy_mode="k", reads=("teacher_drop_path",),
+                           label="the teacher's keys copied into the student")
 def copy_k(cfg, on_epoch=None) -> dict:
     return student_job(cfg, on_epoch, _copy)
 
 
 @TRANSFER_METHODS.register("attn_distill", needs_teacher=True, loads_teacher=True, layered=True, colour="#2ca02c",
-                           label="the teacher's attention maps distilled into the student")
+                           reads=("distill_weight", "distill_temperature", "teacher_drop_path"), label="the teacher's attention maps distilled into the student")
 def attn_distill(cfg, on_epoch=None) -> dict:
     def build(cfg, teacher, model, layers, device):
         from .objectives import AttentionDistillation

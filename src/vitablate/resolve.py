@@ -210,10 +210,16 @@ def transfer_job(config: dict, dataset: str, teacher: str, method: str, layers: 
         raise ConfigError("transfer.eval.probe is reference, so transfer.by_method.linear_probe.train must give the "
                           "probe's recipe (MAE: main_linprobe.py, 90 epochs, optimizer lars, weight_decay 0); "
                           "otherwise it would train with the student's recipe")
+    from .methods import TRANSFER_METHODS
+
+    settings = ("distill_weight", "distill_temperature", "teacher_drop_path")
+    # every given setting is checked, but only those the method reads are its params (methods.py `reads`), so
+    # changing distill_weight re-runs the distilled students alone
+    from_dict(TransferConfig, {k: section[k] for k in settings if k in section}, "transfer")
+    reads = TRANSFER_METHODS.entry(method).meta.get("reads", ())
     tc = from_dict(TransferConfig, dict(
         method=method, teacher=spec, teacher_name=teacher, layers=layers_spec(layers), ensemble_members=members,
-        **{k: section[k] for k in ("distill_weight", "distill_temperature", "teacher_drop_path") if k in section}),
-        "transfer")
+        **{k: section[k] for k in settings if k in section and k in reads}), "transfer")
     probe = _eval(section.get("eval"), "linear_probe", "transfer.eval")  # only the linear_probe method reads it
     train = _job(config, "transfer", "transfer", dataset, seed,
                  transfer_dir(config, dataset, teacher, method, layers, seed), "train",
