@@ -373,7 +373,7 @@ class Checkpoint:
         if not os.path.exists(self.path):
             return None
         try:
-            return torch.load(self.path, map_location="cpu", weights_only=False)
+            return torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated or foreign file
             raise RuntimeError(
                 f"checkpoint {self.path} cannot be read ({type(e).__name__}: {e}); "
