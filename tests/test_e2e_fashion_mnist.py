@@ -31,8 +31,10 @@ def test_tiny_fashion_mnist_run_of_all_three_questions(tmp_path):
     results = wf / config["results_dir"]
     records = [json.loads(p.read_text()) for q in ("architecture", "pretext", "transfer")
                for p in (results / q).rglob("record.json")]
-    # 2 mixers; 2 pre-trainings, each with 3 evaluations and an analysis; 4 transfer methods
-    assert len(records) == 2 + 2 * (1 + 3 + 1) + 4
+    # 2 mixers; 2 pre-trainings, each with 3 evaluations and an analysis; 4 transfer methods, each student
+    # with its shift job (the preset's corruptions)
+    assert config["transfer"]["shift"]["corruptions"]
+    assert len(records) == 2 + 2 * (1 + 3 + 1) + 4 + 4
     trained = [r for r in records if r.get("history")]
     assert trained and all(r["epochs"] == 1 for r in trained)
     # every classifier read the real images: 200 test images, ten classes, better than chance after one epoch

@@ -130,7 +130,10 @@ def test_grid_through_postgres_server_without_shared_fs(workflow, mlflow_server)
 
     # 2. its consumers: two students, the ensemble (which reads their model.pt), a pretext evaluation and an
     # analysis; nothing re-runs the teacher (encoder.pt is no declared output without a shared fs)
+    # (and the distilled student's and the ensemble's shift jobs: each reads its model from the store too)
     r = snakemake(workflow, "--cores", "2", "results/transfer/digits/mae/ensemble/all/seed0/record.json",
+                  "results/transfer/digits/mae/attn_distill/all/seed0/shift/record.json",
+                  "results/transfer/digits/mae/ensemble/all/seed0/shift/record.json",
                   "results/pretext/digits/mae/seed0/knn/record.json",
                   "results/pretext/digits/mae/seed0/analysis/record.json", env=env)
     _check(r, workflow, server_dir)
@@ -139,7 +142,7 @@ def test_grid_through_postgres_server_without_shared_fs(workflow, mlflow_server)
     client = MlflowClient(tracking_uri=uri)
     exps = {name: client.get_experiment_by_name(name) for name in ("pretext", "transfer")}
     runs = {name: client.search_runs([e.experiment_id]) for name, e in exps.items()}
-    assert len(runs["pretext"]) == 3 and len(runs["transfer"]) == 3
+    assert len(runs["pretext"]) == 3 and len(runs["transfer"]) == 3 + 2  # three students, two shift jobs
     every = runs["pretext"] + runs["transfer"]
     assert {r.info.status for r in every} == {"FINISHED"}
     for run in every:
@@ -148,7 +151,8 @@ def test_grid_through_postgres_server_without_shared_fs(workflow, mlflow_server)
         if job in ("pretrain", "transfer") and run.data.tags.get("method") != "ensemble":  # trained epochs
             for key in ("train_loss", "lr"):
                 assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1], (job, key)
-        final = {"pretrain": "final_loss", "analysis": "wall_s"}.get(job, "top1_test")
+        final = {"pretrain": "final_loss", "analysis": "wall_s", "shift": "top1_shift_gaussian_noise"}.get(
+            job, "top1_test")
         assert final in run.data.metrics, (job, sorted(run.data.metrics))
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"record.json", "config.json"} <= names, names
@@ -156,8 +160,15 @@ def test_grid_through_postgres_server_without_shared_fs(workflow, mlflow_server)
             rec = json.loads(Path(client.download_artifacts(run.info.run_id, "record.json", d)).read_text())
             cfg = json.loads(Path(client.download_artifacts(run.info.run_id, "config.json", d)).read_text())
         assert rec["mlflow_run_id"] == run.info.run_id and cfg["question"] == run.data.tags["question"]
-    transfer_runs = {r.data.tags["method"]: r for r in runs["transfer"]}
-    assert all("top1_shift_gaussian_noise" in r.data.metrics for r in transfer_runs.values())
+    transfer_runs = {r.data.tags["method"]: r for r in runs["transfer"] if r.data.tags["job"] != "shift"}
+    shift_runs = {r.data.tags["method"]: r for r in runs["transfer"] if r.data.tags["job"] == "shift"}
+    assert sorted(transfer_runs) == ["attn_distill", "ensemble", "finetune"]
+    assert sorted(shift_runs) == ["attn_distill", "ensemble"]
+    # the shift jobs read the models the transfer jobs uploaded (no shared fs), and tested them under shift
+    for method, run in shift_runs.items():
+        rec = _record(workflow / f"results/transfer/digits/mae/{method}/all/seed0/shift/record.json")
+        assert rec["checkpoint_sources"] and all(v.startswith("runs:/") for v in rec["checkpoint_sources"].values())
+        assert "top1_shift_gaussian_noise" in run.data.metrics
 
     # the teacher's checkpoint is in the server's artifact store, byte for byte
     run_id = pretrain["mlflow_run_id"]
