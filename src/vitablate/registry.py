@@ -186,3 +186,21 @@ def wildcard_constraints() -> dict[str, str]:
         "eval": f"(?:{EVALS.pattern()})",
         "method": f"(?:{TRANSFER_METHODS.pattern()})",
     }
+
+
+def lazy_exports(module: str, exports: dict[str, str], namespace: dict) -> tuple:
+    """PEP 562 `__getattr__` and `__dir__` for a package whose names load on first use: `exports` maps each name
+    to the (relative) module that defines it. So a package's registry imports without torch; its other names
+    import their module when first read. Use: `__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())`."""
+
+    def __getattr__(name: str):
+        if name not in exports:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(exports[name], module), name)
+        namespace[name] = value
+        return value
+
+    def __dir__():
+        return sorted(set(namespace) | set(exports))
+
+    return __getattr__, __dir__

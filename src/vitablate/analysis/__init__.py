@@ -5,7 +5,7 @@ The names below load on first use (PEP 562), so `vitablate.analysis.registry` (t
 registries, read by the reports) is importable without torch.
 """
 
-from importlib import import_module
+from ..registry import lazy_exports
 
 _EXPORTS = {
     "METRICS": ".registry",
@@ -16,14 +16,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -93,13 +93,7 @@ def _init_mae(model: VisionTransformer) -> None:
     if model.cls_token is not None:
         nn.init.normal_(model.cls_token, std=0.02)
     for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        mae_init_module(m)
 
 
 def create_model(
@@ -303,3 +297,15 @@ def attention_maps(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def mae_init_module(m: nn.Module) -> None:
+    """MAE's per-module initialisation (models_mae.py `_init_weights`): Linear xavier-uniform with zero bias,
+    LayerNorm weight 1 and bias 0; other modules untouched. Shared by `weight_init: mae` and MAE's decoder."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

@@ -38,7 +38,7 @@ from vitablate.data.augment import BatchAugment, normalize, two_views
 from vitablate.distributed import concat_all_gather
 from vitablate.distributed import rank as dist_rank
 from vitablate.models import add_prefix_and_positions
-from vitablate.models.factory import sincos_pos_embed_2d
+from vitablate.models.factory import mae_init_module, sincos_pos_embed_2d
 
 from .registry import PRETEXTS
 
@@ -527,13 +527,7 @@ class MAE(PretextObjective):
         for name, m in self.named_modules():
             if name.startswith("encoder"):
                 continue  # never touch the encoder's own init
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            mae_init_module(m)
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}
