@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import os
 import re
 import shutil
@@ -106,3 +108,14 @@ def expected_transfer_runs(config: dict) -> int:
     per_teacher = sum(len(t.get("layers", ["all"])) if m in layered else 1 for m in methods if m != "scratch")
     per_dataset = ("scratch" in methods) + len(t["teachers"]) * per_teacher
     return len(t["datasets"]) * len(t["seeds"]) * per_dataset
+
+
+def set_dotted(config: dict, dotted: str, value) -> dict:
+    """A copy of `config` with the key at the dotted path ("transfer.shift.severity") set to `value`."""
+    config = copy.deepcopy(config)
+    *path, last = dotted.split(".")
+    node = config
+    for key in path:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return config

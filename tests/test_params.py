@@ -3,12 +3,11 @@ settings change no training job's params, so Snakemake re-runs exactly the jobs 
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import yaml
 
-from conftest import REPO, job_counts, snakemake, write_config
+from conftest import REPO, job_counts, set_dotted, snakemake, write_config
 from vitablate import workflow as vw
 
 KINDS = ("architecture", "pretrain", "pretext_eval", "analysis", "transfer", "shift")
@@ -39,16 +38,6 @@ def changed(before: dict, after: dict) -> dict[str, int]:
         if after[key] != params:
             out[key[0]] = out.get(key[0], 0) + 1
     return out
-
-
-def _set(config: dict, dotted: str, value) -> dict:
-    config = copy.deepcopy(config)
-    *path, last = dotted.split(".")
-    node = config
-    for key in path:
-        node = node.setdefault(key, {})
-    node[last] = value
-    return config
 
 
 # (setting, new value, the grid kinds whose every job's params change; all others keep theirs)
@@ -86,7 +75,7 @@ def expected(config: dict, kinds: tuple) -> dict[str, int]:
 def test_changing_a_setting_changes_the_params_of_exactly_the_jobs_that_read_it(key, value, kinds):
     config = tiny_config()
     vw.check_config(config)
-    changed_config = _set(config, key, value)
+    changed_config = set_dotted(config, key, value)
     vw.check_config(changed_config)
     assert changed(all_params(config), all_params(changed_config)) == expected(config, kinds)
 
@@ -167,7 +156,7 @@ def test_snakemake_reruns_exactly_the_jobs_a_change_affects(workflow):
     for key, value, kinds in [c for c in CHANGES if c[0] in (
             "execution.num_gpus", "execution.num_cpus", "execution.max_retries", "pretext.eval.knn_k",
             "transfer.shift.severity")]:
-        write_config(workflow, _set(config, key, value))
+        write_config(workflow, set_dotted(config, key, value))
         r = snakemake(workflow, "-n", "--cores", "2", *targets)
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
         want = {RULES[k]: n for k, n in expected(config, kinds).items()}
@@ -181,7 +170,7 @@ def test_snakemake_reruns_exactly_the_jobs_a_change_affects(workflow):
 ])
 def test_a_transfer_setting_changes_only_the_students_of_the_methods_that_read_it(key, value, methods):
     config = tiny_config()
-    changed_config = _set(config, key, value)
+    changed_config = set_dotted(config, key, value)
     vw.check_config(changed_config)
     moved = sorted(wc["method"] for wc in vw.grid(config, "transfer")
                    if vw.job_params(config, "transfer", wc) != vw.job_params(changed_config, "transfer", wc))

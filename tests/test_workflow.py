@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, job_counts, read_config, snakemake, write_config
+from conftest import REPO, job_counts, read_config, set_dotted, snakemake, write_config
 
 
 def seeds_of(section: dict, *values: str) -> set:
@@ -63,16 +62,6 @@ def test_architecture_target_and_finished_jobs_are_not_rerun(workflow):
     assert job_counts(r.stdout + r.stderr)["train_architecture"] == n - 1
 
 
-def _set(config: dict, dotted: str, value) -> dict:
-    config = copy.deepcopy(config)
-    *path, last = dotted.split(".")
-    node = config
-    for key in path:
-        node = node.setdefault(key, {})
-    node[last] = value
-    return config
-
-
 BAD_CONFIGS = [
     # (key, value, words the error must contain)
     ("architecture.mixers", ["attention", "convolution"], ["convolution", "attention", "feedforward"]),
@@ -108,7 +97,7 @@ def _validate_in_process(config: dict) -> str:
 def test_bad_config_is_refused_naming_the_key(key, value, words):
     default = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     assert _validate_in_process(default) == ""
-    message = _validate_in_process(_set(default, key, value))
+    message = _validate_in_process(set_dotted(default, key, value))
     assert message, f"{key}={value!r} was accepted"
     for w in words:
         assert w in message, f"error for {key}={value!r} does not mention {w!r}:\n{message[-2000:]}"
@@ -117,7 +106,7 @@ def test_bad_config_is_refused_naming_the_key(key, value, words):
 @pytest.mark.parametrize("key, value, words", [BAD_CONFIGS[0], BAD_CONFIGS[3]], ids=["mixer", "typo"])
 def test_bad_config_stops_snakemake_before_any_job(workflow, key, value, words):
     """End to end for two of them: Snakemake itself stops, naming the key, and starts nothing."""
-    write_config(workflow, _set(read_config(workflow), key, value))
+    write_config(workflow, set_dotted(read_config(workflow), key, value))
     r = snakemake(workflow, "--cores", "2")
     out = r.stdout + r.stderr
     assert r.returncode != 0

@@ -114,7 +114,8 @@ def copy_k(cfg, on_epoch=None) -> dict:
 
 
 @TRANSFER_METHODS.register("attn_distill", needs_teacher=True, loads_teacher=True, layered=True, colour="#2ca02c",
-                           reads=("distill_weight", "distill_temperature", "teacher_drop_path"), label="the teacher's attention maps distilled into the student")
+                           reads=("distill_weight", "distill_temperature", "teacher_drop_path"),
+                           label="the teacher's attention maps distilled into the student")
 def attn_distill(cfg, on_epoch=None) -> dict:
     def build(cfg, teacher, model, layers, device):
         from .objectives import AttentionDistillation
