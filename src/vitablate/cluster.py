@@ -246,6 +246,10 @@ def _kill_stragglers(temp_dir: str, timeout_s: float = 10.0) -> None:
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.kill()
+    # SIGKILL is delivered asynchronously: on a loaded machine a killed daemon still runs for a moment, and a caller
+    # (the next run reaping leftovers, stop_session) must find it gone when this returns
+    with contextlib.suppress(psutil.Error):
+        psutil.wait_procs(procs, timeout=5)
 
 
 def _reap(pid: int) -> None:
