@@ -179,3 +179,19 @@ def test_a_transfer_setting_changes_only_the_students_of_the_methods_that_read_i
     # a shift job's params hold none of the training settings: it re-runs when its student's model.pt does
     assert all(vw.job_params(config, "shift", wc) == vw.job_params(changed_config, "shift", wc)
                for wc in vw.grid(config, "shift"))
+
+
+@pytest.mark.parametrize("key, value, switch", [
+    ("architecture.train.ema_decay", 0.9, ("architecture.train.ema", True)),
+    ("architecture.train.lr_batch_ref", 512, ("datasets.digits.train.blr", 1.0e-3)),
+    ("architecture.train.mix_prob", 0.5, ("architecture.train.mixup_alpha", 0.8)),
+    ("architecture.train.lr_step_gamma", 0.5, None),
+])
+def test_a_setting_read_only_when_switched_on_changes_no_params_while_off(key, value, switch):
+    config = tiny_config()
+    before = all_params(config)
+    assert changed(before, all_params(set_dotted(config, key, value))) == {}  # off: nothing moves
+    if switch is not None:  # on: every architecture job reads it
+        on = set_dotted(config, *switch)
+        assert changed(all_params(on), all_params(set_dotted(on, key, value))) == {
+            "architecture": len(vw.grid(config, "architecture"))}

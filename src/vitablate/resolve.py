@@ -279,7 +279,27 @@ def job_params(config: dict, kind: str, wildcards) -> dict:
     params = to_dict(RESOLVERS[kind](config, **dict(wildcards.items())))
     for key in RESOURCE_KEYS:
         del params["execution"][key]
+    _reset_unread(params["train"])
     return params
+
+
+# recipe settings a job reads only when another setting switches them on: while it is off they keep their
+# defaults in the params, so setting one changes no params (and re-runs no finished job)
+_TRAIN_DEFAULTS = to_dict(TrainConfig())
+_READ_ONLY_WHEN = (
+    (lambda t: t["blr"] is not None, ("lr_batch_ref",)),
+    (lambda t: t["lr_schedule"] == "step", ("lr_step_gamma",)),
+    (lambda t: t["ema"], ("ema_decay",)),
+    (lambda t: t["mixup_alpha"] > 0 or t["cutmix_alpha"] > 0, ("mix_prob", "mix_switch_prob")),
+)
+
+
+def _reset_unread(train: dict) -> None:
+    for on, keys in _READ_ONLY_WHEN:
+        if not on(train):
+            train.update({k: _TRAIN_DEFAULTS[k] for k in keys})
+    if not train["augment"]["random_erasing"]:
+        train["augment"]["random_erasing_mode"] = _TRAIN_DEFAULTS["augment"]["random_erasing_mode"]
 
 
 def with_resources(params: dict, config: dict) -> JobConfig:
