@@ -18,6 +18,7 @@ import torch
 from .config import JobConfig
 from .engine import predict, top1
 from .jobs import (
+    ensemble_forward,
     OnEpoch,
     base_record,
     load_data,
@@ -75,10 +76,7 @@ def evaluate_shift(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
             "wall_s": time.perf_counter() - t0}
     if t.method == "ensemble":
         members = [load_encoder(p)[0].eval().to(device) for p in t.ensemble_members]
-
-        def forward(x: torch.Tensor) -> torch.Tensor:  # as jobs.ensemble averages them
-            probs = torch.stack([m(x).float().softmax(-1) for m in members]).mean(0)
-            return probs.clamp_min(1e-12).log()
+        forward = ensemble_forward(members)  # as the ensemble job averages them
 
         params_m = sum(count_params(m) for m in members) / 1e6
         batches = lambda split: predict(forward, split.batches(cfg.train.eval_batch_size), precision, eval_transform)  # noqa: E731
