@@ -29,12 +29,21 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
+# options under which Snakemake executes no job: such a call runs in a fork of a process that has imported
+# Snakemake already (tests/snakemake_fork.py), the rest in a fresh interpreter
+NO_JOBS = {"-n", "--dry-run", "--dryrun", "--lint", "--dag", "--rulegraph", "--list-rules", "--summary"}
+
+
 def snakemake(cwd: Path, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real snakemake CLI in `cwd`; never raises on a non-zero exit."""
     full_env = dict(os.environ)
     full_env.pop("RAY_ADDRESS", None)
     full_env.pop("MLFLOW_TRACKING_URI", None)
     full_env.update(env or {})
+    if NO_JOBS & set(args):
+        import snakemake_fork
+
+        return snakemake_fork.run(cwd, list(args), full_env, timeout)
     return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
 
