@@ -30,7 +30,7 @@ def copy_workflow(dest: Path) -> Path:
 
 
 # options under which Snakemake executes no job: such a call runs in a fork of a process that has imported
-# Snakemake already (tests/snakemake_fork.py), the rest in a fresh interpreter
+# Snakemake already (tests/forked.py), the rest in a fresh interpreter
 NO_JOBS = {"-n", "--dry-run", "--dryrun", "--lint", "--dag", "--rulegraph", "--list-rules", "--summary"}
 
 
@@ -41,9 +41,9 @@ def snakemake(cwd: Path, *args: str, timeout: int = 600, env: dict | None = None
     full_env.pop("MLFLOW_TRACKING_URI", None)
     full_env.update(env or {})
     if NO_JOBS & set(args):
-        import snakemake_fork
+        import forked
 
-        return snakemake_fork.run(cwd, list(args), full_env, timeout)
+        return forked.snakemake(cwd, list(args), full_env, timeout)
     return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
 

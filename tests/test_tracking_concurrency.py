@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
-
+import forked
 import pytest
 from mlflow import MlflowClient
 
@@ -29,7 +28,7 @@ def _job(args):
 @pytest.mark.slow
 def test_32_concurrent_jobs_lose_no_metric(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"  # fresh store: its creation races too
-    ctx = mp.get_context("spawn")
+    ctx = forked.context()  # 32 forks of a process that imported MLflow once, not 32 imports of it
     with ctx.Manager() as manager:
         barrier = manager.Barrier(JOBS)
         with ctx.Pool(JOBS) as pool:
