@@ -172,7 +172,7 @@ def test_two_workers_match_one_and_survive_a_killed_worker(private_cluster, tmp_
 
 
 @pytest.mark.slow
-def test_workflow_runs_a_grid_with_two_workers_per_job(workflow):
+def test_workflow_runs_a_grid_with_two_workers_per_job(workflow, ray_cluster):
     """Snakemake -> the dispatcher -> a Ray task per job -> Ray Train's 2 workers; the records name both ranks."""
     config = read_config(workflow)
     config = {k: v for k, v in config.items() if k not in ("pretext", "transfer")}
@@ -181,7 +181,7 @@ def test_workflow_runs_a_grid_with_two_workers_per_job(workflow):
     config["datasets"]["digits"]["model"].update(depth=1, embed_dim=16, num_heads=2)
     config["execution"]["workers"] = 2
     write_config(workflow, config)
-    r = snakemake(workflow, "--cores", "2", "architecture", timeout=900)
+    r = snakemake(workflow, "--cores", "2", "architecture", timeout=900, env=ray_cluster)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     for mixer in ("attention", "pooling"):
         record = json.loads((workflow / f"results/architecture/digits/{mixer}/seed0/record.json").read_text())

@@ -17,14 +17,15 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
 @pytest.mark.slow
-def test_tiny_fashion_mnist_run_of_all_three_questions(tmp_path):
+def test_tiny_fashion_mnist_run_of_all_three_questions(tmp_path, ray_cluster):
     if not FMNIST.is_file():
         pytest.fail(f"{FMNIST} is missing: tools/get-data.sh fashion-mnist (.ci/run installs it)")
     wf = copy_workflow(tmp_path / "wf")
     config = e2e_config("fashion-mnist")  # the preset, 300/100/200 images, 1 seed, 1 epoch
     (wf / "config" / "tiny.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
-    r = snakemake(wf, "--cores", "2", "--configfile", "config/tiny.yaml", timeout=1500)
+    r = snakemake(wf, "--cores", "2", "--configfile", "config/tiny.yaml", timeout=1500,
+                  env=ray_cluster)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
 

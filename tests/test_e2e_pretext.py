@@ -13,11 +13,11 @@ from conftest import e2e_config, job_counts, snakemake, write_config
 
 
 @pytest.mark.slow
-def test_tiny_pretext_run(workflow):
+def test_tiny_pretext_run(workflow, ray_cluster):
     config = e2e_config("pretext")  # shapes: the shape/texture probes and the cue-conflict shape bias
     p = config["pretext"]
     write_config(workflow, config)
-    r = snakemake(workflow, "--cores", "2")
+    r = snakemake(workflow, "--cores", "2", env=ray_cluster)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
 
     table = pl.read_csv(workflow / "results/reports/tables/pretext.csv")

@@ -15,10 +15,10 @@ from conftest import e2e_config, snakemake, write_config
 
 
 @pytest.mark.slow
-def test_deit_style_recipe_runs_end_to_end_and_evaluates_the_ema(workflow):
+def test_deit_style_recipe_runs_end_to_end_and_evaluates_the_ema(workflow, ray_cluster):
     config = e2e_config("recipe")
     write_config(workflow, config)
-    r = snakemake(workflow, "--cores", "2", "architecture")
+    r = snakemake(workflow, "--cores", "2", "architecture", env=ray_cluster)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     train = config["architecture"]["train"]
     d = workflow / "results/architecture/digits/attention/seed0"

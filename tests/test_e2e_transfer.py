@@ -15,14 +15,14 @@ from vitablate.models import VARIANTS, create_model
 
 
 @pytest.mark.slow
-def test_tiny_transfer_run(workflow, tmp_path):
+def test_tiny_transfer_run(workflow, tmp_path, ray_cluster):
     torch.manual_seed(0)
     ext = tmp_path / "external_vit.pth"
     torch.save(create_model(mixer="attention", in_chans=1, num_classes=0, **VARIANTS["vit_digits"]).state_dict(), ext)
     config = e2e_config("transfer")
     config["transfer"]["teachers"]["ext"] = f"file:{ext}"
     write_config(workflow, config)
-    r = snakemake(workflow, "--cores", "2", "transfer")
+    r = snakemake(workflow, "--cores", "2", "transfer", env=ray_cluster)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
 
     table = pl.read_csv(workflow / "results/reports/tables/transfer.csv")

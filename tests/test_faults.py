@@ -513,3 +513,26 @@ def test_the_next_run_reaps_a_cluster_whose_run_and_watchdog_were_killed(tmp_pat
     finally:
         if owner.poll() is None:
             owner.kill()
+
+
+def test_a_job_runs_in_the_directory_it_was_submitted_from(tmp_path, monkeypatch):
+    """A Ray worker of a cluster at RAY_ADDRESS starts where that cluster's `ray start` ran: the job moves to the
+    workflow's directory (the submitter's), so a relative results_dir's checkpoints land in the workflow's results;
+    a node without that directory is an error naming the fix when the filesystem is meant to be shared."""
+    from vitablate.submit import _enter_submitter_dir
+
+    elsewhere, wf = tmp_path / "ray_start_cwd", tmp_path / "wf"
+    elsewhere.mkdir()
+    wf.mkdir()
+    monkeypatch.chdir(elsewhere)
+    job = {"execution": {"shared_fs": True}, "output_dir": "results/architecture/digits/attention/seed0"}
+    _enter_submitter_dir(str(wf), job)
+    assert os.getcwd() == str(wf)
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(RuntimeError, match="relative to the workflow directory .* make results_dir .* absolute"):
+        _enter_submitter_dir(str(tmp_path / "not_on_this_node"), job)
+    assert os.getcwd() == str(elsewhere)
+    # absolute paths, or no shared filesystem (checkpoints travel through MLflow): the job runs where it is
+    _enter_submitter_dir(str(tmp_path / "not_on_this_node"), dict(job, output_dir=str(wf / "results/x")))
+    _enter_submitter_dir(str(tmp_path / "not_on_this_node"), dict(job, execution={"shared_fs": False}))
+    assert os.getcwd() == str(elsewhere)

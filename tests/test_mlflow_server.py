@@ -104,7 +104,7 @@ def _record(path: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_grid_through_postgres_server_without_shared_fs(workflow, mlflow_server):
+def test_grid_through_postgres_server_without_shared_fs(workflow, mlflow_server, ray_cluster):
     uri, server_dir = mlflow_server
     config = read_config(workflow)
     config.pop("architecture")
@@ -117,7 +117,7 @@ def test_grid_through_postgres_server_without_shared_fs(workflow, mlflow_server)
              methods=["finetune", "attn_distill", "ensemble"])
     t["train"]["epochs"] = 1
     write_config(workflow, config)
-    env = {"MLFLOW_TRACKING_URI": uri}
+    env = {"MLFLOW_TRACKING_URI": uri, **ray_cluster}
     teacher_dir = workflow / "results/pretext/digits/mae/seed0"
 
     # 1. the teacher alone; then its checkpoint is deleted here, as if it had been written on another node

@@ -137,7 +137,7 @@ def _targets(config: dict) -> list[str]:
 
 
 @pytest.mark.slow
-def test_snakemake_reruns_exactly_the_jobs_a_change_affects(workflow):
+def test_snakemake_reruns_exactly_the_jobs_a_change_affects(workflow, ray_cluster):
     """A really tiny real run of every job (one epoch each) through Snakemake and Ray; then, for each change,
     `snakemake -n` plans exactly the jobs whose params it changes, counted from the grid."""
     config = tiny_config()
@@ -149,7 +149,7 @@ def test_snakemake_reruns_exactly_the_jobs_a_change_affects(workflow):
         config[section][recipe]["epochs"] = 1
     write_config(workflow, config)
     targets = _targets(config)
-    r = snakemake(workflow, "--cores", "2", *targets)
+    r = snakemake(workflow, "--cores", "2", *targets, env=ray_cluster)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     r = snakemake(workflow, "-n", "--cores", "2", *targets)
     assert r.returncode == 0 and job_counts(r.stdout + r.stderr) == {}, (r.stdout + r.stderr)[-3000:]

@@ -30,7 +30,7 @@ needs_chromium = pytest.mark.skipif(  # under CI the test runs, and fails withou
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report(tmp_path_factory, ray_cluster):
     """2 mixers x 2 seeds x 1 epoch through `snakemake report`, then `snakemake --report`."""
     wf = copy_workflow(tmp_path_factory.mktemp("report") / "wf")
     config = read_config(wf)
@@ -39,7 +39,7 @@ def report(tmp_path_factory):
     config["architecture"].update(mixers=["attention", "feedforward"], seeds=[0, 1])
     config["architecture"]["train"].update(epochs=1)
     write_config(wf, config)
-    r = snakemake(wf, "--cores", "2", "report")
+    r = snakemake(wf, "--cores", "2", "report", env=ray_cluster)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     r = snakemake(wf, "--report", "results/reports/report.html")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

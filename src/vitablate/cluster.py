@@ -212,10 +212,15 @@ def _start_dispatcher(timeout_s: float) -> None:
     os.environ[ENV] = f"{proc.pid}:{path}"
 
 
-def _stop(pid: int, temp_dir: str) -> None:
+def _stop(pid: int, temp_dir: str, grace_s: float = 3.0) -> None:
+    """Stop the process group `pid` (a private cluster's `ray start --block`, a dispatcher): SIGTERM, then SIGKILL
+    what is left after `grace_s`. The grace is short on purpose: Ray's runtime-env agent outlives a SIGTERM to its
+    raylet by ten seconds once a driver has connected (Ray 2.60), the run's results are on disk by now, and the
+    cluster's temp dir is removed with it, so nothing a longer wait could save is kept."""
     try:
         os.killpg(pid, signal.SIGTERM)  # `ray start --block` stops its Ray processes on SIGTERM
-        for _ in range(100):
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
             _reap(pid)
             os.killpg(pid, 0)  # raises once no process of the group is left
             time.sleep(0.1)

@@ -100,8 +100,25 @@ def job_log(path: Optional[str]):
         handler.close()
 
 
+def _enter_submitter_dir(cwd: Optional[str], cfg_dict: dict) -> None:
+    """Run the job in the directory it was submitted from (the workflow's, where Snakemake runs), against which its
+    relative paths (results_dir, data_root, the checkpoints it reads) are written. A private cluster's workers
+    start there anyway; those of a cluster at RAY_ADDRESS start wherever its `ray start` ran, and a relative
+    results_dir's checkpoints went there, out of the workflow's sight."""
+    if not cwd or os.getcwd() == cwd:
+        return
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+    elif cfg_dict["execution"]["shared_fs"] and not os.path.isabs(cfg_dict["output_dir"]):
+        raise RuntimeError(
+            f"this job's paths ({cfg_dict['output_dir']}) are relative to the workflow directory {cwd}, which node "
+            f"{placement().get('ray_node_ip', socket.gethostname())} does not have; with execution.shared_fs true every node must see the "
+            "results: make results_dir (and data_root) absolute paths on a filesystem every node mounts")
+
+
 def _execute(cfg_dict: dict, uri: Optional[str], run_name: str = "", sources: Optional[dict] = None,
-             log_path: Optional[str] = None, system_metrics_s: Optional[float] = None) -> dict:
+             log_path: Optional[str] = None, system_metrics_s: Optional[float] = None,
+             cwd: Optional[str] = None) -> dict:
     """Body of the Ray task: one attempt of the job, tracked as its own MLflow run.
 
     Tracking happens here, where the job runs, so that an attempt whose worker dies leaves a
@@ -110,9 +127,11 @@ def _execute(cfg_dict: dict, uri: Optional[str], run_name: str = "", sources: Op
     and those it leaves for other jobs are uploaded before its run ends FINISHED.
     log_path: the rule's log file, where the job's start and per-epoch progress lines go.
     system_metrics_s: sample MLflow system metrics into the run at this interval (None: off).
+    cwd: the submitter's working directory, which the job's relative paths are relative to.
     """
     from . import jobs
 
+    _enter_submitter_dir(cwd, cfg_dict)
     cfg = from_dict(JobConfig, cfg_dict)
     if train_launch.launches_group(cfg):  # execution.workers > 1: this task launches Ray Train's worker group
         return train_launch.run_group(cfg_dict, uri, run_name, sources, log_path, system_metrics_s)
@@ -234,7 +253,7 @@ def submit(cfg: JobConfig, uri: Optional[str], sources: Optional[dict] = None, l
         **train_launch.task_options(cfg), max_retries=ex.max_retries, retry_exceptions=False,
         name=f"{cfg.question}:{os.path.basename(cfg.output_dir.rstrip('/'))}",
     )
-    return task.remote(to_dict(cfg), uri, _run_name(cfg), sources, log_path, system_metrics_s)
+    return task.remote(to_dict(cfg), uri, _run_name(cfg), sources, log_path, system_metrics_s, os.getcwd())
 
 
 PENDING_WARNING_S = 60.0  # while a job no node can hold stays pending on an external cluster, warn this often
