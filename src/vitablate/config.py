@@ -231,7 +231,8 @@ class TransferConfig:
 class ShiftConfig:
     corruptions: list[str] = field(default_factory=list)  # names in vitablate.data.CORRUPTIONS, applied to test
     severity: int = 3  # 1..5
-    in_job: bool = True  # false: this job tests on no shifted set (a transfer student: its shift job does)
+    in_job: bool = True  # false: this job tests on no shifted set (its shift job does: a transfer student; a Q1
+    # classifier or Q2 evaluation on a dataset that brings a shifted set, shapes)
 
 
 @dataclass
