@@ -254,7 +254,8 @@ def transfer_job(config: dict, dataset: str, teacher: str, method: str, layers: 
     return train
 
 
-def _shift_of(config: dict, trained: JobConfig, init_from: str | None, **fields) -> JobConfig:
+def _shift_of(config: dict, trained: JobConfig, init_from: str | None, tags: dict | None = None,
+              **fields) -> JobConfig:
     """The shift job of the job `trained`: its model tested under distribution shift (`vitablate.shift`), written to
     `shift/` inside that job's output_dir. It holds only what the evaluation reads: the dataset's data settings
     (its extra_test_dirs with them), the model settings the data is read at, the evaluation batch size and the
@@ -270,7 +271,7 @@ def _shift_of(config: dict, trained: JobConfig, init_from: str | None, **fields)
         data=data, model=trained.model, train=TrainConfig(eval_batch_size=trained.train.eval_batch_size),
         execution=dataclasses.replace(ExecutionConfig(), **{k: getattr(ex, k) for k in RESOURCE_KEYS},
                                       precision=ex.precision, compile=ex.compile, dry_jobs=ex.dry_jobs),
-        init_from=init_from, tags=dict(trained.tags, job="shift"), **fields)
+        init_from=init_from, tags=dict(trained.tags, job="shift", **(tags or {})), **fields)
 
 
 def architecture_shift_job(config: dict, dataset: str, mixer: str, seed) -> JobConfig:
@@ -303,7 +304,7 @@ def pretext_shift_job(config: dict, dataset: str, pretext: str, seed, eval: str)
     else:
         init_from = os.path.join(trained.output_dir, "model.pt") if eval == "finetune" else encoder
     reads = {k: getattr(trained.eval, k) for k in SHIFT_EVAL_READS.get(eval, ())}
-    return _shift_of(config, trained, init_from, eval=EvalConfig(name=eval, **reads),
+    return _shift_of(config, trained, init_from, tags={"eval": eval}, eval=EvalConfig(name=eval, **reads),
                      pretext=PretextConfig(name=trained.pretext.name), **fields)
 
 
