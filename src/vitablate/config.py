@@ -267,8 +267,9 @@ class JobConfig:
 
 
 def consumed_checkpoints(cfg: JobConfig) -> list[str]:
-    """The checkpoint files a job reads: its encoder (init_from), a file: teacher (an ensemble averages its
-    members and never runs the teacher), ensemble members."""
+    """The checkpoint files a job reads: its encoder (init_from; a shift job's: the model.pt, probe.pt or
+    encoder.pt it tests), a file: teacher (an ensemble averages its members and never runs the teacher; a Q2
+    linear probe's shift job names its frozen encoder.pt so), ensemble members."""
     from .methods import LOADS_TEACHER
 
     paths = [cfg.init_from] if cfg.init_from else []
