@@ -43,7 +43,8 @@ def changed(before: dict, after: dict) -> dict[str, int]:
     return out
 
 
-# (setting, new value, the grid kinds whose every job's params change; all others keep theirs)
+# (setting, new value, the grid kinds whose every job's params change; all others keep theirs; an evaluation's
+# name stands for its pretext_eval jobs, <name>_shift for its pretext_shift jobs)
 CHANGES = [
     ("execution.num_gpus", 1, ()),
     ("execution.num_cpus", 2, ()),
@@ -52,7 +53,7 @@ CHANGES = [
     ("execution.data_on_device", False, ()),
     ("execution.dry_job_sleep_s", 1.0, ()),
     ("pretext.execution", {"num_cpus": 2}, ()),
-    ("pretext.eval.knn_k", 5, ("knn",)),
+    ("pretext.eval.knn_k", 5, ("knn", "knn_shift")),  # the k-NN evaluations and their shift jobs (which vote so)
     ("pretext.eval.analysis_images", 64, ("analysis",)),
     ("pretext.eval.probe_weight_decay", [1.0e-3], ("linear_probe", "analysis")),
     ("transfer.shift.severity", 2, ("shift",)),
@@ -67,6 +68,8 @@ def expected(config: dict, kinds: tuple) -> dict[str, int]:
         wcs = vw.grid(config, kind)
         if kind == "pretext_eval":
             wcs = [wc for wc in wcs if kind in kinds or wc["eval"] in kinds]
+        elif kind == "pretext_shift":
+            wcs = [wc for wc in wcs if kind in kinds or f"{wc['eval']}_shift" in kinds]
         elif kind not in kinds:
             wcs = []
         if wcs:
