@@ -177,7 +177,8 @@ def test_q1_and_q2_shift_jobs_come_from_the_dataset_alone_and_read_what_their_jo
     encoder = vw.pretext_eval_job(config, eval="knn", **base).init_from
     saved = {"finetune": "model.pt", "linear_probe": "probe.pt", "knn": None}
     for name in ("finetune", "linear_probe", "knn"):
-        evaluated, shift = vw.pretext_eval_job(config, eval=name, **base), vw.pretext_shift_job(config, eval=name, **base)
+        evaluated = vw.pretext_eval_job(config, eval=name, **base)
+        shift = vw.pretext_shift_job(config, eval=name, **base)
         assert not evaluated.shift.in_job and shift.shift.in_job and shift.tags["eval"] == name
         assert shift.init_from == (f"{evaluated.output_dir}/{saved[name]}" if saved[name] else encoder)
         inputs = vw.pretext_shift_inputs(config, eval=name, **base)
@@ -190,7 +191,8 @@ def test_q1_and_q2_shift_jobs_come_from_the_dataset_alone_and_read_what_their_jo
     knn = vw.job_params(config, "pretext_shift", dict(base, eval="knn"))
     assert (knn["eval"]["knn_k"], knn["eval"]["knn_temperature"]) == (config["pretext"]["eval"]["knn_k"], 0.07)
     moved = changed(all_params(config), all_params(set_dotted(config, "pretext.eval.knn_k", 5)))
-    assert moved == {"pretext_eval": len(vw.grid(config, "pretrain")), "pretext_shift": len(vw.grid(config, "pretrain"))}
+    n_knn = len(vw.grid(config, "pretrain"))  # one k-NN evaluation per encoder
+    assert moved == {"pretext_eval": n_knn, "pretext_shift": n_knn}
 
 
 def _targets(config: dict) -> list[str]:
