@@ -16,11 +16,34 @@ rule train_architecture:
         "scripts/job.py"
 
 
+rule architecture_shift:
+    # The classifier tested on the dataset's shifted sets (its extra_test_dirs, a set it brings): its own job,
+    # reading the model.pt beside the classifier's record, so changing extra_test_dirs re-runs only these jobs.
+    input:
+        lambda wc: vw.architecture_shift_inputs(config, **dict(wc.items())),
+    output:
+        record=f"{RESULTS}/architecture/{{dataset}}/{{mixer}}/seed{{seed}}/shift/record.json",
+    log:
+        f"{RESULTS}/logs/architecture/{{dataset}}/{{mixer}}/seed{{seed}}.shift.log",
+    params:
+        job=job_params("architecture_shift"),
+        mlflow_uri=MLFLOW_URI,
+    threads: 1  # waits on Ray; the job's resources are execution.*
+    conda:
+        ENV
+    script:
+        "scripts/job.py"
+
+
 rule architecture_report:
     input:
         records=grid_paths(
             "architecture",
             f"{RESULTS}/architecture/{{dataset}}/{{mixer}}/seed{{seed}}/record.json",
+        ),
+        shifts=grid_paths(
+            "architecture_shift",
+            f"{RESULTS}/architecture/{{dataset}}/{{mixer}}/seed{{seed}}/shift/record.json",
         ),
     output:
         csv=report(

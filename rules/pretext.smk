@@ -39,6 +39,26 @@ rule pretext_eval:
         "scripts/job.py"
 
 
+rule pretext_shift:
+    # The evaluation's model tested on the dataset's shifted sets (its extra_test_dirs, a set it brings): the
+    # fine-tuned model.pt; the linear probe's probe.pt on the frozen encoder; k-NN among the frozen encoder's
+    # training features. Its own job, so changing extra_test_dirs re-runs only these jobs.
+    input:
+        lambda wc: vw.pretext_shift_inputs(config, **dict(wc.items())),
+    output:
+        record=f"{PRETEXT_DIR}/{{eval}}/shift/record.json",
+    log:
+        f"{PRETEXT_LOGS}/{{eval}}.shift.log",
+    params:
+        job=job_params("pretext_shift"),
+        mlflow_uri=MLFLOW_URI,
+    threads: 1
+    conda:
+        ENV
+    script:
+        "scripts/job.py"
+
+
 rule pretext_analysis:
     input:
         encoder=checkpoint_input(f"{PRETEXT_DIR}/encoder.pt"),
@@ -59,6 +79,7 @@ rule pretext_analysis:
 rule pretext_report:
     input:
         evals=grid_paths("pretext_eval", f"{PRETEXT_DIR}/{{eval}}/record.json"),
+        shifts=grid_paths("pretext_shift", f"{PRETEXT_DIR}/{{eval}}/shift/record.json"),
         analyses=grid_paths("analysis", f"{PRETEXT_DIR}/analysis/record.json"),
         pretrains=grid_paths("pretrain", f"{PRETEXT_DIR}/record.json"),
     output:

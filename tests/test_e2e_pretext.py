@@ -21,7 +21,10 @@ def test_tiny_pretext_run(workflow, ray_cluster):
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
 
     table = pl.read_csv(workflow / "results/reports/tables/pretext.csv")
-    assert table.columns == ["dataset", "pretext", "eval", "n_seeds", "top1_mean", "top1_std"]
+    # shapes brings its cue-conflict set: each evaluation's shift job tests on it, and the table reads that
+    assert table.columns == ["dataset", "pretext", "eval", "n_seeds", "top1_mean", "top1_std",
+                             "shift_cue_conflict_top1_mean"]
+    assert table["shift_cue_conflict_top1_mean"].is_between(0, 100).all()
     assert table.height == len(p["pretexts"]) * len(p["evals"]) and set(table["eval"]) == set(p["evals"])
     rep = pl.read_csv(workflow / "results/reports/tables/representation.csv")
     assert rep.columns == ["dataset", "pretext", "layer", "metric", "value_mean", "value_std"]
@@ -48,8 +51,11 @@ def test_tiny_pretext_run(workflow, ray_cluster):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workflow}/results/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("pretext").experiment_id])
-    assert len(runs) == 2 + 6 + 2
+    assert len(runs) == 2 + 6 + 6 + 2  # pre-trainings, evaluations, their shift jobs, analyses
     assert {r.info.status for r in runs} == {"FINISHED"}
+    shifts = [r for r in runs if r.data.tags["job"] == "shift"]
+    assert sorted(r.data.tags["eval"] for r in shifts) == sorted(p["evals"] * 2)
+    assert {r.data.tags["question"] for r in shifts} == {"pretext"}
     assert {r.data.tags["pretext"] for r in runs} == {"moco", "mae"}
     assert {r.data.tags["job"] for r in runs} >= {"pretrain", "eval_linear_probe", "eval_finetune", "eval_knn",
                                                   "analysis"}

@@ -10,9 +10,12 @@ import yaml
 from conftest import REPO, job_counts, set_dotted, snakemake, write_config
 from vitablate import workflow as vw
 
-KINDS = ("architecture", "pretrain", "pretext_eval", "analysis", "transfer", "shift")
-RULES = {"architecture": "train_architecture", "pretrain": "pretrain", "pretext_eval": "pretext_eval",
-         "analysis": "pretext_analysis", "transfer": "transfer_train", "shift": "transfer_shift"}
+KINDS = ("architecture", "architecture_shift", "pretrain", "pretext_eval", "pretext_shift", "analysis", "transfer",
+         "shift")
+RULES = {"architecture": "train_architecture", "architecture_shift": "architecture_shift", "pretrain": "pretrain",
+         "pretext_eval": "pretext_eval", "pretext_shift": "pretext_shift", "analysis": "pretext_analysis",
+         "transfer": "transfer_train", "shift": "transfer_shift"}
+SHIFT_KINDS = ("architecture_shift", "pretext_shift", "shift")
 
 
 def tiny_config(results: str = "results") -> dict:
@@ -40,7 +43,8 @@ def changed(before: dict, after: dict) -> dict[str, int]:
     return out
 
 
-# (setting, new value, the grid kinds whose every job's params change; all others keep theirs)
+# (setting, new value, the grid kinds whose every job's params change; all others keep theirs; an evaluation's
+# name stands for its pretext_eval jobs, <name>_shift for its pretext_shift jobs)
 CHANGES = [
     ("execution.num_gpus", 1, ()),
     ("execution.num_cpus", 2, ()),
@@ -49,7 +53,7 @@ CHANGES = [
     ("execution.data_on_device", False, ()),
     ("execution.dry_job_sleep_s", 1.0, ()),
     ("pretext.execution", {"num_cpus": 2}, ()),
-    ("pretext.eval.knn_k", 5, ("knn",)),
+    ("pretext.eval.knn_k", 5, ("knn", "knn_shift")),  # the k-NN evaluations and their shift jobs (which vote so)
     ("pretext.eval.analysis_images", 64, ("analysis",)),
     ("pretext.eval.probe_weight_decay", [1.0e-3], ("linear_probe", "analysis")),
     ("transfer.shift.severity", 2, ("shift",)),
@@ -64,6 +68,8 @@ def expected(config: dict, kinds: tuple) -> dict[str, int]:
         wcs = vw.grid(config, kind)
         if kind == "pretext_eval":
             wcs = [wc for wc in wcs if kind in kinds or wc["eval"] in kinds]
+        elif kind == "pretext_shift":
+            wcs = [wc for wc in wcs if kind in kinds or f"{wc['eval']}_shift" in kinds]
         elif kind not in kinds:
             wcs = []
         if wcs:
@@ -125,11 +131,77 @@ def test_transfer_training_holds_no_shift_settings_and_the_shift_job_reads_its_m
     assert vw.grid(config, "shift") == []  # nothing to shift to: no shift jobs
 
 
+def _with_extra_test_dirs(config: dict, dirs: dict) -> dict:
+    return set_dotted(config, "datasets.digits.data", {"extra_test_dirs": dirs})
+
+
+def test_extra_test_dirs_change_the_params_of_exactly_the_shift_jobs_of_every_question():
+    """A dataset's extra_test_dirs are read by the shift jobs alone: Q1's classifiers, Q2's evaluations and Q3's
+    students are tested on them by jobs of their own, so no training, pre-training or evaluation job moves."""
+    config = _with_extra_test_dirs(tiny_config(), {"mine": "/somewhere"})
+    vw.check_config(config)
+    # one shift job per Q1 classifier, Q2 evaluation and Q3 student on the dataset (counted from the grid)
+    assert len(vw.grid(config, "architecture_shift")) == len(vw.grid(config, "architecture")) == 4
+    assert len(vw.grid(config, "pretext_shift")) == len(vw.grid(config, "pretext_eval")) == 6
+    for dirs in ({"mine": "/elsewhere"}, {"mine": "/somewhere", "more": "/there"}):
+        moved = changed(all_params(config), all_params(_with_extra_test_dirs(config, dirs)))
+        assert moved == {kind: len(vw.grid(config, kind)) for kind in SHIFT_KINDS}, dirs
+    # from none at all: Q3's shift jobs (the corruptions gave it some) move; Q1's and Q2's are new; nothing else
+    plain, after = all_params(tiny_config()), all_params(config)
+    assert changed(plain, after) == {"shift": len(vw.grid(config, "shift"))}
+    new = sorted(key[0] for key in set(after) - set(plain))
+    assert new == sorted(["architecture_shift"] * 4 + ["pretext_shift"] * 6)
+    # each shift job reads the dirs; nothing else does
+    for kind in KINDS:
+        for wc in vw.grid(config, kind):
+            dirs = vw.job_params(config, kind, wc)["data"]["extra_test_dirs"]
+            assert dirs == ({"mine": "/somewhere"} if kind in SHIFT_KINDS else {}), (kind, wc)
+
+
+def test_q1_and_q2_shift_jobs_come_from_the_dataset_alone_and_read_what_their_job_saved():
+    config = tiny_config()
+    # transfer.shift's corruptions are Q3's: they give no Q1 or Q2 job a shift job
+    assert config["transfer"]["shift"]["corruptions"] and vw.grid(config, "shift")
+    assert vw.grid(config, "architecture_shift") == [] and vw.grid(config, "pretext_shift") == []
+    # shapes brings its cue-conflict set: every classifier and evaluation on it has a shift job
+    config["architecture"]["datasets"] = config["pretext"]["datasets"] = ["shapes"]
+    assert len(vw.grid(config, "architecture_shift")) == len(vw.grid(config, "architecture"))
+    assert len(vw.grid(config, "pretext_shift")) == len(vw.grid(config, "pretext_eval"))
+    wc = dict(dataset="shapes", mixer="attention", seed=0)
+    trained, shift = vw.architecture_job(config, **wc), vw.architecture_shift_job(config, **wc)
+    assert not trained.shift.in_job and shift.shift.in_job and shift.shift.corruptions == []
+    assert shift.init_from == f"{trained.output_dir}/model.pt" and shift.output_dir == f"{trained.output_dir}/shift"
+    assert vw.architecture_shift_inputs(config, **wc) == [f"{trained.output_dir}/record.json"]
+    assert (shift.job, shift.tags["job"], shift.tags["question"]) == ("evaluate_shift", "shift", "architecture")
+    base = dict(dataset="shapes", pretext="mae", seed=0)
+    encoder = vw.pretext_eval_job(config, eval="knn", **base).init_from
+    saved = {"finetune": "model.pt", "linear_probe": "probe.pt", "knn": None}
+    for name in ("finetune", "linear_probe", "knn"):
+        evaluated = vw.pretext_eval_job(config, eval=name, **base)
+        shift = vw.pretext_shift_job(config, eval=name, **base)
+        assert not evaluated.shift.in_job and shift.shift.in_job and shift.tags["eval"] == name
+        assert shift.init_from == (f"{evaluated.output_dir}/{saved[name]}" if saved[name] else encoder)
+        inputs = vw.pretext_shift_inputs(config, eval=name, **base)
+        assert inputs == [f"{evaluated.output_dir}/record.json"] + ([encoder] if name != "finetune" else [])
+        # the checkpoints a job without a shared filesystem downloads: what it tests, and the frozen encoder
+        from vitablate.config import consumed_checkpoints
+
+        assert consumed_checkpoints(shift) == [shift.init_from] + ([encoder] if name == "linear_probe" else [])
+    # k-NN's shift job reads the evaluation's k and temperature, the others no evaluation setting
+    knn = vw.job_params(config, "pretext_shift", dict(base, eval="knn"))
+    assert (knn["eval"]["knn_k"], knn["eval"]["knn_temperature"]) == (config["pretext"]["eval"]["knn_k"], 0.07)
+    moved = changed(all_params(config), all_params(set_dotted(config, "pretext.eval.knn_k", 5)))
+    n_knn = len(vw.grid(config, "pretrain"))  # one k-NN evaluation per encoder
+    assert moved == {"pretext_eval": n_knn, "pretext_shift": n_knn}
+
+
 def _targets(config: dict) -> list[str]:
     """Every job's record (the report rules need trained models: dry jobs train none)."""
     patterns = {"architecture": "{r}/architecture/{dataset}/{mixer}/seed{seed}/record.json",
+                "architecture_shift": "{r}/architecture/{dataset}/{mixer}/seed{seed}/shift/record.json",
                 "pretrain": "{r}/pretext/{dataset}/{pretext}/seed{seed}/record.json",
                 "pretext_eval": "{r}/pretext/{dataset}/{pretext}/seed{seed}/{eval}/record.json",
+                "pretext_shift": "{r}/pretext/{dataset}/{pretext}/seed{seed}/{eval}/shift/record.json",
                 "analysis": "{r}/pretext/{dataset}/{pretext}/seed{seed}/analysis/record.json",
                 "transfer": "{r}/transfer/{dataset}/{teacher}/{method}/{layers}/seed{seed}/record.json",
                 "shift": "{r}/transfer/{dataset}/{teacher}/{method}/{layers}/seed{seed}/shift/record.json"}
@@ -147,6 +219,8 @@ def test_snakemake_reruns_exactly_the_jobs_a_change_affects(workflow, ray_cluste
     for section, recipe in (("architecture", "train"), ("pretext", "pretrain"), ("pretext", "finetune"),
                             ("transfer", "train")):
         config[section][recipe]["epochs"] = 1
+    folders = {name: _digit_folder(workflow / name) for name in ("ood", "ood2")}  # a shifted set, and another
+    config = _with_extra_test_dirs(config, {"ood": folders["ood"]})
     write_config(workflow, config)
     targets = _targets(config)
     r = snakemake(workflow, "--cores", "2", *targets, env=ray_cluster)
@@ -161,6 +235,23 @@ def test_snakemake_reruns_exactly_the_jobs_a_change_affects(workflow, ray_cluste
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
         want = {RULES[k]: n for k, n in expected(config, kinds).items()}
         assert job_counts(r.stdout + r.stderr) == want, (key, (r.stdout + r.stderr)[-3000:])
+    # another shifted set: exactly the shift jobs of Q1, Q2 and Q3 on the dataset re-run (counted from the grid)
+    write_config(workflow, _with_extra_test_dirs(config, {"ood": folders["ood2"]}))
+    r = snakemake(workflow, "-n", "--cores", "2", *targets)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    want = {RULES[k]: len(vw.grid(config, k)) for k in SHIFT_KINDS}
+    assert all(want.values()) and job_counts(r.stdout + r.stderr) == want, (r.stdout + r.stderr)[-3000:]
+
+
+def _digit_folder(root) -> str:
+    """A tiny ImageFolder of two digit classes (as tests/test_data.py writes one): 2 grey images each."""
+    from PIL import Image
+
+    for c in ("3", "7"):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (20, 20), color=60 * i + 40 * int(c == "7")).save(root / c / f"{i}.png")
+    return str(root)
 
 
 @pytest.mark.parametrize("key, value, methods", [

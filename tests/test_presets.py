@@ -18,7 +18,8 @@ PRESETS = sorted(p for p in (REPO / "config" / "presets").glob("*.yaml") if p.na
 # what each preset is for: small runs packed four to a GPU, paper-scale runs on whole GPUs, CPU-only runs
 GPUS_PER_JOB = {"cifar100-gpu": 0.25, "imagenet-paper": 1, "fashion-mnist-cpu": 0}
 JOB_RULES = {"train_architecture": "architecture", "pretrain": "pretrain", "pretext_eval": "pretext_eval",
-             "pretext_analysis": "analysis", "transfer_train": "transfer"}
+             "pretext_analysis": "analysis", "transfer_train": "transfer", "architecture_shift": "architecture_shift",
+             "pretext_shift": "pretext_shift"}
 LAYERED = ("attn_copy", "attn_distill")
 
 
@@ -29,15 +30,24 @@ def load(path: Path) -> dict:
 def expected_counts(c: dict) -> dict[str, int]:
     """Jobs per rule, counted from the preset's own grid (written out here, not taken from vitablate)."""
     out: dict[str, int] = {"all": 1, "summary": 1}  # `all` includes the summary (reports/summary.md)
+
+    def own_shift(d: str) -> bool:  # the dataset has shifted sets of its own: extra test folders, or shapes'
+        return d == "shapes" or bool(((c.get("datasets") or {}).get(d, {}).get("data") or {}).get("extra_test_dirs"))
+
     if "architecture" in c:
         a = c["architecture"]
         out["train_architecture"] = len(a["datasets"]) * len(a["mixers"]) * len(a["seeds"])
         out["architecture_report"] = 1
+        # each classifier on a dataset with shifted sets of its own is tested on them by its own job
+        if shifted := [d for d in a["datasets"] if own_shift(d)]:
+            out["architecture_shift"] = len(shifted) * len(a["mixers"]) * len(a["seeds"])
     if "pretext" in c:
         p = c["pretext"]
         n_pretexts = sum(len(p.get("hybrid_lambdas", [0.2])) if name == "hybrid" else 1 for name in p["pretexts"])
         n = len(p["datasets"]) * n_pretexts * len(p["seeds"])
         out |= {"pretrain": n, "pretext_eval": n * len(p["evals"]), "pretext_analysis": n, "pretext_report": 1}
+        if shifted := [d for d in p["datasets"] if own_shift(d)]:  # and so is each evaluation
+            out["pretext_shift"] = len(shifted) * n_pretexts * len(p["seeds"]) * len(p["evals"])
     if "transfer" in c:
         t = c["transfer"]
         per_teacher = sum(len(t["layers"]) if m in LAYERED else 1 for m in t["methods"] if m != "scratch")

@@ -67,10 +67,18 @@ def summarise(df: pl.DataFrame, by: list[str], value: str = "top1_test", extra: 
     return df.group_by(by, maintain_order=True).agg(aggs)
 
 
+def shift_means(df: pl.DataFrame) -> dict[str, pl.Expr]:
+    """shift_<name>_top1_mean: the mean over seeds of each top1_shift_<name> column (the shift jobs' records,
+    joined by `load_records(..., shift=...)`); none without them."""
+    cols = sorted(c for c in df.columns if c.startswith("top1_shift_"))
+    return {f"shift_{c[len('top1_shift_'):]}_top1_mean": pl.col(c).mean() for c in cols}
+
+
 def architecture_table(df: pl.DataFrame) -> pl.DataFrame:
-    """dataset, mixer, model, params_m, n_seeds, top1_mean, top1_std (docs/design.md)."""
-    out = summarise(df, ["dataset", "mixer", "model"], extra={"params_m": pl.col("params_m").first()})
-    return out.select("dataset", "mixer", "model", "params_m", "n_seeds", "top1_mean", "top1_std").sort(
+    """dataset, mixer, model, params_m, n_seeds, top1_mean, top1_std (docs/design.md), shift_<name>_top1_mean."""
+    shift = shift_means(df)
+    out = summarise(df, ["dataset", "mixer", "model"], extra={"params_m": pl.col("params_m").first(), **shift})
+    return out.select("dataset", "mixer", "model", "params_m", "n_seeds", "top1_mean", "top1_std", *shift).sort(
         ["dataset", "top1_mean"], descending=[False, True])
 
 
@@ -97,9 +105,10 @@ def write_table(df: pl.DataFrame, csv_path: str, md_path: str) -> None:
 # --- Q2 pretext --------------------------------------------------------------------------
 
 def pretext_table(df: pl.DataFrame) -> pl.DataFrame:
-    """dataset, pretext, eval, n_seeds, top1_mean, top1_std (docs/design.md)."""
-    return summarise(df, ["dataset", "pretext", "eval"]).select(
-        "dataset", "pretext", "eval", "n_seeds", "top1_mean", "top1_std").sort(["dataset", "eval", "pretext"])
+    """dataset, pretext, eval, n_seeds, top1_mean, top1_std (docs/design.md), shift_<name>_top1_mean."""
+    shift = shift_means(df)
+    return summarise(df, ["dataset", "pretext", "eval"], extra=shift).select(
+        "dataset", "pretext", "eval", "n_seeds", "top1_mean", "top1_std", *shift).sort(["dataset", "eval", "pretext"])
 
 
 def shape_bias_table(df: pl.DataFrame) -> pl.DataFrame | None:
@@ -167,9 +176,8 @@ def transfer_table(df: pl.DataFrame) -> pl.DataFrame:
     `scratch` has no teacher: its row is repeated under every teacher so each teacher's block
     reads on its own. gap_closed = (method - scratch) / (finetune - scratch), on the means.
     """
-    shift_cols = sorted(c for c in df.columns if c.startswith("top1_shift_"))
     rows = scratch_per_teacher(df)
-    extra = {f"shift_{c[len('top1_shift_'):]}_top1_mean": pl.col(c).mean() for c in shift_cols}
+    extra = shift_means(df)
     table = summarise(rows, ["dataset", "teacher", "method", "layers"], extra=extra)
     base = table.filter(pl.col("method") == "scratch").select("dataset", "teacher", pl.col("top1_mean").alias("_s"))
     top = table.filter((pl.col("method") == "finetune") & (pl.col("layers") == "all")).select(

@@ -232,7 +232,8 @@ class TransferConfig:
 class ShiftConfig:
     corruptions: list[str] = field(default_factory=list)  # names in vitablate.data.CORRUPTIONS, applied to test
     severity: int = 3  # 1..5
-    in_job: bool = True  # false: this job tests on no shifted set (a transfer student: its shift job does)
+    in_job: bool = True  # false: this job tests on no shifted set (its shift job does: a transfer student; a Q1
+    # classifier or Q2 evaluation on a dataset that brings a shifted set, shapes)
 
 
 @dataclass
@@ -267,8 +268,9 @@ class JobConfig:
 
 
 def consumed_checkpoints(cfg: JobConfig) -> list[str]:
-    """The checkpoint files a job reads: its encoder (init_from), a file: teacher (an ensemble averages its
-    members and never runs the teacher), ensemble members."""
+    """The checkpoint files a job reads: its encoder (init_from; a shift job's: the model.pt, probe.pt or
+    encoder.pt it tests), a file: teacher (an ensemble averages its members and never runs the teacher; a Q2
+    linear probe's shift job names its frozen encoder.pt so), ensemble members."""
     from .methods import LOADS_TEACHER
 
     paths = [cfg.init_from] if cfg.init_from else []

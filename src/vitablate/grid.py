@@ -107,8 +107,14 @@ def seeds_by_keys(config: dict, question: str) -> set[str]:
 
 
 def grid(config: dict, kind: str) -> list[dict[str, Any]]:
-    """Wildcard values of every job of a rule kind: architecture | pretrain | pretext_eval | analysis | transfer |
-    shift (the transfer jobs whose students are then tested under distribution shift)."""
+    """Wildcard values of every job of a rule kind: architecture | architecture_shift | pretrain | pretext_eval |
+    pretext_shift | analysis | transfer | shift. The shift kinds are the jobs of the kind before them whose model
+    is then tested under distribution shift by a job of its own: Q1's classifiers and Q2's evaluations on a
+    dataset with shifted sets of its own (`has_dataset_shift_sets`), Q3's students on one with any
+    (`has_shift_sets`: transfer.shift corruptions too)."""
+    if kind in ("architecture_shift", "pretext_shift"):
+        tested = {"architecture_shift": "architecture", "pretext_shift": "pretext_eval"}[kind]
+        return [wc for wc in grid(config, tested) if has_dataset_shift_sets(config, wc["dataset"])]
     if kind == "architecture":
         s = config.get("architecture") or {}
         return [dict(dataset=d, mixer=m, seed=k) for d in s.get("datasets", [])
@@ -183,12 +189,17 @@ def dataset_entry_data(config: dict, dataset: str) -> dict:
     return {"name": dataset, "root": config.get("data_root", "data"), **(entry.get("data") or {})}
 
 
+def has_dataset_shift_sets(config: dict, dataset: str) -> bool:
+    """Whether `dataset` has shifted test sets of its own: an extra_test_dirs entry, or a set it brings (shapes).
+    A Q1 classifier or Q2 evaluation on it then gets a shift job (transfer.shift's corruptions are Q3's only)."""
+    data = dataset_entry_data(config, dataset)
+    return bool(data.get("extra_test_dirs") or data["name"] in BUILTIN_SHIFT_SETS)
+
+
 def has_shift_sets(config: dict, dataset: str) -> bool:
     """Whether a transfer job on `dataset` has a shifted test set to be evaluated on: a corruption under
     transfer.shift, an extra_test_dirs entry of the dataset, or a set the dataset brings (shapes)."""
-    data = dataset_entry_data(config, dataset)
-    return bool(shift_settings(config).get("corruptions") or data.get("extra_test_dirs")
-                or data["name"] in BUILTIN_SHIFT_SETS)
+    return bool(shift_settings(config).get("corruptions")) or has_dataset_shift_sets(config, dataset)
 
 
 def shift_dir(config: dict, dataset: str, teacher: str, method: str, layers: str, seed) -> str:
@@ -255,10 +266,32 @@ def pretext_dir(config: dict, dataset: str, pretext: str, seed) -> str:
     return os.path.join(results_dir(config), "pretext", dataset, pretext, f"seed{seed}")
 
 
+def architecture_dir(config: dict, dataset: str, mixer: str, seed) -> str:
+    return os.path.join(results_dir(config), "architecture", dataset, mixer, f"seed{seed}")
+
+
+def architecture_shift_inputs(config: dict, dataset: str, mixer: str, seed) -> list[str]:
+    """What a Q1 shift job reads: the classifier's record (its model.pt lies beside it)."""
+    return [os.path.join(architecture_dir(config, dataset, mixer, seed), "record.json")]
+
+
+# Q2 evaluations whose shift job runs the frozen pre-trained encoder (a linear probe on its features, k-NN among
+# them); a fine-tuning evaluation's shift job reads the fine-tuned model.pt alone
+FROZEN_EVALS = ("linear_probe", "knn")
+
+
+def pretext_shift_inputs(config: dict, dataset: str, pretext: str, seed, eval: str) -> list[str]:
+    """What a Q2 shift job reads: the evaluation's record (a fine-tuning's model.pt, a linear probe's probe.pt lie
+    beside it) and, for a frozen evaluation, the pre-trained encoder (a checkpoint, or its producer's record)."""
+    own = os.path.join(pretext_dir(config, dataset, pretext, seed), eval, "record.json")
+    encoder = os.path.join(pretext_dir(config, dataset, pretext, seed), "encoder.pt")
+    return [own] + ([checkpoint_input(config, encoder)] if eval in FROZEN_EVALS else [])
+
+
 
 def grid_size(config: dict) -> int:
-    """Jobs in the whole grid (every question's training, evaluation and analysis jobs)."""
-    kinds = {"architecture": ["architecture"], "pretext": ["pretrain", "pretext_eval", "analysis"],
-             "transfer": ["transfer", "shift"]}
+    """Jobs in the whole grid (every question's training, evaluation, shift and analysis jobs)."""
+    kinds = {"architecture": ["architecture", "architecture_shift"],
+             "pretext": ["pretrain", "pretext_eval", "pretext_shift", "analysis"], "transfer": ["transfer", "shift"]}
     return sum(len(grid(config, k)) for q in active_questions(config) for k in kinds[q])
 

@@ -257,7 +257,9 @@ def sharded_predict(forward, split, batch_size: int, precision, transform):
 
 def shifted_sets(cfg: JobConfig, data: DatasetBundle) -> dict:
     """Distribution-shift test sets: the dataset's extra tests (cue-conflict, ImageFolder dirs) and
-    the configured corruptions of the test split at the configured severity."""
+    the configured corruptions of the test split at the configured severity; none where cfg.shift.in_job is
+    false. In the workflow only the shift jobs (vitablate.shift) test on them: the training and evaluation jobs'
+    configs hold no extra_test_dirs or corruptions, and say in_job false where the dataset brings a set."""
     from .data import corrupt_split
 
     if not cfg.shift.in_job:
@@ -536,23 +538,37 @@ def pretrain(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     }
 
 
-def _features(encoder, data: DatasetBundle, cfg: JobConfig, device, eval_transform) -> dict:
-    """Pooled encoder features and labels of every split (unshuffled, so `extra` labels align)."""
+def frozen_features(encoder, splits: dict, cfg: JobConfig, device, eval_transform) -> dict:
+    """Pooled features and labels of the frozen `encoder` on each of `splits` ({name: split}; unshuffled, so a
+    split's `extra` labels align): what the linear probe and k-NN read, in the evaluation and in its shift job."""
     from .analysis.probes import extract
 
     encoder.eval()
     bs = cfg.train.eval_batch_size
-    splits = {"train": data.train, "val": data.val, "test": data.test,
-              **{f"shift_{n}": v for n, v in shifted_sets(cfg, data).items()}}
     return {name: extract(encoder, split.batches(bs), device, eval_transform) for name, split in splits.items()}
+
+
+def frozen_top1(feats: dict, cfg: JobConfig, num_classes: int, predict=None, train=None) -> dict:
+    """top1_<split> of every split of `feats` but train: the linear probe's `predict` on its features, or (predict
+    None) the weighted k-NN vote among the `train` (features, labels) with cfg.eval.knn_k and knn_temperature."""
+    from .analysis.probes import knn_accuracy
+
+    out = {}
+    for split, (x, y) in feats.items():
+        if split != "train":
+            out[f"top1_{split}"] = (knn_accuracy(*train, x, y, num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature)
+                                    if predict is None else top1(predict(x), y))
+    return out
 
 
 def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional[str] = None) -> dict:
     """Evaluate a pre-trained encoder: linear_probe, knn (frozen) or finetune (all weights).
 
-    The encoder is cfg.init_from (a pretext encoder.pt) or, for transfer, the teacher spec.
+    The encoder is cfg.init_from (a pretext encoder.pt) or, for transfer, the teacher spec. A linear probe's
+    head is saved as probe.pt beside the record, which its shift job (vitablate.shift) applies to the shifted
+    test sets; on shapes the job also measures the cue-conflict shape bias with probes of its own.
     """
-    from .analysis.probes import fit_linear_probe, knn_accuracy, select_linear_probe, shape_bias
+    from .analysis.probes import fit_linear_probe, select_linear_probe, shape_bias
     from .analysis.registry import EVALS
 
     name = cfg.eval.name
@@ -577,7 +593,9 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional
     if reference:
         return reference_linear_probe(ctx, on_epoch, encoder) | {"wall_s": ctx.wall_s()}
     eval_transform = ctx.eval_transform
-    feats = _features(encoder, data, cfg, device, eval_transform)
+    feats = frozen_features(encoder, {"train": data.train, "val": data.val, "test": data.test,
+                                      **{f"shift_{n}": v for n, v in shifted_sets(cfg, data).items()}},
+                            cfg, device, eval_transform)
     maps = save_query_maps(encoder, encoder, data, eval_transform, cfg.output_dir)
     (tx, ty), k = feats["train"], data.num_classes
     out: dict = {}
@@ -585,31 +603,32 @@ def evaluate_encoder(cfg: JobConfig, on_epoch: OnEpoch = None, teacher: Optional
     if name == "linear_probe":  # the L2 strength with the best val top-1 (one value: that one)
         predict, wd, _ = select_linear_probe(tx, ty, *feats["val"], k, cfg.eval.probe_weight_decay)
         out["probe_weight_decay"] = wd
-        if cfg.question == "transfer":  # its shift job applies this probe to the shifted sets
-            save_probe(cfg, predict.state)
-    for split, (x, y) in feats.items():  # val, test and every shifted test set
-        if split != "train":
-            out[f"top1_{split}"] = (knn_accuracy(tx, ty, x, y, k, cfg.eval.knn_k, cfg.eval.knn_temperature)
-                                    if predict is None else top1(predict(x), y))
+        save_probe(cfg, predict.state)  # its shift job applies this probe to the shifted sets
+    out |= frozen_top1(feats, cfg, k, predict, train=feats["train"])  # val, test (and shifted sets in the job)
     if predict is not None:
         extra = getattr(data.train, "extra", {})
         if "y_texture" in extra and "y_shape" in extra:  # shapes: which cue do the features carry?
             for cue in ("shape", "texture"):
                 probe = fit_linear_probe(tx, extra[f"y_{cue}"].cpu(), k, wd)
                 out[f"top1_{cue}_probe"] = top1(probe(feats["test"][0]), data.test.extra[f"y_{cue}"].cpu())
-            if "shift_cue_conflict" in feats:
-                # a probe trained where shape i always wore texture i, then shown conflicting cues
+            if "cue_conflict" in data.extra_tests:
+                # a probe trained where shape i always wore texture i, then shown conflicting cues; the
+                # cue-conflict split is the dataset's own (fixed by its name), read here whether or not the job
+                # tests on shifted sets (its top1 on it is the shift job's)
+                split = data.extra_tests["cue_conflict"]
+                cc_x = (feats["shift_cue_conflict"] if "shift_cue_conflict" in feats else
+                        frozen_features(encoder, {"cc": split}, cfg, device, eval_transform)["cc"])[0]
                 aligned = (extra["y_shape"] == extra["y_texture"]).cpu()
                 probe = fit_linear_probe(tx[aligned], extra["y_shape"].cpu()[aligned], k, wd)
-                cc = data.extra_tests["cue_conflict"].extra
-                pred = probe(feats["shift_cue_conflict"][0]).argmax(-1)
-                out |= shape_bias(pred, cc["y_shape"].cpu(), cc["y_texture"].cpu())
+                pred = probe(cc_x).argmax(-1)
+                out |= shape_bias(pred, split.extra["y_shape"].cpu(), split.extra["y_texture"].cpu())
     return base_record(cfg) | maps | {"eval": name, "pretext": pretext_id(cfg), "device": str(device),
                                       "wall_s": ctx.wall_s(), "history": [], **out}
 
 
 def save_probe(cfg: JobConfig, state: dict) -> None:
-    """A transfer linear probe's head (probe.pt beside its record), which its shift job applies."""
+    """A linear probe's head (probe.pt beside its record: a Q2 linear_probe evaluation's, a Q3 linear_probe
+    student's), which its shift job applies to the shifted test sets."""
     path = os.path.join(cfg.output_dir, "probe.pt")
     with atomic_path(path) as tmp:  # creates output_dir
         torch.save(state, tmp)
@@ -640,8 +659,7 @@ def reference_linear_probe(ctx: JobContext, on_epoch: OnEpoch, encoder) -> dict:
     final = evaluate() | evaluate_splits(probe, data, tc.eval_batch_size, precision, eval_transform,
                                          shifted_sets(cfg, data))
     maps = save_query_maps(encoder, encoder, data, eval_transform, cfg.output_dir)
-    if cfg.question == "transfer":  # its shift job applies this probe to the shifted sets
-        save_probe(cfg, {"kind": "reference", "head": probe.head.state_dict()})
+    save_probe(cfg, {"kind": "reference", "head": probe.head.state_dict()})  # its shift job applies it
     return base_record(cfg) | maps | {"eval": cfg.eval.name, "pretext": pretext_id(cfg), "probe": "reference",
                                       "device": str(device), "epochs": tc.epochs, "train_s": result.train_s,
                                       "resumed_from_epoch": result.resumed_from_epoch, "history": result.history,
@@ -743,7 +761,8 @@ def transfer(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
 
 
 def evaluate_shift(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
-    """A transfer student tested under distribution shift (vitablate.shift)."""
+    """A trained model (a Q1 classifier, a Q2 evaluation's, a Q3 student) tested under distribution shift
+    (vitablate.shift)."""
     from .shift import evaluate_shift as run
 
     return run(cfg, on_epoch)

@@ -13,8 +13,12 @@ Snakemake re-runs a job when, and only when, its result could change:
   are left out; the rule body adds them from the workflow config at run time (`job_resources`);
 - each evaluation reads only its own settings (`EVAL_READS`): a k-NN job's params hold knn_k and
   knn_temperature, a fine-tuning job's no probe or k-NN settings, the analysis its analysis_images;
-- a transfer student is tested under distribution shift by its own job (`shift_job`), so the
-  shift settings (`transfer.shift`, the dataset's extra_test_dirs) are none of its training's params.
+- every question's trained model is tested under distribution shift by a job of its own, which reads the
+  model its job saved: a Q1 classifier's (`architecture_shift_job`), a Q2 evaluation's (`pretext_shift_job`:
+  the fine-tuned model, the linear probe on the frozen encoder, k-NN on the frozen encoder with the
+  evaluation's knn_k and knn_temperature) and a Q3 student's (`shift_job`). So the shift settings (the
+  dataset's extra_test_dirs, `transfer.shift`) are none of a training, pre-training or evaluation job's params
+  (`_job` leaves extra_test_dirs out of them): changing them re-runs the shift jobs alone.
 Grids and paths: `vitablate.grid`.
 """
 
@@ -41,11 +45,13 @@ from .config import (
     to_dict,
 )
 from .grid import (
+    BUILTIN_SHIFT_SETS,
+    FROZEN_EVALS,
+    architecture_dir,
     ensemble_members,
     layers_spec,
     parse_pretext,
     pretext_dir,
-    results_dir,
     teacher_checkpoint,
     transfer_dir,
 )
@@ -105,9 +111,11 @@ def _job(config: dict, question: str, job: str, dataset: str, seed, output_dir: 
         raise ConfigError(f"{question}.{train_key}: accum_steps {train.accum_steps} does not divide batch_size "
                           f"{train.batch_size} (dataset {dataset}); pick a divisor")
     check_recipe(train, data["name"], f"{question}.{train_key}")
+    # the dataset's extra_test_dirs are checked here but read by the shift jobs alone (`_shift_of`)
+    data = dataclasses.replace(from_dict(DataConfig, data, f"datasets.{dataset}.data"), extra_test_dirs={})
     return JobConfig(
         question=question, job=job, seed=int(seed), output_dir=output_dir,
-        data=from_dict(DataConfig, data, f"datasets.{dataset}.data"),
+        data=data,
         model=from_dict(ModelConfig, _layer(section.get("model"), model, entry.get("model")), f"{question}.model"),
         train=train,
         execution=from_dict(ExecutionConfig, _execution(config, question, dataset), "execution"),
@@ -142,10 +150,22 @@ def _by(config: dict, question: str, axis: str, name: str, train_key: str) -> di
     return (((config.get(question) or {}).get(axis) or {}).get(name) or {}).get(train_key) or {}
 
 
+def _tested_in_job_on_val_and_test(job: JobConfig) -> JobConfig:
+    """A Q1 classifier or Q2 evaluation tests on val and test only; its shift job tests its model on the shifted
+    sets. `_job` left the extra_test_dirs out; a dataset that brings a shifted set itself (BUILTIN_SHIFT_SETS:
+    shapes' cue_conflict) still hands it to the job's data, so there the job's config says shift.in_job false.
+    On any other dataset the job has no shifted set, so shift.in_job is unread and keeps its default (the params
+    of those jobs stay as they were)."""
+    if job.data.name in BUILTIN_SHIFT_SETS:
+        return dataclasses.replace(job, shift=ShiftConfig(in_job=False))
+    return job
+
+
 def architecture_job(config: dict, dataset: str, mixer: str, seed) -> JobConfig:
-    out = os.path.join(results_dir(config), "architecture", dataset, mixer, f"seed{seed}")
-    return _job(config, "architecture", "train_classifier", dataset, seed, out, "train", {"mixer": mixer},
-                model=_by(config, "architecture", "by_mixer", mixer, "model"), mixer=mixer)
+    out = architecture_dir(config, dataset, mixer, seed)
+    return _tested_in_job_on_val_and_test(
+        _job(config, "architecture", "train_classifier", dataset, seed, out, "train", {"mixer": mixer},
+             model=_by(config, "architecture", "by_mixer", mixer, "model"), mixer=mixer))
 
 
 
@@ -180,10 +200,11 @@ def pretext_eval_job(config: dict, dataset: str, pretext: str, seed, eval: str) 
                           "(MAE: main_linprobe.py, 90 epochs, LARS, lr 0.1 x batch/256, weight_decay 0)")
     recipe = _by(config, "pretext", "by_pretext", name, "finetune") if eval == "finetune" else {}
     model = _by(config, "pretext", "by_pretext", name, "finetune_model") if eval == "finetune" else {}
-    return _job(config, "pretext", job, dataset, seed, os.path.join(pretext_dir(config, dataset, pretext, seed), eval),
-                train_key, {"pretext": pretext, "job": f"eval_{eval}"}, recipe=recipe, model=model,
-                pretext=_pretext_config(config, pretext), init_from=encoder,
-                eval=_eval(section.get("eval"), eval, "pretext.eval"))
+    return _tested_in_job_on_val_and_test(
+        _job(config, "pretext", job, dataset, seed, os.path.join(pretext_dir(config, dataset, pretext, seed), eval),
+             train_key, {"pretext": pretext, "job": f"eval_{eval}"}, recipe=recipe, model=model,
+             pretext=_pretext_config(config, pretext), init_from=encoder,
+             eval=_eval(section.get("eval"), eval, "pretext.eval")))
 
 
 def analysis_job(config: dict, dataset: str, pretext: str, seed) -> JobConfig:
@@ -230,7 +251,61 @@ def transfer_job(config: dict, dataset: str, teacher: str, method: str, layers: 
                  eval=EvalConfig(probe=probe.probe, probe_weight_decay=probe.probe_weight_decay)
                  if method == "linear_probe" else EvalConfig())
     from_dict(ShiftConfig, section.get("shift") or {}, "transfer.shift")  # checked here, read by the shift job
-    return dataclasses.replace(train, data=dataclasses.replace(train.data, extra_test_dirs={}))
+    return train
+
+
+def _shift_of(config: dict, trained: JobConfig, init_from: str | None, tags: dict | None = None,
+              **fields) -> JobConfig:
+    """The shift job of the job `trained`: its model tested under distribution shift (`vitablate.shift`), written to
+    `shift/` inside that job's output_dir. It holds only what the evaluation reads: the dataset's data settings
+    (its extra_test_dirs with them), the model settings the data is read at, the evaluation batch size and the
+    numerics; `init_from` and `fields` say which saved model it tests."""
+    dataset = trained.tags["dataset"]
+    data = from_dict(DataConfig, deep_merge({"name": dataset, "root": config.get("data_root", "data")},
+                                            ((config.get("datasets") or {}).get(dataset) or {}).get("data") or {}),
+                     f"datasets.{dataset}.data")
+    ex = trained.execution
+    return JobConfig(
+        question=trained.question, job="evaluate_shift", seed=trained.seed, mixer=trained.mixer,
+        output_dir=os.path.join(trained.output_dir, "shift"),
+        data=data, model=trained.model, train=TrainConfig(eval_batch_size=trained.train.eval_batch_size),
+        execution=dataclasses.replace(ExecutionConfig(), **{k: getattr(ex, k) for k in RESOURCE_KEYS},
+                                      precision=ex.precision, compile=ex.compile, dry_jobs=ex.dry_jobs),
+        init_from=init_from, tags=dict(trained.tags, job="shift", **(tags or {})), **fields)
+
+
+def architecture_shift_job(config: dict, dataset: str, mixer: str, seed) -> JobConfig:
+    """A Q1 classifier tested on the dataset's shifted sets (its extra_test_dirs, a set it brings): reads the
+    classifier's model.pt."""
+    trained = architecture_job(config, dataset, mixer, seed)
+    return _shift_of(config, trained, os.path.join(trained.output_dir, "model.pt"))
+
+
+# the `eval` settings a Q2 evaluation's shift job reads: k-NN classifies each shifted set among the encoder's
+# training features with the evaluation's k and temperature; the linear probe's and the fine-tuned model's
+# shift jobs read what their evaluation saved (probe.pt, model.pt), no setting
+SHIFT_EVAL_READS = {"knn": ("knn_k", "knn_temperature")}
+
+
+def pretext_shift_job(config: dict, dataset: str, pretext: str, seed, eval: str) -> JobConfig:
+    """A Q2 evaluation's model tested on the dataset's shifted sets: the fine-tuned model (the evaluation's
+    model.pt); the linear probe (its probe.pt) on the frozen encoder's features, the encoder named as the
+    frozen teacher of Q3's linear_probe method is (transfer.teacher file:<encoder.pt>), so one probe path and one
+    checkpoint hand-over serve both; k-NN among the frozen encoder's training features (init_from: encoder.pt)."""
+    trained = pretext_eval_job(config, dataset, pretext, seed, eval)
+    if eval not in ("finetune", *FROZEN_EVALS):
+        raise ConfigError(f"pretext.evals {eval!r} has no shift job (vitablate.shift tests finetune, linear_probe "
+                          "and knn); add its branch there and in vitablate.resolve.pretext_shift_job")
+    encoder = trained.init_from
+    fields = {}
+    if eval == "linear_probe":
+        init_from = os.path.join(trained.output_dir, "probe.pt")
+        fields["transfer"] = TransferConfig(method="linear_probe", teacher=f"file:{encoder}")
+    else:
+        init_from = os.path.join(trained.output_dir, "model.pt") if eval == "finetune" else encoder
+    reads = {k: getattr(trained.eval, k) for k in SHIFT_EVAL_READS.get(eval, ())}
+    return _shift_of(config, trained, init_from, tags={"eval": eval}, eval=EvalConfig(name=eval, **reads),
+                     pretext=PretextConfig(name=trained.pretext.name), **fields)
 
 
 def shift_job(config: dict, dataset: str, teacher: str, method: str, layers: str, seed) -> JobConfig:
@@ -238,35 +313,25 @@ def shift_job(config: dict, dataset: str, teacher: str, method: str, layers: str
     `severity`, the dataset's extra_test_dirs and own shifted sets): reads what its transfer job saved (model.pt;
     a linear probe's probe.pt; an ensemble, its members' model.pt) and, where the model runs it at test time, the
     teacher. Holds only what the evaluation reads: the data, the evaluation batch size and numerics."""
-    from .grid import shift_dir
     from .methods import TEACHER_AT_TEST  # the tested model runs its teacher (copied attention; the probe's features)
 
     trained = transfer_job(config, dataset, teacher, method, layers, seed)
     t = trained.transfer
     saved = {"ensemble": None, "linear_probe": "probe.pt"}.get(method, "model.pt")
-    data = from_dict(DataConfig, deep_merge({"name": dataset, "root": config.get("data_root", "data")},
-                                            ((config.get("datasets") or {}).get(dataset) or {}).get("data") or {}),
-                     f"datasets.{dataset}.data")
-    ex = trained.execution
-    return JobConfig(
-        question="transfer", job="evaluate_shift", seed=int(seed),
-        output_dir=shift_dir(config, dataset, teacher, method, layers, seed),
-        data=data, model=trained.model, train=TrainConfig(eval_batch_size=trained.train.eval_batch_size),
-        execution=dataclasses.replace(ExecutionConfig(), **{k: getattr(ex, k) for k in RESOURCE_KEYS},
-                                      precision=ex.precision, compile=ex.compile, dry_jobs=ex.dry_jobs),
+    return _shift_of(
+        config, trained, os.path.join(trained.output_dir, saved) if saved else None,
         transfer=TransferConfig(method=method, teacher_name=teacher, layers=t.layers,
                                 teacher=t.teacher if method in TEACHER_AT_TEST else "",
                                 ensemble_members=list(t.ensemble_members)),
-        init_from=os.path.join(trained.output_dir, saved) if saved else None,
-        shift=from_dict(ShiftConfig, (config.get("transfer") or {}).get("shift") or {}, "transfer.shift"),
-        tags=dict(trained.tags, job="shift"),
-    )
+        shift=from_dict(ShiftConfig, (config.get("transfer") or {}).get("shift") or {}, "transfer.shift"))
 
 
 RESOLVERS = {
     "architecture": architecture_job,
+    "architecture_shift": architecture_shift_job,
     "pretrain": pretrain_job,
     "pretext_eval": pretext_eval_job,
+    "pretext_shift": pretext_shift_job,
     "analysis": analysis_job,
     "transfer": transfer_job,
     "shift": shift_job,

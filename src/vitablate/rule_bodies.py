@@ -149,7 +149,8 @@ def run_architecture_report(smk) -> None:
     from . import aggregate, figures
 
     with logging_to(smk.log[0] if smk.log else None):
-        records = aggregate.load_records(list(smk.input.records))
+        # each classifier's shift numbers come from its shift job's record (smk.input.shifts)
+        records = aggregate.load_records(list(smk.input.records), shift=list(smk.input.shifts))
         table = aggregate.architecture_table(records)
         aggregate.write_table(table, smk.output.csv, smk.output.md)
         figures.plot_architecture(table, smk.output.png)
@@ -163,7 +164,8 @@ def run_pretext_report(smk) -> None:
     from . import aggregate, figures
 
     with logging_to(smk.log[0] if smk.log else None):
-        evals = aggregate.load_records(list(smk.input.evals))
+        # each evaluation's shift numbers come from its shift job's record (smk.input.shifts)
+        evals = aggregate.load_records(list(smk.input.evals), shift=list(smk.input.shifts))
         table = aggregate.pretext_table(evals)
         aggregate.write_table(table, smk.output.csv, smk.output.md)
         figures.plot_pretext(table, smk.output.png)

@@ -21,8 +21,8 @@ from .config import JobConfig, from_dict, replace_checkpoints, to_dict
 from .io import write_json
 
 _remote_execute = None  # ray.remote(_execute), made on first submit
-# what a job leaves in its output_dir for other jobs to read (probe.pt: a transfer linear probe's head, which its
-# shift job applies)
+# what a job leaves in its output_dir for other jobs to read (probe.pt: a linear probe's head, Q2's or Q3's, which
+# its shift job applies)
 CHECKPOINTS = ("encoder.pt", "model.pt", "probe.pt")
 # record fields naming files the report rules read on the Snakemake host (logged as run artifacts)
 HOST_OUTPUTS = ("analysis_path", "attention_maps_path")

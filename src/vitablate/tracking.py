@@ -1,7 +1,7 @@
 """MLflow: one experiment per question, one run per job.
 
 A run holds the flattened resolved config as params, per-epoch metrics, the tags
-docs/design.md fixes (question, dataset, mixer, pretext, method, teacher, seed, job),
+docs/design.md fixes (question, dataset, mixer, pretext, method, teacher, seed, job; eval on a Q2 shift job),
 and the run record and resolved config as artifacts. A job that fails ends its
 run FAILED with the error as a tag and an artifact: never silently missing.
 
@@ -31,7 +31,8 @@ CHECKPOINT_DIR = "checkpoints"  # artifact folder of the checkpoints a run hands
 # MLflow 3's UI opens an experiment by its kind: untagged, it shows the GenAI trace overview ("No data");
 # tagged as model development, it opens on the runs table.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-TAG_KEYS = ("question", "dataset", "mixer", "pretext", "method", "teacher", "seed", "job")
+# eval: a Q2 shift job's (its job tag is "shift", as every shift job's; a Q2 evaluation's own says eval_<name>)
+TAG_KEYS = ("question", "dataset", "mixer", "pretext", "method", "teacher", "seed", "job", "eval")
 _lock = threading.Lock()  # one writer per process: SQLite serialises writers anyway
 T = TypeVar("T")
 
