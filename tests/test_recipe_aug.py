@@ -137,6 +137,7 @@ def test_rand_augment_runs_in_the_loader_workers_and_is_seeded(tmp_path):
     assert not torch.equal(epoch("rand-m9-mstd0.5-inc1", 0, seed=1), augmented)
 
 
+@pytest.mark.slow  # runs whole jobs (data, model, training, checkpoint)
 def test_rand_augment_reaches_the_loader_of_an_imagefolder_job(tmp_path):
     root = _folder(tmp_path / "imgs")
     cfg = JobConfig(data=dataclasses.replace(JobConfig().data, name="imagefolder", root=str(root)),
@@ -227,6 +228,7 @@ def test_repeated_copies_of_an_image_folder_get_their_own_crops(tmp_path):
 # --------------------------------------------------------------------------- EMA, and a resume with everything on
 
 
+@pytest.mark.slow  # runs whole jobs (data, model, training, checkpoint)
 def test_ema_weights_are_the_ones_evaluated_and_saved(tmp_path):
     cfg = _cfg(tmp_path, ema=True, ema_decay=0.9)
     record = jobs.run(cfg)
@@ -249,6 +251,7 @@ def test_ema_weights_are_the_ones_evaluated_and_saved(tmp_path):
     assert jobs.run(_cfg(tmp_path, "plain"))["evaluated_weights"] == "online"
 
 
+@pytest.mark.slow  # runs whole jobs (data, model, training, checkpoint)
 def test_resume_with_mixup_erasing_and_ema_is_bit_identical(tmp_path):
     class Stop(Exception):
         pass

@@ -262,6 +262,7 @@ def _job(tmp_path, name, **kw):
                      **kw)
 
 
+@pytest.mark.slow  # runs whole jobs (data, model, training, checkpoint)
 def test_accumulation_warning_in_the_record_for_moco_not_for_supervised(tmp_path, caplog):
     train = TrainConfig(epochs=1, batch_size=128, accum_steps=2, eval_batch_size=256)
     moco = _job(tmp_path, "moco", job="pretrain", train=train,
