@@ -97,38 +97,16 @@ def ray_cluster():
     test_faults, test_resilience) and of missing data (which RAY_ADDRESS turns into a warning: the cluster's
     nodes may have it) run without it. Loopback only, token authentication on, as a private cluster."""
     import secrets
-    import socket
-    import tempfile
-    import time
 
-    temp = tempfile.mkdtemp(prefix="vts", dir="/tmp")  # short: Ray's socket paths live under it
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from vitablate.cluster import _stop, launch_head
+
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # as vitablate.cluster starts a private one: loopback only
-    ray_cli = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-    with open(Path(temp) / "ray_start.log", "w") as log:
-        proc = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", f"--temp-dir={temp}/r",
-                                 "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false",
-                                 "--disable-usage-stats", "--node-ip-address=127.0.0.1"],
-                                env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    proc, address, temp = launch_head(2, 0, 120, env={**os.environ, **env})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, \
-                    (Path(temp) / "ray_start.log").read_text()[-3000:]
-                time.sleep(0.2)
-        yield {"RAY_ADDRESS": f"127.0.0.1:{port}", **env}
+        yield {"RAY_ADDRESS": address, **env}
     finally:
-        from vitablate.cluster import _stop  # SIGTERM, SIGKILL what is left, then any straggler naming `temp`
-
-        _stop(proc.pid, temp)
+        _stop(proc.pid, temp)  # SIGTERM, SIGKILL what is left, then any straggler naming its temp dir
 
 
 @pytest.fixture

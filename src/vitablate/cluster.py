@@ -145,21 +145,16 @@ def _stop_watchdog() -> None:
             os.remove(log)
 
 
-def _start_private_cluster(num_cpus: Optional[int], num_gpus: Optional[int], timeout_s: float) -> str:
+def launch_head(num_cpus: Optional[int], num_gpus: Optional[int], timeout_s: float,
+                env: Optional[dict] = None) -> tuple[subprocess.Popen, str, str]:
+    """Start a single-node Ray cluster on loopback: `ray start --head --block` in its own process group, on a free
+    port, with its own temp dir; returns (process, address, temp dir) once its GCS port answers. `env`: the
+    environment of its processes (default: this process's). Stop it with `_stop(process.pid, temp dir)`."""
     ray_cli = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
     # short path: Ray's unix sockets live under the temp dir and must stay < 108 bytes. Ray makes its temp dir
     # world-writable (0777, re-applied by every process that joins), so it lives inside a 0700 directory of ours.
     temp_dir = tempfile.mkdtemp(prefix="vtr", dir="/tmp")
     port = _free_port()
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    if os.environ["RAY_AUTH_MODE"] == "token":
-        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))  # inherited by every job
-    # Loopback only: Ray resolves --node-ip-address=127.0.0.1 to the machine's network address (and its servers
-    # then listen there and on the wildcard address) unless multi-node clusters are off, which a private
-    # single-node cluster can afford; every process that joins it inherits the setting.
-    # ray-project/ray: python/ray/_private/services.py, resolve_ip_for_localhost / get_node_ip_address
-    os.environ[_LOOPBACK_ENV] = "0"
-    _refresh_ray_settings(private=True)
     cmd = [ray_cli, "start", "--head", "--block", f"--port={port}", f"--temp-dir={temp_dir}/r",
            "--include-dashboard=false", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
     if num_cpus:
@@ -167,8 +162,7 @@ def _start_private_cluster(num_cpus: Optional[int], num_gpus: Optional[int], tim
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
     with open(os.path.join(temp_dir, "ray_start.log"), "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"127.0.0.1:{port}"
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -179,6 +173,20 @@ def _start_private_cluster(num_cpus: Optional[int], num_gpus: Optional[int], tim
                 _stop(proc.pid, temp_dir)
                 raise RuntimeError(f"the private Ray cluster did not start (see {temp_dir}/ray_start.log)") from None
             time.sleep(0.2)
+    return proc, f"127.0.0.1:{port}", temp_dir
+
+
+def _start_private_cluster(num_cpus: Optional[int], num_gpus: Optional[int], timeout_s: float) -> str:
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"] == "token":
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))  # inherited by every job
+    # Loopback only: Ray resolves --node-ip-address=127.0.0.1 to the machine's network address (and its servers
+    # then listen there and on the wildcard address) unless multi-node clusters are off, which a private
+    # single-node cluster can afford; every process that joins it inherits the setting.
+    # ray-project/ray: python/ray/_private/services.py, resolve_ip_for_localhost / get_node_ip_address
+    os.environ[_LOOPBACK_ENV] = "0"
+    _refresh_ray_settings(private=True)
+    proc, address, temp_dir = launch_head(num_cpus, num_gpus, timeout_s)
     os.environ["RAY_ADDRESS"] = address  # jobs (spawned processes) join this cluster
     os.environ[_PRIVATE_ENV] = f"{proc.pid}:{temp_dir}"
     return address
