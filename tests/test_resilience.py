@@ -28,13 +28,13 @@ def _epoch_done(path) -> int:
 
 
 @pytest.mark.slow
-def test_killed_worker_is_retried_and_resumes_exactly(workflow, tmp_path):
+def test_killed_worker_is_retried_and_resumes_exactly(workflow, tmp_path, ray_cluster):
     config = read_config(workflow)
     config = {k: v for k, v in config.items() if k not in ("pretext", "transfer")}
     config["architecture"].update(mixers=["attention"], seeds=[0])
     config["architecture"]["train"]["epochs"] = 8
     write_config(workflow, config)
-    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")} | ray_cluster
     proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "1", "architecture"], cwd=workflow,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     job_dir = workflow / "results/architecture/digits/attention/seed0"
@@ -78,13 +78,13 @@ def test_no_config_value_is_interpolated_into_a_shell_command():
 
 
 @pytest.mark.slow
-def test_ctrl_c_ends_the_running_job_killed_and_a_rerun_finishes_it(workflow):
+def test_ctrl_c_ends_the_running_job_killed_and_a_rerun_finishes_it(workflow, ray_cluster):
     config = read_config(workflow)
     config = {k: v for k, v in config.items() if k not in ("pretext", "transfer")}
     config["architecture"].update(mixers=["identity"], seeds=[0])
     config["execution"].update(dry_jobs=True, dry_job_sleep_s=120)
     write_config(workflow, config)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")} | ray_cluster
     cmd = [sys.executable, "-m", "snakemake", "--cores", "1", "architecture"]
     # its own process group, as in a terminal: Ctrl-C reaches Snakemake and its job processes alike
     proc = subprocess.Popen(cmd, cwd=workflow, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
