@@ -202,11 +202,6 @@ def has_shift_sets(config: dict, dataset: str) -> bool:
     return bool(shift_settings(config).get("corruptions")) or has_dataset_shift_sets(config, dataset)
 
 
-def shift_dir(config: dict, dataset: str, teacher: str, method: str, layers: str, seed) -> str:
-    """Where a transfer job's shift evaluation writes its record: `shift/` inside the job's output_dir."""
-    return os.path.join(transfer_dir(config, dataset, teacher, method, layers, seed), "shift")
-
-
 def teacher_checkpoint(config: dict, dataset: str, teacher: str, seed) -> str | None:
     """The file a teacher is read from (None for timm: teachers), for DAG inputs and specs."""
     spec = (config.get("transfer") or {}).get("teachers", {}).get(teacher)

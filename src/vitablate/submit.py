@@ -112,8 +112,9 @@ def _enter_submitter_dir(cwd: Optional[str], cfg_dict: dict) -> None:
     elif cfg_dict["execution"]["shared_fs"] and not os.path.isabs(cfg_dict["output_dir"]):
         raise RuntimeError(
             f"this job's paths ({cfg_dict['output_dir']}) are relative to the workflow directory {cwd}, which node "
-            f"{placement().get('ray_node_ip', socket.gethostname())} does not have; with execution.shared_fs true every node must see the "
-            "results: make results_dir (and data_root) absolute paths on a filesystem every node mounts")
+            f"{placement().get('ray_node_ip', socket.gethostname())} does not have; with execution.shared_fs true "
+            "every node must see the results: make results_dir (and data_root) absolute paths on a filesystem every "
+            "node mounts")
 
 
 def _execute(cfg_dict: dict, uri: Optional[str], run_name: str = "", sources: Optional[dict] = None,

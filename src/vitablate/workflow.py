@@ -58,7 +58,6 @@ from .grid import (  # noqa: F401
     seeds_by_keys,
     seeds_for,
     shared_fs,
-    shift_dir,
     shift_inputs,
     teacher_checkpoint,
     transfer_dir,
