@@ -52,11 +52,12 @@ onstart:
     for line in reap_leftovers(RESULTS):  # clusters earlier runs on this results_dir left running
         print(f"[vitablate] {line}")
     configure_retries(from_dict(TrackingConfig, dict(config.get("tracking") or {}), "tracking").retry_timeout_s)
-    prepare(MLFLOW_URI, vw.active_questions(config))
     signal.signal(signal.SIGHUP, signal.default_int_handler)  # a closed terminal stops the run as Ctrl-C does
     vw.mark_run_started()  # onerror ends the MLflow runs this run's jobs left RUNNING
+    # the MLflow store and experiments are made while the cluster boots (no job starts before both are ready)
     address = start_session(num_cpus=workflow._cores, results_dir=RESULTS,
-                            locks=tuple(getattr(workflow.persistence, "_lockfile", {}).values()))
+                            locks=tuple(getattr(workflow.persistence, "_lockfile", {}).values()),
+                            meanwhile=lambda: prepare(MLFLOW_URI, vw.active_questions(config)))
     private = private_cluster_dir()
     print(f"[vitablate] Ray cluster {address}" + (f" (private, {private})" if private else " (RAY_ADDRESS)")
           + f"; MLflow {MLFLOW_URI}")

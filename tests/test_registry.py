@@ -240,3 +240,23 @@ def test_registries_import_no_torch():
             "r.wildcard_constraints(); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"  # the Snakemake parse and the reports stay fast
+
+
+@pytest.mark.slow  # MLflow's store is created: ~10 s
+def test_a_dry_job_runs_its_task_body_without_importing_torch(tmp_path):
+    """execution.dry_jobs (orchestration benchmarks, cluster smoke tests): the Ray task's body runs the dry job,
+    tracked in MLflow, in a process that never imports torch, so its worker starts in about a second."""
+    import json
+    import subprocess
+    import sys
+
+    cfg = {"job": "train_classifier", "question": "architecture", "output_dir": str(tmp_path / "job"),
+           "data": {"name": "digits"}, "model": {"variant": "vit_digits"}, "execution": {"dry_jobs": True}}
+    code = ("import json, sys; from vitablate.config import JobConfig, from_dict, to_dict; "
+            "from vitablate.submit import _execute; "
+            f"cfg = to_dict(from_dict(JobConfig, json.loads({json.dumps(json.dumps(cfg))}))); "
+            f"r = _execute(cfg, 'sqlite:///{tmp_path}/mlflow.db', 'dry'); "
+            "print(json.dumps([r['dry'], bool(r['mlflow_run_id']), 'torch' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, True, False]

@@ -18,12 +18,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 _PRIVATE_ENV = "VITABLATE_PRIVATE_RAY"  # set while a private cluster started by this run is up
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps a node on 127.0.0.1 (private cluster)
 _WATCHDOG_ENV = "VITABLATE_WATCHDOG"  # "<pid>:<pid file>" of this run's watchdog (vitablate.watchdog)
+RAY_GRACE_S = 3.0  # a private cluster's SIGTERM-to-SIGKILL wait (see _stop)
+# how long a stopped dispatcher may take to end its in-flight jobs' MLflow runs KILLED before it is SIGKILLed: it
+# exits as soon as they are ended, so the wait costs nothing then; on a loaded machine (its MLflow import still
+# under way, the store busy) 3 s left them RUNNING
+DISPATCHER_GRACE_S = 15.0
 
 
 def _ray():
@@ -75,8 +81,14 @@ def _free_port() -> int:
 
 
 def start_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None, timeout_s: float = 90,
-                  dispatcher: bool = True, results_dir: Optional[str] = None, locks: tuple[str, ...] = ()) -> str:
+                  dispatcher: bool = True, results_dir: Optional[str] = None, locks: tuple[str, ...] = (),
+                  meanwhile: Optional[Callable[[], None]] = None) -> str:
     """Connect to RAY_ADDRESS, or start a private local cluster; returns its address.
+
+    `meanwhile`: the caller's own set-up (the workflow's MLflow store and experiments), run in a thread while the
+    cluster and the dispatcher boot, which is mostly waiting on other processes; its error stops the session and
+    is raised. A private cluster takes ~15 s to accept its driver on a 2-core machine and MLflow's first import and
+    store migration ~7 s: side by side, a run starts its first job that much sooner.
 
     The private cluster is a `ray start --head --block` child in its own process group,
     with its own temp dir and port and token authentication on, so that Snakemake's own
@@ -86,6 +98,29 @@ def start_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None
     file goes under `results_dir` (the next run reaps what a dead run left), and it removes
     `locks` (this Snakemake run's lock files) when it has to stop the run's processes.
     """
+    if meanwhile is None:
+        return _start_session(num_cpus, num_gpus, timeout_s, dispatcher, results_dir, locks)
+    outcome: dict = {}
+
+    def side() -> None:
+        try:
+            meanwhile()
+        except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+            outcome["error"] = e
+
+    # a daemon thread, not an executor: an interrupted start must not wait at exit for a tracking server that hangs
+    thread = threading.Thread(target=side, name="vitablate-session-setup", daemon=True)
+    thread.start()
+    address = _start_session(num_cpus, num_gpus, timeout_s, dispatcher, results_dir, locks)
+    thread.join()
+    if "error" in outcome:
+        stop_session()
+        raise outcome["error"]
+    return address
+
+
+def _start_session(num_cpus: Optional[int], num_gpus: Optional[int], timeout_s: float, dispatcher: bool,
+                   results_dir: Optional[str], locks: tuple[str, ...]) -> str:
     if os.environ.get("RAY_ADDRESS"):
         _probe(os.environ["RAY_ADDRESS"])
         address = os.environ["RAY_ADDRESS"]
@@ -220,7 +255,7 @@ def _start_dispatcher(timeout_s: float) -> None:
     os.environ[ENV] = f"{proc.pid}:{path}"
 
 
-def _stop(pid: int, temp_dir: str, grace_s: float = 3.0) -> None:
+def _stop(pid: int, temp_dir: str, grace_s: float = RAY_GRACE_S) -> None:
     """Stop the process group `pid` (a private cluster's `ray start --block`, a dispatcher): SIGTERM, then SIGKILL
     what is left after `grace_s`. The grace is short on purpose: Ray's runtime-env agent outlives a SIGTERM to its
     raylet by ten seconds once a driver has connected (Ray 2.60), the run's results are on disk by now, and the
@@ -281,7 +316,7 @@ def stop_session() -> None:
     dispatcher = os.environ.pop(ENV, None)
     if dispatcher:
         pid, path = dispatcher.split(":", 1)
-        _stop(int(pid), os.path.dirname(path))
+        _stop(int(pid), os.path.dirname(path), grace_s=DISPATCHER_GRACE_S)
     ray = sys.modules.get("ray")  # Snakemake's process never imports Ray: keep it that way
     if ray is not None and ray.is_initialized():
         ray.shutdown()

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-from . import __version__
 from . import distributed as dist
 from .config import ConfigError, JobConfig, ModelConfig, check_recipe, mixes, to_dict
 from .data import BatchAugment, DatasetBundle, load_dataset, normalize, to_unit
+from .dry import base_record, noop
 from .engine import (
     Checkpoint,
     classification_loss,
@@ -316,16 +315,6 @@ def save_query_maps(model: torch.nn.Module, forward: Callable, data: DatasetBund
                  maps=attn.reshape(len(maps), *grid).cpu().numpy(), prefix_mass=prefix.cpu().numpy(),
                  query=np.array(centre_query(grid)), patch_size=int(model.patch_embed.patch_size[0]))
     return {"attention_maps_path": path}
-
-
-def base_record(cfg: JobConfig) -> dict:
-    return {
-        "question": cfg.question, "job": cfg.job, "dataset": cfg.data.name, "mixer": cfg.mixer,
-        "seed": cfg.seed, "model": cfg.model.variant or "custom", "vitablate_version": __version__,
-        "host": socket.gethostname(), "pid": os.getpid(),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-        "config": to_dict(cfg),
-    }
 
 
 def accum_fields(result) -> dict:
@@ -766,17 +755,6 @@ def evaluate_shift(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
     from .shift import evaluate_shift as run
 
     return run(cfg, on_epoch)
-
-
-def noop(cfg: JobConfig, on_epoch: OnEpoch = None) -> dict:
-    """Trains nothing (execution.dry_jobs): measures the orchestration around a job, shows placement."""
-    start = time.time()
-    if cfg.execution.dry_job_sleep_s:
-        time.sleep(cfg.execution.dry_job_sleep_s)
-    if on_epoch is not None:
-        on_epoch(1, {"epoch": 1, "train_loss": 0.0})
-    return base_record(cfg) | {"history": [{"epoch": 1}], "top1_test": 0.0, "top1_val": 0.0, "params_m": 0.0,
-                               "start_time": start, "end_time": time.time(), "dry": True}
 
 
 JOBS: dict[str, Callable[[JobConfig, OnEpoch], dict]] = {

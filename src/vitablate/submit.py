@@ -130,10 +130,13 @@ def _execute(cfg_dict: dict, uri: Optional[str], run_name: str = "", sources: Op
     system_metrics_s: sample MLflow system metrics into the run at this interval (None: off).
     cwd: the submitter's working directory, which the job's relative paths are relative to.
     """
-    from . import jobs
-
     _enter_submitter_dir(cwd, cfg_dict)
     cfg = from_dict(JobConfig, cfg_dict)
+    # a dry job's worker never imports torch (vitablate.dry); a real one imports it here, before its start line
+    if cfg.execution.dry_jobs:
+        from .dry import noop as run
+    else:
+        from .jobs import run
     if train_launch.launches_group(cfg):  # execution.workers > 1: this task launches Ray Train's worker group
         return train_launch.run_group(cfg_dict, uri, run_name, sources, log_path, system_metrics_s)
     placed = placement()
@@ -150,7 +153,7 @@ def _execute(cfg_dict: dict, uri: Optional[str], run_name: str = "", sources: Op
             monitor = (tracking.system_metrics(uri, run_id, system_metrics_s) if run_id and system_metrics_s
                        else contextlib.nullcontext())
             with monitor:
-                record = jobs.run(cfg, tracking.EpochLogger(uri, run_id) if run_id else None)
+                record = run(cfg, tracking.EpochLogger(uri, run_id) if run_id else None)
             if fetched:
                 record["checkpoint_sources"] = fetched
             if run_id and not cfg.execution.shared_fs:

@@ -44,10 +44,11 @@ def trains(cfg: JobConfig) -> bool:
 
 def launches_group(cfg: JobConfig) -> bool:
     """Whether this job's Ray task launches a worker group (and is not itself one of its workers)."""
+    if cfg.execution.workers <= 1 or not trains(cfg):
+        return False  # and a one-process job (a dry one, say) never imports torch here
     import torch.distributed
 
-    inside = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return cfg.execution.workers > 1 and trains(cfg) and not inside
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
 def memory_bytes(cfg: JobConfig) -> Optional[int]:

@@ -57,7 +57,7 @@ def write_pid_file(path: str, info: dict) -> None:
 def stop_all(info: dict) -> None:
     """Stop the dispatcher, then the Ray cluster, that a run's pid file names (only processes that still name their
     own temp dir: a pid reused by an unrelated process is never signalled)."""
-    from .cluster import _kill_stragglers, _stop
+    from .cluster import DISPATCHER_GRACE_S, RAY_GRACE_S, _kill_stragglers, _stop
 
     for key in ("dispatcher", "ray"):
         entry = info.get(key)
@@ -65,7 +65,7 @@ def stop_all(info: dict) -> None:
             continue
         pid, where = int(entry["pid"]), entry["dir"]
         if _names(pid, where):
-            _stop(pid, where)
+            _stop(pid, where, grace_s=DISPATCHER_GRACE_S if key == "dispatcher" else RAY_GRACE_S)
         else:
             _kill_stragglers(where, timeout_s=0)
             import shutil
