@@ -127,8 +127,11 @@ def _epoch_done(path) -> int:
 @pytest.mark.slow
 def test_two_workers_match_one_and_survive_a_killed_worker(private_cluster, tmp_path):
     """One Ray Train job of 2 workers, its rank 0 SIGKILLed after epoch 2 of 5: Ray Train restarts the
-    group, which resumes from the checkpoint; the losses equal a 1-worker run of the same global batch
-    (float32 all-reduce order: within 1e-5 relative) and the final metrics an uninterrupted 2-worker run's."""
+    group, which resumes from the checkpoint; every epoch's loss, those before the kill and those after the
+    resume, equals a 1-worker run's of the same global batch (float32 all-reduce order: within 1e-5 relative;
+    a resume from the wrong state or a lost epoch is off by far more), and so do the final metrics (at most one
+    image of ~360 flips). An uninterrupted 2-worker run is not repeated here: the kill and the resume are what
+    this test adds to test_workflow_runs_a_job_on_two_workers."""
     from mlflow import MlflowClient
 
     from vitablate import execution, jobs
@@ -152,15 +155,12 @@ def test_two_workers_match_one_and_survive_a_killed_worker(private_cluster, tmp_
     assert [w["rank"] for w in record["workers"]] == [0, 1] and record["workers"][0]["pid"] != pid
     assert all(w["ray_node_id"] and w["device"] == "cpu" for w in record["workers"])
 
-    uninterrupted = execution.run_job(_job(2, tmp_path / "whole", epochs=5), str(tmp_path / "whole/record.json"))
-    assert [h["train_loss"] for h in record["history"]] == [h["train_loss"] for h in uninterrupted["history"]]
-    assert record["top1_test"] == uninterrupted["top1_test"] and record["top1_val"] == uninterrupted["top1_val"]
-
     one = jobs.run(_job(1, tmp_path / "one", epochs=5))  # one process, the same global batch of 64
-    assert "workers" not in one
-    for a, b in zip(uninterrupted["history"], one["history"]):
+    assert "workers" not in one and len(one["history"]) == 5
+    for a, b in zip(record["history"], one["history"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["top1_val"] == pytest.approx(b["top1_val"], abs=0.5)  # at most one image of ~360 flips
+    assert record["top1_test"] == pytest.approx(one["top1_test"], abs=0.5)
 
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("architecture").experiment_id])
@@ -172,26 +172,25 @@ def test_two_workers_match_one_and_survive_a_killed_worker(private_cluster, tmp_
 
 
 @pytest.mark.slow
-def test_workflow_runs_a_grid_with_two_workers_per_job(workflow, ray_cluster):
-    """Snakemake -> the dispatcher -> a Ray task per job -> Ray Train's 2 workers; the records name both ranks."""
+def test_workflow_runs_a_job_on_two_workers(workflow, ray_cluster):
+    """Snakemake -> the dispatcher -> a Ray task -> Ray Train's 2 workers; the record names both ranks."""
     config = read_config(workflow)
     config = {k: v for k, v in config.items() if k not in ("pretext", "transfer")}
-    config["architecture"].update(mixers=["attention", "pooling"], seeds=[0])
+    config["architecture"].update(mixers=["attention"], seeds=[0])  # one job: each group start costs ~30 s of CPU
     config["architecture"]["train"].update(epochs=2)
     config["datasets"]["digits"]["model"].update(depth=1, embed_dim=16, num_heads=2)
     config["execution"]["workers"] = 2
     write_config(workflow, config)
     r = snakemake(workflow, "--cores", "2", "architecture", timeout=900, env=ray_cluster)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    for mixer in ("attention", "pooling"):
-        record = json.loads((workflow / f"results/architecture/digits/{mixer}/seed0/record.json").read_text())
-        assert record["config"]["execution"]["workers"] == 2
-        ranks = record["workers"]
-        assert [w["rank"] for w in ranks] == [0, 1] and len({w["pid"] for w in ranks}) == 2
-        assert all(w["ray_node_id"] and w["ray_node_ip"] and w["device"] == "cpu" for w in ranks)
-        assert len(record["history"]) == 2
-        job_dir = workflow / f"results/architecture/digits/{mixer}/seed0"  # relative paths resolve as for 1 worker
-        assert (job_dir / "model.pt").exists() and (job_dir / "checkpoint.pt").exists()
+    job_dir = workflow / "results/architecture/digits/attention/seed0"
+    record = json.loads((job_dir / "record.json").read_text())
+    assert record["config"]["execution"]["workers"] == 2
+    ranks = record["workers"]
+    assert [w["rank"] for w in ranks] == [0, 1] and len({w["pid"] for w in ranks}) == 2
+    assert all(w["ray_node_id"] and w["ray_node_ip"] and w["device"] == "cpu" for w in ranks)
+    assert len(record["history"]) == 2
+    assert (job_dir / "model.pt").exists() and (job_dir / "checkpoint.pt").exists()  # relative paths resolve
 
 
 def test_a_group_larger_than_the_cluster_is_refused():

@@ -42,7 +42,10 @@ def test_killed_worker_is_retried_and_resumes_exactly(workflow, tmp_path, ray_cl
     while _epoch_done(job_dir / "checkpoint.pt") < 2:
         assert proc.poll() is None and time.time() < deadline, "the job ended or stalled before epoch 2"
         time.sleep(0.2)
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::architecture:seed0" in " ".join(p.info["cmdline"] or [])]
+    # this run's job: its task's name, in this workflow's directory (which the task enters; a test running beside
+    # this one, under pytest -n, may run a task of the same name elsewhere)
+    workers = [p for p in psutil.process_iter(["cmdline", "cwd"]) if "ray::architecture:seed0" in
+               " ".join(p.info["cmdline"] or []) and p.info["cwd"] == str(workflow)]
     assert len(workers) == 1
     workers[0].send_signal(signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)

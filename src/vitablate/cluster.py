@@ -25,7 +25,9 @@ from typing import Callable, Optional
 _PRIVATE_ENV = "VITABLATE_PRIVATE_RAY"  # set while a private cluster started by this run is up
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps a node on 127.0.0.1 (private cluster)
 _WATCHDOG_ENV = "VITABLATE_WATCHDOG"  # "<pid>:<pid file>" of this run's watchdog (vitablate.watchdog)
-RAY_GRACE_S = 3.0  # a private cluster's SIGTERM-to-SIGKILL wait (see _stop)
+# a private cluster's SIGTERM-to-SIGKILL wait (see _stop): its raylet waits ~10 s for its runtime-env agent before
+# it exits (Ray 2.60) and its GCS does not exit on SIGTERM at all, so a longer wait only delays every run's end
+RAY_GRACE_S = 1.0
 # how long a stopped dispatcher may take to end its in-flight jobs' MLflow runs KILLED before it is SIGKILLed: it
 # exits as soon as they are ended, so the wait costs nothing then; on a loaded machine (its MLflow import still
 # under way, the store busy) 3 s left them RUNNING
