@@ -536,3 +536,28 @@ def test_a_job_runs_in_the_directory_it_was_submitted_from(tmp_path, monkeypatch
     _enter_submitter_dir(str(tmp_path / "not_on_this_node"), dict(job, output_dir=str(wf / "results/x")))
     _enter_submitter_dir(str(tmp_path / "not_on_this_node"), dict(job, execution={"shared_fs": False}))
     assert os.getcwd() == str(elsewhere)
+
+
+@pytest.mark.slow
+def test_a_setup_that_fails_while_the_cluster_boots_stops_the_cluster(tmp_path):
+    """The workflow's MLflow set-up runs while its private cluster boots (start_session's `meanwhile`); when the
+    set-up fails, that error is the one raised, and the cluster, its dispatcher and its watchdog are stopped."""
+    results = tmp_path / "results"
+    code = ("import json, os; from vitablate import cluster\n"
+            "started = []\n"
+            "real = cluster.launch_head\n"
+            "def spy(*a, **k):  # the real launch, noting the cluster's temp dir\n"
+            "    out = real(*a, **k); started.append(out[2]); return out\n"
+            "cluster.launch_head = spy\n"
+            "def setup():\n"
+            "    raise RuntimeError('the tracking store is unwritable')\n"
+            "try:\n"
+            f"    cluster.start_session(num_cpus=1, results_dir={str(results)!r}, meanwhile=setup)\n"
+            "except RuntimeError as e:\n"
+            "    print(json.dumps([str(e), started]))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    error, started = json.loads(r.stdout.strip().splitlines()[-1])
+    assert error == "the tracking store is unwritable" and len(started) == 1
+    assert not os.path.exists(started[0]) and not _cluster_processes(started[0], set())
+    assert not list((results / ".vitablate").glob("cluster-*.json"))  # no watchdog left a pid file behind
