@@ -86,7 +86,8 @@ def _check_cluster_fits(total: dict, workers: int, per_worker: dict) -> None:
     """A group the whole cluster cannot hold would wait forever: refuse it with the numbers."""
     short = {k: (workers * v, total.get(k, 0)) for k, v in per_worker.items() if workers * v > total.get(k, 0)}
     if short:
-        need = ", ".join(f"{workers * per_worker[k]:g} {k} (the cluster has {have:g})" for k, (_, have) in short.items())
+        need = ", ".join(f"{workers * per_worker[k]:g} {k} (the cluster has {have:g})"
+                         for k, (_, have) in short.items())
         raise ValueError(f"execution.workers {workers} x execution.num_cpus/num_gpus/memory_gb needs {need}; "
                          "lower execution.workers or the per-worker resources, or add nodes")
 
