@@ -176,7 +176,7 @@ def test_workflow_runs_a_job_on_two_workers(workflow, ray_cluster):
     """Snakemake -> the dispatcher -> a Ray task -> Ray Train's 2 workers; the record names both ranks."""
     config = read_config(workflow)
     config = {k: v for k, v in config.items() if k not in ("pretext", "transfer")}
-    config["architecture"].update(mixers=["attention"], seeds=[0])  # one job: each group start costs ~30 s of CPU
+    config["architecture"].update(mixers=["attention"], seeds=[0])  # one job: each group start imports torch in 2 new processes
     config["architecture"]["train"].update(epochs=2)
     config["datasets"]["digits"]["model"].update(depth=1, embed_dim=16, num_heads=2)
     config["execution"]["workers"] = 2

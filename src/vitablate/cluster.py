@@ -25,9 +25,7 @@ from typing import Callable, Optional
 _PRIVATE_ENV = "VITABLATE_PRIVATE_RAY"  # set while a private cluster started by this run is up
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps a node on 127.0.0.1 (private cluster)
 _WATCHDOG_ENV = "VITABLATE_WATCHDOG"  # "<pid>:<pid file>" of this run's watchdog (vitablate.watchdog)
-# a private cluster's SIGTERM-to-SIGKILL wait (see _stop): its raylet waits ~10 s for its runtime-env agent before
-# it exits (Ray 2.60) and its GCS does not exit on SIGTERM at all, so a longer wait only delays every run's end
-RAY_GRACE_S = 1.0
+RAY_GRACE_S = 1.0  # a private cluster's SIGTERM-to-SIGKILL wait (why so short: _stop)
 # how long a stopped dispatcher may take to end its in-flight jobs' MLflow runs KILLED before it is SIGKILLed: it
 # exits as soon as they are ended, so the wait costs nothing then; on a loaded machine (its MLflow import still
 # under way, the store busy) 3 s left them RUNNING
@@ -89,7 +87,7 @@ def start_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None
 
     `meanwhile`: the caller's own set-up (the workflow's MLflow store and experiments), run in a thread while the
     cluster and the dispatcher boot, which is mostly waiting on other processes; its error stops the session and
-    is raised. A private cluster takes ~15 s to accept its driver on a 2-core machine and MLflow's first import and
+    is raised. A private cluster and its dispatcher take ~14 s to start on a 2-core machine and MLflow's first import and
     store migration ~7 s: side by side, a run starts its first job that much sooner.
 
     The private cluster is a `ray start --head --block` child in its own process group,
@@ -259,9 +257,10 @@ def _start_dispatcher(timeout_s: float) -> None:
 
 def _stop(pid: int, temp_dir: str, grace_s: float = RAY_GRACE_S) -> None:
     """Stop the process group `pid` (a private cluster's `ray start --block`, a dispatcher): SIGTERM, then SIGKILL
-    what is left after `grace_s`. The grace is short on purpose: Ray's runtime-env agent outlives a SIGTERM to its
-    raylet by ten seconds once a driver has connected (Ray 2.60), the run's results are on disk by now, and the
-    cluster's temp dir is removed with it, so nothing a longer wait could save is kept."""
+    what is left after `grace_s`. A cluster's grace (RAY_GRACE_S) is short on purpose: once a driver has connected
+    its raylet waits ten seconds for its runtime-env agent before it exits, and its GCS was still running 15 s after
+    the SIGTERM (Ray 2.60, measured), so the SIGKILL does the stopping whatever the wait; the run's results are on
+    disk by now and the cluster's temp dir is removed with it. A dispatcher gets DISPATCHER_GRACE_S."""
     try:
         os.killpg(pid, signal.SIGTERM)  # `ray start --block` stops its Ray processes on SIGTERM
         deadline = time.monotonic() + grace_s
