@@ -43,7 +43,7 @@ onstart:
 
     from vitablate.config import TrackingConfig, from_dict
     from vitablate.execution import private_cluster_dir, start_session
-    from vitablate.tracking import configure_retries, prepare
+    from vitablate.tracking import configure_retries
     from vitablate.watchdog import reap_leftovers
 
     for missing in vw.check_data(config, remote=bool(os.environ.get("RAY_ADDRESS"))):
@@ -54,10 +54,11 @@ onstart:
     configure_retries(from_dict(TrackingConfig, dict(config.get("tracking") or {}), "tracking").retry_timeout_s)
     signal.signal(signal.SIGHUP, signal.default_int_handler)  # a closed terminal stops the run as Ctrl-C does
     vw.mark_run_started()  # onerror ends the MLflow runs this run's jobs left RUNNING
-    # the MLflow store and experiments are made while the cluster boots (no job starts before both are ready)
+    # the dispatcher makes the MLflow store and experiments (no job starts before they are ready), so that this
+    # process imports neither MLflow nor torch on a run that succeeds (vw.check_data reads the data without torch)
     address = start_session(num_cpus=workflow._cores, results_dir=RESULTS,
                             locks=tuple(getattr(workflow.persistence, "_lockfile", {}).values()),
-                            meanwhile=lambda: prepare(MLFLOW_URI, vw.active_questions(config)))
+                            mlflow=(MLFLOW_URI, vw.active_questions(config)))
     private = private_cluster_dir()
     print(f"[vitablate] Ray cluster {address}" + (f" (private, {private})" if private else " (RAY_ADDRESS)")
           + f"; MLflow {MLFLOW_URI}")

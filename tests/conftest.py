@@ -95,7 +95,11 @@ def ray_cluster():
     (RAY_ADDRESS) instead of starting and stopping a cluster of its own. Yields the environment a run needs
     (`snakemake(..., env=ray_cluster)`). The tests of the private cluster's lifecycle (test_e2e_architecture,
     test_faults, test_resilience) and of missing data (which RAY_ADDRESS turns into a warning: the cluster's
-    nodes may have it) run without it. Loopback only, token authentication on, as a private cluster."""
+    nodes may have it) run without it. Loopback only, token authentication on, as a private cluster.
+
+    A run whose concurrency is not under test uses `--cores 1`: its jobs then share one Ray worker. On the 2-core
+    CI machine the suite is CPU-bound, and each further worker costs ~14 CPU-seconds importing torch, timm, MLflow
+    and scikit-learn before its first job (measured: the tiny pretext run, 86 CPU-s at --cores 2, 76 at 1)."""
     import secrets
 
     from vitablate.cluster import _stop, launch_head

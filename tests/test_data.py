@@ -28,8 +28,8 @@ from vitablate.data import (
     normalize,
     two_views,
 )
-from vitablate.data import datasets as datasets_module
-from vitablate.data.datasets import find_fashion_mnist
+from vitablate.data import files as files_module
+from vitablate.data.files import find_fashion_mnist
 
 # --------------------------------------------------------------------------- helpers
 
@@ -626,7 +626,7 @@ def test_fashion_mnist_missing_or_truncated_files_name_the_path_and_the_fix(tmp_
     with pytest.raises(ValueError, match="truncated"):
         find_fashion_mnist(str(root))
     # nothing anywhere (the Debian directory pointed elsewhere)
-    monkeypatch.setattr(datasets_module, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(files_module, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="tools/get-data.sh fashion-mnist") as e:
         find_fashion_mnist(str(tmp_path / "empty"))
     assert str(tmp_path / "empty") in str(e.value)

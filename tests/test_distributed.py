@@ -130,8 +130,8 @@ def test_two_workers_match_one_and_survive_a_killed_worker(private_cluster, tmp_
     group, which resumes from the checkpoint; every epoch's loss, those before the kill and those after the
     resume, equals a 1-worker run's of the same global batch (float32 all-reduce order: within 1e-5 relative;
     a resume from the wrong state or a lost epoch is off by far more), and so do the final metrics (at most one
-    image of ~360 flips). An uninterrupted 2-worker run is not repeated here: the kill and the resume are what
-    this test adds to test_workflow_runs_a_job_on_two_workers."""
+    image of ~360 flips). An uninterrupted 2-worker run is not repeated: each group start imports torch in 2 new
+    processes, and the workflow's path to a 2-worker group is test_workflow_pretrains_moco_on_two_workers_..."""
     from mlflow import MlflowClient
 
     from vitablate import execution, jobs
@@ -171,26 +171,44 @@ def test_two_workers_match_one_and_survive_a_killed_worker(private_cluster, tmp_
     assert by_attempt["2"].data.metrics["top1_test"] == record["top1_test"]
 
 
+def _moco(workers: int, batch: int, out) -> JobConfig:
+    return from_dict(JobConfig, {
+        "job": "pretrain", "question": "pretext", "output_dir": str(out), "data": {"name": "digits"},
+        "model": {"variant": "vit_digits", "depth": 1, "embed_dim": 16, "num_heads": 2},
+        "pretext": {"name": "moco", "moco_dim": 16, "moco_mlp_dim": 32},
+        "train": {"epochs": 1, "batch_size": batch, "lr": 1e-3, "warmup_epochs": 0},
+        "execution": {"workers": workers, "num_cpus": 1}})
+
+
 @pytest.mark.slow
-def test_workflow_runs_a_job_on_two_workers(workflow, ray_cluster):
-    """Snakemake -> the dispatcher -> a Ray task -> Ray Train's 2 workers; the record names both ranks."""
+def test_workflow_pretrains_moco_on_two_workers_that_gather_keys(workflow, ray_cluster, tmp_path):
+    """Snakemake -> the dispatcher -> a Ray task -> Ray Train's 2 workers pre-training MoCo v3 on 2 x 8 images:
+    every query meets the 16 keys of the global batch, where one worker at the per-worker batch of 8 meets 8. The
+    heads' BatchNorm is synchronised (CPU: all-reduced); the record names both ranks. (One job: each group start
+    imports torch in 2 new processes; the classifier's 2-worker path is test_two_workers_match_one_...)"""
+    from vitablate import jobs
+
     config = read_config(workflow)
-    config = {k: v for k, v in config.items() if k not in ("pretext", "transfer")}
-    config["architecture"].update(mixers=["attention"], seeds=[0])  # one job: each group start imports torch in 2 new processes
-    config["architecture"]["train"].update(epochs=2)
+    config = {k: v for k, v in config.items() if k not in ("architecture", "transfer")}
+    p = config["pretext"]
+    p.update(datasets=["digits"], pretexts=["moco"], seeds=[0], seeds_by={})
+    p["objective"].update(moco_dim=16, moco_mlp_dim=32)
+    p["pretrain"].update(epochs=1, batch_size=16, lr=1e-3, warmup_epochs=0)
     config["datasets"]["digits"]["model"].update(depth=1, embed_dim=16, num_heads=2)
     config["execution"]["workers"] = 2
     write_config(workflow, config)
-    r = snakemake(workflow, "--cores", "2", "architecture", timeout=900, env=ray_cluster)
+    target = "results/pretext/digits/moco/seed0/record.json"
+    r = snakemake(workflow, "--cores", "1", target, timeout=900, env=ray_cluster)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    job_dir = workflow / "results/architecture/digits/attention/seed0"
-    record = json.loads((job_dir / "record.json").read_text())
+    record = json.loads((workflow / target).read_text())
     assert record["config"]["execution"]["workers"] == 2
     ranks = record["workers"]
     assert [w["rank"] for w in ranks] == [0, 1] and len({w["pid"] for w in ranks}) == 2
     assert all(w["ray_node_id"] and w["ray_node_ip"] and w["device"] == "cpu" for w in ranks)
-    assert len(record["history"]) == 2
-    assert (job_dir / "model.pt").exists() and (job_dir / "checkpoint.pt").exists()  # relative paths resolve
+    assert record["history"][0]["moco_keys"] == 16 and record["history"][0]["train_loss"] > 0
+    assert (workflow / "results/pretext/digits/moco/seed0/encoder.pt").exists()  # relative paths resolve
+    one = jobs.run(_moco(1, 8, tmp_path / "one"))  # one process at the per-worker batch
+    assert one["history"][0]["moco_keys"] == 8
 
 
 def test_a_group_larger_than_the_cluster_is_refused():
@@ -199,24 +217,3 @@ def test_a_group_larger_than_the_cluster_is_refused():
     _check_cluster_fits({"CPU": 4.0, "GPU": 2.0}, 2, {"CPU": 2, "GPU": 1})
     with pytest.raises(ValueError, match=r"execution.workers 4 .*4 GPU \(the cluster has 2\)"):
         _check_cluster_fits({"CPU": 64.0, "GPU": 2.0}, 4, {"CPU": 2, "GPU": 1})
-
-
-@pytest.mark.slow
-def test_moco_pretraining_on_two_workers_gathers_keys(private_cluster, tmp_path):
-    """MoCo v3 through Ray Train: 2 workers x 8 images, every query meets the 16 keys of the global batch;
-    one worker at the per-worker batch of 8 meets 8. The heads' BatchNorm is synchronised (CPU: all-reduced)."""
-    from vitablate import execution, jobs
-
-    def moco(workers: int, batch: int, out) -> JobConfig:
-        return from_dict(JobConfig, {
-            "job": "pretrain", "question": "pretext", "output_dir": str(out), "data": {"name": "digits"},
-            "model": {"variant": "vit_digits", "depth": 1, "embed_dim": 16, "num_heads": 2},
-            "pretext": {"name": "moco", "moco_dim": 16, "moco_mlp_dim": 32},
-            "train": {"epochs": 1, "batch_size": batch, "lr": 1e-3, "warmup_epochs": 0},
-            "execution": {"workers": workers, "num_cpus": 1}})
-
-    two = execution.run_job(moco(2, 16, tmp_path / "two"), str(tmp_path / "two/record.json"))
-    one = jobs.run(moco(1, 8, tmp_path / "one"))
-    assert two["history"][0]["moco_keys"] == 16 and one["history"][0]["moco_keys"] == 8
-    assert [w["rank"] for w in two["workers"]] == [0, 1] and (tmp_path / "two/encoder.pt").exists()
-    assert two["history"][0]["train_loss"] > 0

@@ -24,8 +24,8 @@ def test_tiny_fashion_mnist_run_of_all_three_questions(tmp_path, ray_cluster):
     config = e2e_config("fashion-mnist")  # the preset, 300/100/200 images, 1 seed, 1 epoch
     (wf / "config" / "tiny.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
-    r = snakemake(wf, "--cores", "2", "--configfile", "config/tiny.yaml", timeout=1500,
-                  env=ray_cluster)
+    r = snakemake(wf, "--cores", "1", "--configfile", "config/tiny.yaml", timeout=1500,
+                  env=ray_cluster)  # one Ray worker (conftest.ray_cluster)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
 

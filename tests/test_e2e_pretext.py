@@ -17,7 +17,7 @@ def test_tiny_pretext_run(workflow, ray_cluster):
     config = e2e_config("pretext")  # shapes: the shape/texture probes and the cue-conflict shape bias
     p = config["pretext"]
     write_config(workflow, config)
-    r = snakemake(workflow, "--cores", "2", env=ray_cluster)
+    r = snakemake(workflow, "--cores", "1", env=ray_cluster)  # one Ray worker (conftest.ray_cluster)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
 
     table = pl.read_csv(workflow / "results/reports/tables/pretext.csv")

@@ -22,7 +22,7 @@ def test_tiny_transfer_run(workflow, tmp_path, ray_cluster):
     config = e2e_config("transfer")
     config["transfer"]["teachers"]["ext"] = f"file:{ext}"
     write_config(workflow, config)
-    r = snakemake(workflow, "--cores", "2", "transfer", env=ray_cluster)
+    r = snakemake(workflow, "--cores", "1", "transfer", env=ray_cluster)  # one Ray worker (conftest.ray_cluster)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
 
     table = pl.read_csv(workflow / "results/reports/tables/transfer.csv")

@@ -222,6 +222,37 @@ def test_image_folder_class_without_images_is_named_before_any_job(tmp_path):
     assert str(root / "val/dog") in str(e.value) and "no images" in str(e.value)
 
 
+def test_the_data_is_checked_without_importing_torch(tmp_path):
+    """Snakemake's own process checks every dataset's files before any job (check_data: image folders, CIFAR's
+    layout, Fashion-MNIST's IDX files) without importing torch, which cost every run ~3 CPU-seconds."""
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        (root / split / "cat").mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / split / "cat" / "0.png")
+    (root / "val/empty").mkdir()
+    config = {"data_root": str(root), "datasets": {"imagefolder": {}, "cifar10": {}, "fashion_mnist": {}},
+              "architecture": {"datasets": ["imagefolder", "cifar10", "fashion_mnist"]}}
+    code = ("import json, sys; from vitablate.workflow import check_data\n"
+            "try:\n"
+            f"    check_data(json.loads({json.dumps(json.dumps(config))}), remote=True)\n"
+            "except Exception as e:\n"
+            "    print(type(e).__name__, e)\n"
+            "print(json.dumps('torch' in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    *errors, loaded = r.stdout.strip().splitlines()
+    assert str(root / "val/empty") in " ".join(errors), r.stdout  # it did check the image folders
+    assert json.loads(loaded) is False
+
+
+def test_the_image_suffixes_checked_are_the_ones_torchvision_reads():
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from vitablate.data.files import IMG_EXTENSIONS as checked
+
+    assert checked == IMG_EXTENSIONS
+
+
 # --- 2 and 6. the private cluster is private, and it never outlives its Snakemake ----------------------------
 
 def _env() -> dict:
@@ -539,25 +570,27 @@ def test_a_job_runs_in_the_directory_it_was_submitted_from(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_a_setup_that_fails_while_the_cluster_boots_stops_the_cluster(tmp_path):
-    """The workflow's MLflow set-up runs while its private cluster boots (start_session's `meanwhile`); when the
-    set-up fails, that error is the one raised, and the cluster, its dispatcher and its watchdog are stopped."""
+def test_an_mlflow_store_that_cannot_be_prepared_stops_the_cluster(tmp_path):
+    """The dispatcher prepares the run's MLflow store while the private cluster boots (start_session's `mlflow`);
+    when that fails, the error names the store and the cause, and the cluster, the dispatcher and the watchdog
+    are stopped."""
     results = tmp_path / "results"
+    (tmp_path / "a_file").write_text("not a directory")
+    uri = f"sqlite:///{tmp_path}/a_file/mlflow.db"  # SQLite cannot create a database under a file
     code = ("import json, os; from vitablate import cluster\n"
             "started = []\n"
             "real = cluster.launch_head\n"
             "def spy(*a, **k):  # the real launch, noting the cluster's temp dir\n"
             "    out = real(*a, **k); started.append(out[2]); return out\n"
             "cluster.launch_head = spy\n"
-            "def setup():\n"
-            "    raise RuntimeError('the tracking store is unwritable')\n"
             "try:\n"
-            f"    cluster.start_session(num_cpus=1, results_dir={str(results)!r}, meanwhile=setup)\n"
+            f"    cluster.start_session(num_cpus=1, results_dir={str(results)!r}, mlflow=({uri!r}, ['architecture']))\n"
             "except RuntimeError as e:\n"
-            "    print(json.dumps([str(e), started]))\n")
+            "    print(json.dumps([str(e), started, os.environ.get('VITABLATE_DISPATCHER')]))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    error, started = json.loads(r.stdout.strip().splitlines()[-1])
-    assert error == "the tracking store is unwritable" and len(started) == 1
+    error, started, dispatcher = json.loads(r.stdout.strip().splitlines()[-1])
+    assert f"the MLflow store at {uri} could not be prepared (" in error, error  # and why
+    assert len(started) == 1 and dispatcher is None
     assert not os.path.exists(started[0]) and not _cluster_processes(started[0], set())
     assert not list((results / ".vitablate").glob("cluster-*.json"))  # no watchdog left a pid file behind

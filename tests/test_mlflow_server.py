@@ -121,7 +121,7 @@ def test_grid_through_postgres_server_without_shared_fs(workflow, mlflow_server,
     teacher_dir = workflow / "results/pretext/digits/mae/seed0"
 
     # 1. the teacher alone; then its checkpoint is deleted here, as if it had been written on another node
-    r = snakemake(workflow, "--cores", "2", "results/pretext/digits/mae/seed0/record.json", env=env)
+    r = snakemake(workflow, "--cores", "1", "results/pretext/digits/mae/seed0/record.json", env=env)
     _check(r, workflow, server_dir)
     pretrain = _record(teacher_dir / "record.json")
     encoder_sha = _sha(teacher_dir / "encoder.pt")
@@ -131,7 +131,7 @@ def test_grid_through_postgres_server_without_shared_fs(workflow, mlflow_server,
     # 2. its consumers: two students, the ensemble (which reads their model.pt), a pretext evaluation and an
     # analysis; nothing re-runs the teacher (encoder.pt is no declared output without a shared fs)
     # (and the distilled student's and the ensemble's shift jobs: each reads its model from the store too)
-    r = snakemake(workflow, "--cores", "2", "results/transfer/digits/mae/ensemble/all/seed0/record.json",
+    r = snakemake(workflow, "--cores", "1", "results/transfer/digits/mae/ensemble/all/seed0/record.json",
                   "results/transfer/digits/mae/attn_distill/all/seed0/shift/record.json",
                   "results/transfer/digits/mae/ensemble/all/seed0/shift/record.json",
                   "results/pretext/digits/mae/seed0/knn/record.json",

@@ -223,7 +223,7 @@ def test_snakemake_reruns_exactly_the_jobs_a_change_affects(workflow, ray_cluste
     config = _with_extra_test_dirs(config, {"ood": folders["ood"]})
     write_config(workflow, config)
     targets = _targets(config)
-    r = snakemake(workflow, "--cores", "2", *targets, env=ray_cluster)
+    r = snakemake(workflow, "--cores", "1", *targets, env=ray_cluster)  # one Ray worker (conftest.ray_cluster)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     r = snakemake(workflow, "-n", "--cores", "2", *targets)
     assert r.returncode == 0 and job_counts(r.stdout + r.stderr) == {}, (r.stdout + r.stderr)[-3000:]

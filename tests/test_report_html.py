@@ -39,7 +39,7 @@ def report(tmp_path_factory, ray_cluster):
     config["architecture"].update(mixers=["attention", "feedforward"], seeds=[0, 1])
     config["architecture"]["train"].update(epochs=1)
     write_config(wf, config)
-    r = snakemake(wf, "--cores", "2", "report", env=ray_cluster)
+    r = snakemake(wf, "--cores", "1", "report", env=ray_cluster)  # one Ray worker (conftest.ray_cluster)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     r = snakemake(wf, "--report", "results/reports/report.html")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

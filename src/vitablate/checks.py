@@ -192,7 +192,7 @@ def check_config(config: dict) -> None:
 
 def data_paths(config: dict) -> dict[str, list[str]]:
     """The on-disk paths each dataset of an active question reads (bundled datasets read none)."""
-    from .data.datasets import FOLDER_LAYOUTS
+    from .data.files import FOLDER_LAYOUTS
 
     used = {d for q in active_questions(config) for d in config[q].get("datasets", [])}
     out: dict[str, list[str]] = {}
@@ -210,7 +210,7 @@ def check_data(config: dict, remote: bool = False) -> list[str]:
     With `remote` (jobs run on a Ray cluster at RAY_ADDRESS, which may mount the data where this
     machine does not) missing paths are returned as warnings instead of raising.
     """
-    from .data.datasets import FOLDER_LAYOUTS, _require_class_dirs
+    from .data.files import FOLDER_LAYOUTS, require_class_dirs
 
     missing = [f"{name}: {p}" for name, paths in data_paths(config).items() for p in paths if not os.path.isdir(p)]
     if missing and not remote:
@@ -221,7 +221,7 @@ def check_data(config: dict, remote: bool = False) -> list[str]:
         for path in folders:
             if os.path.isdir(path):
                 try:
-                    _require_class_dirs(path, "<dir>/<class>/<image>")
+                    require_class_dirs(path, "<dir>/<class>/<image>")
                 except FileNotFoundError as e:
                     raise ConfigError(f"datasets.{name}: {e}") from None
     return missing + _check_idx_files(config, remote)
@@ -229,7 +229,7 @@ def check_data(config: dict, remote: bool = False) -> list[str]:
 
 def _check_idx_files(config: dict, remote: bool) -> list[str]:
     """fashion_mnist: its four IDX files must be found and whole (the error names the path and the fix)."""
-    from .data.datasets import find_fashion_mnist
+    from .data.files import find_fashion_mnist
 
     if "fashion_mnist" not in data_paths(config):
         return []

@@ -18,9 +18,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from typing import Callable, Optional
+from typing import Optional, Sequence
 
 _PRIVATE_ENV = "VITABLATE_PRIVATE_RAY"  # set while a private cluster started by this run is up
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps a node on 127.0.0.1 (private cluster)
@@ -82,13 +81,13 @@ def _free_port() -> int:
 
 def start_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None, timeout_s: float = 90,
                   dispatcher: bool = True, results_dir: Optional[str] = None, locks: tuple[str, ...] = (),
-                  meanwhile: Optional[Callable[[], None]] = None) -> str:
+                  mlflow: Optional[tuple[str, Sequence[str]]] = None) -> str:
     """Connect to RAY_ADDRESS, or start a private local cluster; returns its address.
 
-    `meanwhile`: the caller's own set-up (the workflow's MLflow store and experiments), run in a thread while the
-    cluster and the dispatcher boot, which is mostly waiting on other processes; its error stops the session and
-    is raised. A private cluster and its dispatcher take ~14 s to start on a 2-core machine and MLflow's first import and
-    store migration ~7 s: side by side, a run starts its first job that much sooner.
+    `mlflow`: (tracking URI, experiment names) the run logs to. The dispatcher prepares that store and those
+    experiments (vitablate.tracking.prepare) while it connects to the cluster, and answers no job before they are
+    ready; a failure stops the session and is raised naming the URI. MLflow's import and a new store's migration
+    cost ~5 CPU-seconds: done in the dispatcher, which imports MLflow anyway, Snakemake's own process never pays them.
 
     The private cluster is a `ray start --head --block` child in its own process group,
     with its own temp dir and port and token authentication on, so that Snakemake's own
@@ -98,39 +97,26 @@ def start_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None
     file goes under `results_dir` (the next run reaps what a dead run left), and it removes
     `locks` (this Snakemake run's lock files) when it has to stop the run's processes.
     """
-    if meanwhile is None:
-        return _start_session(num_cpus, num_gpus, timeout_s, dispatcher, results_dir, locks)
-    outcome: dict = {}
+    if mlflow and not dispatcher:
+        raise ValueError("start_session: `mlflow` is prepared by the dispatcher; with dispatcher=False call "
+                         "vitablate.tracking.prepare yourself")
+    if mlflow:
+        from .tracking import probe
 
-    def side() -> None:
-        try:
-            meanwhile()
-        except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
-            outcome["error"] = e
-
-    # a daemon thread, not an executor: an interrupted start must not wait at exit for a tracking server that hangs
-    thread = threading.Thread(target=side, name="vitablate-session-setup", daemon=True)
-    thread.start()
-    address = _start_session(num_cpus, num_gpus, timeout_s, dispatcher, results_dir, locks)
-    thread.join()
-    if "error" in outcome:
-        stop_session()
-        raise outcome["error"]
-    return address
-
-
-def _start_session(num_cpus: Optional[int], num_gpus: Optional[int], timeout_s: float, dispatcher: bool,
-                   results_dir: Optional[str], locks: tuple[str, ...]) -> str:
+        probe(mlflow[0])  # a tracking server that does not answer: say so before any cluster starts
     if os.environ.get("RAY_ADDRESS"):
         _probe(os.environ["RAY_ADDRESS"])
         address = os.environ["RAY_ADDRESS"]
         os.environ.pop(_PRIVATE_ENV, None)  # inherited from a parent's session: not ours to stop
     else:
         address = _start_private_cluster(num_cpus, num_gpus, timeout_s)
-    if dispatcher:  # for Snakemake's job processes; a caller that submits itself (`vitablate job`) needs none
-        _start_dispatcher(timeout_s)
-    if os.environ.get(_PRIVATE_ENV) or os.environ.get(_dispatcher_env()):
+    # the dispatcher (for Snakemake's job processes; a caller that submits itself, `vitablate job`, needs none)
+    # starts, then the watchdog that stops it and the cluster should this process die, then the wait for it
+    proc = _spawn_dispatcher(mlflow) if dispatcher else None
+    if os.environ.get(_PRIVATE_ENV) or proc:
         _start_watchdog(results_dir, locks)
+    if proc:
+        _await_dispatcher(proc, timeout_s)
     return address
 
 
@@ -233,26 +219,39 @@ def private_cluster_dir() -> Optional[str]:
     return private.split(":", 1)[1] if private else None
 
 
-def _start_dispatcher(timeout_s: float) -> None:
-    """The run's single Ray driver (see dispatcher.py); job processes find it through $VITABLATE_DISPATCHER."""
+def _spawn_dispatcher(mlflow: Optional[tuple[str, Sequence[str]]]) -> subprocess.Popen:
+    """Start the run's single Ray driver (see dispatcher.py) and export where it will listen
+    ($VITABLATE_DISPATCHER: job processes, the watchdog and stop_session find it there); `_await_dispatcher`
+    waits until it does. With `mlflow` (uri, experiments) it prepares that store first (start_session)."""
     from .dispatcher import ENV
 
     temp_dir = tempfile.mkdtemp(prefix="vtd", dir="/tmp")
     path = os.path.join(temp_dir, "d.sock")
-    log_path = os.path.join(temp_dir, "dispatcher.log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "vitablate.dispatcher", "--socket", path],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout_s
+    cmd = [sys.executable, "-m", "vitablate.dispatcher", "--socket", path]
+    if mlflow:
+        uri, experiments = mlflow
+        cmd += ["--mlflow-uri", uri, *[f"--experiment={name}" for name in experiments]]
+    with open(os.path.join(temp_dir, "dispatcher.log"), "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    os.environ[ENV] = f"{proc.pid}:{path}"
+    return proc
+
+
+def _await_dispatcher(proc: subprocess.Popen, timeout_s: float) -> None:
+    """Wait until the dispatcher listens; if it exits or times out first, stop the session and raise its cause (the
+    last line it logged). Its MLflow set-up may wait for a tracking server up to tracking.retry_timeout_s."""
+    from .dispatcher import ENV
+    from .tracking import retry_budget_s
+
+    path = os.environ[ENV].split(":", 1)[1]
+    deadline = time.monotonic() + timeout_s + retry_budget_s()
     while not os.path.exists(path):
         if proc.poll() is not None or time.monotonic() > deadline:
-            with open(log_path) as f:
+            with open(os.path.join(os.path.dirname(path), "dispatcher.log")) as f:
                 cause = f.read().strip().splitlines()[-1:] or ["no output"]
-            _stop(proc.pid, temp_dir)
-            stop_session()
+            stop_session()  # the dispatcher, its watchdog and a private cluster
             raise RuntimeError(f"the vitablate dispatcher did not start: {cause[0]}")
         time.sleep(0.05)
-    os.environ[ENV] = f"{proc.pid}:{path}"
 
 
 def _stop(pid: int, temp_dir: str, grace_s: float = RAY_GRACE_S) -> None:
@@ -272,20 +271,27 @@ def _stop(pid: int, temp_dir: str, grace_s: float = RAY_GRACE_S) -> None:
     except ProcessLookupError:
         pass
     _reap(pid)
-    _kill_stragglers(temp_dir)
+    _kill_stragglers(temp_dir, group=pid)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _kill_stragglers(temp_dir: str, timeout_s: float = 10.0) -> None:
-    """Wait for, then kill, processes still naming `temp_dir` (Ray daemons outside the process group)."""
+def _kill_stragglers(temp_dir: str, timeout_s: float = 10.0, group: Optional[int] = None) -> None:
+    """Wait for, then kill, processes still naming `temp_dir` (Ray daemons outside the process group) or, with
+    `group`, still in that process group: a SIGKILLed process whose exit is under way on a loaded machine no longer
+    shows its command line, yet runs (the next run's reaper once found the `ray start` it had killed running)."""
     import psutil
+
+    def member(p) -> bool:
+        with contextlib.suppress(OSError):
+            return group is not None and os.getpgid(p.pid) == group
+        return False
 
     def left() -> list:
         out = []
         for p in psutil.process_iter(["cmdline", "status"]):
             with contextlib.suppress(psutil.Error):
                 if (p.pid != os.getpid() and p.info["status"] != psutil.STATUS_ZOMBIE
-                        and temp_dir in " ".join(p.info["cmdline"] or [])):
+                        and (temp_dir in " ".join(p.info["cmdline"] or []) or member(p))):
                     out.append(p)
         return out
 

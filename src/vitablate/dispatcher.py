@@ -94,15 +94,39 @@ def _terminate(*_) -> None:
     os._exit(0)
 
 
-def serve(path: str) -> None:
-    """Connect to RAY_ADDRESS, then answer jobs on the Unix socket `path` until terminated."""
+def serve(path: str, mlflow_uri: str | None = None, experiments: tuple[str, ...] = ()) -> None:
+    """Connect to RAY_ADDRESS, then answer jobs on the Unix socket `path` until terminated.
+
+    With `mlflow_uri`, first prepare that store and `experiments` (vitablate.tracking.prepare: a new store's
+    migration, the experiments and their tags) in a thread while connecting; no job is answered before both are
+    done, and a failure of either ends this process before it listens (start_session reports the last line)."""
     from .cluster import connect
 
+    outcome: dict = {}
+
+    def set_up() -> None:
+        try:
+            if mlflow_uri:
+                from . import tracking
+
+                tracking.prepare(mlflow_uri, list(experiments))
+            else:
+                __import__("mlflow.tracking")
+        except Exception as e:  # noqa: BLE001 (raised in the main thread below)
+            outcome["error"] = e
+
+    # MLflow's client is imported while connecting: a SIGTERM (stop_session, the watchdog) must end the in-flight
+    # runs KILLED within the grace period, not spend it importing MLflow
+    thread = threading.Thread(target=set_up, daemon=True)
+    thread.start()
     connect()  # fail before binding: start_session waits for the socket, so it sees the error
+    if mlflow_uri:
+        thread.join()
+        if "error" in outcome:
+            e = outcome["error"]
+            raise RuntimeError(f"the MLflow store at {mlflow_uri} could not be prepared "
+                               f"({type(e).__name__}: {' '.join(str(e).split())})")
     signal.signal(signal.SIGTERM, _terminate)
-    # MLflow's client, imported now in the background: a SIGTERM (stop_session, the watchdog) must end the
-    # in-flight runs KILLED within the grace period, not spend it importing MLflow
-    threading.Thread(target=lambda: __import__("mlflow.tracking"), daemon=True).start()
     with _Server(path, _Handler) as server:
         server.serve_forever()
 
@@ -140,9 +164,11 @@ def submit(cfg_dict: dict, record_path: str, uri: str | None, sources: dict | No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="vitablate's per-run Ray driver (started by start_session)")
     parser.add_argument("--socket", required=True)
+    parser.add_argument("--mlflow-uri", help="prepare this tracking store before answering jobs")
+    parser.add_argument("--experiment", action="append", default=[], help="an experiment to prepare (repeatable)")
     args = parser.parse_args(argv)
     try:
-        serve(args.socket)
+        serve(args.socket, args.mlflow_uri, tuple(args.experiment))
     except KeyboardInterrupt:
         pass
     except Exception as e:

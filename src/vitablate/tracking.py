@@ -123,6 +123,11 @@ def configure_retries(timeout_s: float) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(min(120.0, timeout_s)))))
 
 
+def retry_budget_s() -> float:
+    """How long `retry` waits for a tracking server in all (tracking.retry_timeout_s, from the environment)."""
+    return float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
+
+
 def _server_down(text: str) -> bool:
     return any(m in text for m in ("connection", "max retries exceeded", "timed out", "timeout", " 502", " 503",
                                    " 504", "temporarily unavailable"))
@@ -131,7 +136,7 @@ def _server_down(text: str) -> bool:
 def retry(fn: Callable[[], T], what: str, attempts: int = 8) -> T:
     """Retry transient store errors: a SQLite lock a few times, quickly; a tracking server that does not answer
     with a warning per attempt, for at most tracking.retry_timeout_s seconds in all."""
-    budget = float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
+    budget = retry_budget_s()
     deadline, i = None, 0
     while True:
         try:

@@ -1,22 +1,31 @@
-"""Data: datasets (fixed splits), batched GPU-friendly augmentation, corruption test sets."""
+"""Data: datasets (fixed splits), batched GPU-friendly augmentation, corruption test sets.
 
-from .augment import BatchAugment, normalize, two_views
-from .corruptions import CORRUPTIONS, corrupt, corrupt_split
-from .datasets import DATASETS, DatasetBundle, FolderSplit, Split, load_dataset
-from .pipeline import ImageFolderStream, to_unit
+The names below are imported on first use (PEP 562), so that `vitablate.data.files` (the torch-free checks
+Snakemake's own process runs) can be imported without torch.
+"""
 
-__all__ = [
-    "Split",
-    "FolderSplit",
-    "ImageFolderStream",
-    "to_unit",
-    "DatasetBundle",
-    "DATASETS",
-    "load_dataset",
-    "BatchAugment",
-    "normalize",
-    "two_views",
-    "CORRUPTIONS",
-    "corrupt",
-    "corrupt_split",
-]
+import importlib
+
+_SOURCES = {
+    "BatchAugment": "augment",
+    "normalize": "augment",
+    "two_views": "augment",
+    "CORRUPTIONS": "corruptions",
+    "corrupt": "corruptions",
+    "corrupt_split": "corruptions",
+    "DATASETS": "datasets",
+    "DatasetBundle": "datasets",
+    "FolderSplit": "datasets",
+    "Split": "datasets",
+    "load_dataset": "datasets",
+    "ImageFolderStream": "pipeline",
+    "to_unit": "pipeline",
+}
+
+__all__ = list(_SOURCES)
+
+
+def __getattr__(name: str):
+    if name in _SOURCES:
+        return getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
