@@ -99,6 +99,21 @@ class Chromium:
         frames = self.send("Page.getFrameTree")["frameTree"].get("childFrames", [])
         return self.send("Page.createIsolatedWorld", frameId=frames[index]["frame"]["id"])["executionContextId"]
 
+    def wait_in_frame(self, expression: str, index: int = 0):
+        """`wait_for` inside the page's `index`-th iframe. Its execution context is made anew at each poll: the
+        frame may not exist yet, or may still be replacing its first document (and that document's context: once,
+        under load, an evaluation in a context made a moment earlier failed with "Cannot find context")."""
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            try:
+                value = self.eval(expression, self.frame_context(index))
+            except (RuntimeError, IndexError):  # no such frame yet, or its document was replaced meanwhile
+                value = None
+            if value:
+                return value
+            time.sleep(0.2)
+        raise TimeoutError(f"still falsy after {self.timeout} s in iframe {index}: {expression}")
+
     def screenshot(self, path: str) -> None:
         with open(path, "wb") as f:
             f.write(base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"]))

@@ -83,15 +83,29 @@ start() {
     --serve-artifacts --artifacts-destination "$dir/artifacts" \
     --host "$HOST" --port "$port" --workers "$WORKERS" >"$dir/logs/mlflow.log" 2>&1 < /dev/null &
   echo $! > "$dir/mlflow.pid"
-  for _ in $(seq 1 240); do  # a fresh database migrates its schema first (tens of seconds on a busy CPU)
-    if "$PYTHON" -c "import urllib.request, sys; urllib.request.urlopen('http://$HOST:$port/health', timeout=2)" 2>/dev/null; then
-      echo "MLflow server at http://$HOST:$port (PostgreSQL on 127.0.0.1:$pg_port, artifacts in $dir/artifacts)"
-      echo "export MLFLOW_TRACKING_URI=http://$HOST:$port"
-      return 0
-    fi
-    kill -0 "$(cat "$dir/mlflow.pid")" 2>/dev/null || break
-    sleep 0.5
-  done
+  # a fresh database migrates its schema first (tens of seconds on a busy CPU): one poller asks every half second
+  # for 2 minutes, and gives up as soon as the server has exited (a Python start per try cost more than the wait)
+  if "$PYTHON" - "http://$HOST:$port/health" "$(cat "$dir/mlflow.pid")" <<'EOF'
+import os, sys, time, urllib.request
+url, pid = sys.argv[1], int(sys.argv[2])
+for _ in range(240):
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        sys.exit(0)
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        sys.exit(1)
+    time.sleep(0.5)
+sys.exit(1)
+EOF
+  then
+    echo "MLflow server at http://$HOST:$port (PostgreSQL on 127.0.0.1:$pg_port, artifacts in $dir/artifacts)"
+    echo "export MLFLOW_TRACKING_URI=http://$HOST:$port"
+    return 0
+  fi
   echo "mlflow-server.sh: the MLflow server did not come up; last lines of $dir/logs/mlflow.log:" >&2
   tail -n 30 "$dir/logs/mlflow.log" >&2
   stop
