@@ -43,9 +43,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def finished_run(tmp_path):
-    """One real 1-epoch job, logged to a SQLite store as the workflow logs it."""
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One real 1-epoch job, logged to a SQLite store as the workflow logs it (read, never changed, by the tests)."""
+    tmp_path = tmp_path_factory.mktemp("finished_run")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = JobConfig(question="architecture", job="train_classifier", output_dir=str(tmp_path / "job"),
                     model=dataclasses.replace(JobConfig().model, variant="vit_digits"),
@@ -71,9 +72,12 @@ def test_ui_opens_the_experiment_on_its_runs(finished_run, tmp_path):
     exp_id = c.get_experiment_by_name("architecture").experiment_id
     run_name = c.get_run(record["mlflow_run_id"]).info.run_name
     port = _free_port()
+    # without MLflow 3's GenAI job runner (huey consumers, ~5 CPU-seconds each to start), which plays no part in
+    # what the page shows
     ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                          env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
         deadline = time.monotonic() + 300
         while True:

@@ -21,7 +21,8 @@
 # or in /usr/lib/postgresql/<newest>/bin) and psycopg2 (pip install -e ".[server]").
 # PostgreSQL refuses to run as root: as root, the cluster belongs to $PG_USER (default postgres),
 # which must be able to traverse DIR's parents. Env: PYTHON (default python3: the interpreter with
-# mlflow), WORKERS (server worker processes, default 2), HOST (default 127.0.0.1).
+# mlflow), WORKERS (server worker processes, default 2), HOST (default 127.0.0.1),
+# MLFLOW_SERVER_ENABLE_JOB_EXECUTION (MLflow's GenAI job runner, default false here).
 set -euo pipefail
 
 usage() { sed -n '2,5p' "$0" >&2; exit 2; }
@@ -77,7 +78,10 @@ start() {
   PGPASSWORD=$pw "$bin/psql" -h 127.0.0.1 -p "$pg_port" -U mlflow -d postgres -tAc \
     "SELECT 1 FROM pg_database WHERE datname = 'mlflow'" | grep -q 1 \
     || PGPASSWORD=$pw "$bin/createdb" -h 127.0.0.1 -p "$pg_port" -U mlflow mlflow
-  # setsid: the server and its workers form one process group, which `stop` ends
+  # setsid: the server and its workers form one process group, which `stop` ends. MLflow 3's GenAI job runner
+  # (huey consumers that run scorers and evaluations; each costs seconds of CPU to start, then polls) has no part in
+  # vitablate's runs: off unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION says otherwise.
+  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
   setsid "$PYTHON" -m mlflow server \
     --backend-store-uri "postgresql://mlflow:$pw@127.0.0.1:$pg_port/mlflow" \
     --serve-artifacts --artifacts-destination "$dir/artifacts" \
