@@ -94,6 +94,42 @@ def test_digits_splits_fixed_and_disjoint(digits):
     assert not (tr & va or tr & te or va & te)
 
 
+def test_fixed_splits_are_scikit_learns_without_importing_it():
+    """vitablate.data.datasets.fixed_split against scikit-learn's own train_test_split (the independent
+    computation): the same kept and held-out rows, stratified or not, with ties among the class remainders, and the
+    same refusals; and the digits are the ones sklearn.datasets.load_digits returns."""
+    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.model_selection import train_test_split
+
+    from vitablate.data.datasets import _sklearn_digits, fixed_split
+
+    sk = sk_load_digits()
+    images, target = _sklearn_digits()
+    assert np.array_equal(images, sk.images) and np.array_equal(target, sk.target)
+    rng = np.random.default_rng(0)
+    cases = [(np.arange(1797), sk.target, 0.2, 0), (np.arange(1437), sk.target[:1437], 0.25, 0)]
+    for n, k in [(30, 3), (101, 7), (64, 4), (50, 2), (1000, 10), (12, 4)]:
+        labels = rng.integers(0, k, n)
+        labels[:2 * k] = np.repeat(np.arange(k), 2)  # every class twice at least
+        for fraction, seed in [(0.1, 0), (0.25, 3), (0.5, 7), (0.33, 11)]:
+            cases.append((rng.permutation(n) + 1000, labels, fraction, seed))
+    for rows, labels, fraction, seed in cases:
+        for stratify in (labels, None):
+            try:
+                want = [np.sort(a) for a in train_test_split(rows, test_size=fraction, stratify=stratify,
+                                                                random_state=seed)]
+            except ValueError:
+                with pytest.raises(ValueError):
+                    fixed_split(rows, fraction, seed, stratify=stratify)
+                continue
+            got = fixed_split(rows, fraction, seed, stratify=stratify)
+            assert all(np.array_equal(g, w) for g, w in zip(got, want)), (len(rows), fraction, seed, stratify)
+    with pytest.raises(ValueError):  # a class of one row cannot be stratified: scikit-learn refuses too
+        train_test_split(np.arange(5), test_size=0.4, stratify=[0, 0, 1, 1, 2], random_state=0)
+    with pytest.raises(ValueError):
+        fixed_split(np.arange(5), 0.4, 0, stratify=np.array([0, 0, 1, 1, 2]))
+
+
 def test_digits_resize(digits):
     b = load_dataset("digits", img_size=16)
     _check_split(b.test, 1, 16)

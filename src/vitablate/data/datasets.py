@@ -318,18 +318,65 @@ def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...
     return tuple(x64.mean(dim=(0, 2, 3)).tolist()), tuple(x64.std(dim=(0, 2, 3)).tolist())
 
 
+def fixed_split(rows: np.ndarray, test_fraction: float, seed: int = SPLIT_SEED,
+                stratify: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(kept rows, held-out rows), each sorted: the rows scikit-learn's
+    `train_test_split(rows, test_size=test_fraction, stratify=stratify, random_state=seed)` returns (v1.9, read in
+    sklearn/model_selection/_split.py: ShuffleSplit, StratifiedShuffleSplit._iter_indices, _validate_shuffle_split;
+    the sets are the same, so every split made with it before is unchanged), computed here without importing
+    scikit-learn, which cost every job's process ~2 CPU-seconds. tests/test_data.py compares the two.
+    Raises ValueError where it does (a class with one row, fewer rows to keep or hold out than classes)."""
+    n = len(rows)
+    n_test = int(np.ceil(test_fraction * n))  # _validate_shuffle_split: ceil for a fractional test size
+    n_train = n - n_test
+    if not 0 < test_fraction < 1 or n_train == 0:
+        raise ValueError(f"cannot hold out {test_fraction} of {n} rows and keep some")
+    rng = np.random.RandomState(seed)
+    if stratify is None:  # ShuffleSplit: one permutation, the held-out rows first
+        order = rng.permutation(n)
+        return np.sort(rows[order[n_test:]]), np.sort(rows[order[:n_test]])
+    classes, inverse, counts = np.unique(stratify, return_inverse=True, return_counts=True)
+    if counts.min() < 2 or n_train < len(classes) or n_test < len(classes):
+        raise ValueError(f"too few rows per class ({counts.min()}) or in a split ({min(n_train, n_test)}) to "
+                         f"stratify {len(classes)} classes")
+    by_class = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+    keep_n = _approximate_mode(counts, n_train, rng)  # rows kept per class, then held out per class
+    hold_n = _approximate_mode(counts - keep_n, n_test, rng)
+    keep, hold = [], []
+    for members, k, h in zip(by_class, keep_n, hold_n):
+        shuffled = members.take(rng.permutation(len(members)), mode="clip")
+        keep.append(shuffled[:k])
+        hold.append(shuffled[k:k + h])
+    return np.sort(rows[np.concatenate(keep)]), np.sort(rows[np.concatenate(hold)])
+
+
+def _approximate_mode(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """Rows per class when `draws` rows are drawn from classes of `counts` rows (sklearn.utils.extmath
+    ._approximate_mode): each class's share rounded down, then one more to the classes with the largest remainders,
+    ties broken with `rng`, until the shares add up to `draws`."""
+    share = counts / counts.sum() * draws
+    out = np.floor(share)
+    missing = int(draws - out.sum())
+    remainder = share - out
+    for value in np.sort(np.unique(remainder))[::-1]:
+        if missing <= 0:
+            break
+        (tied,) = np.where(remainder == value)
+        chosen = rng.choice(tied, size=min(len(tied), missing), replace=False)
+        out[chosen] += 1
+        missing -= len(chosen)
+    return out.astype(int)
+
+
 def _stratified_holdout(y: np.ndarray, fraction: float, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
     """Fixed (keep_idx, holdout_idx) with `fraction` of the rows held out, stratified by y."""
-    from sklearn.model_selection import train_test_split
-
     idx = np.arange(len(y))
     try:
-        keep, hold = train_test_split(idx, test_size=fraction, stratify=y, random_state=seed)
+        return fixed_split(idx, fraction, seed, stratify=y)
     except ValueError:
         # Too few images per class to stratify (tiny stand-in data): plain fixed split.
         warnings.warn("too few images per class to stratify the val split; using an unstratified fixed split")
-        keep, hold = train_test_split(idx, test_size=fraction, random_state=seed)
-    return np.sort(keep), np.sort(hold)
+        return fixed_split(idx, fraction, seed)
 
 
 def _no_extra_kwargs(name: str, kw: dict) -> None:
@@ -359,21 +406,18 @@ def load_digits(
     root, seed, val_fraction and num_workers are accepted for a uniform signature
     and unused: the data ship with scikit-learn and the split is fixed.
     """
-    from sklearn.datasets import load_digits as sk_digits
-    from sklearn.model_selection import train_test_split
-
     _no_extra_kwargs("digits", kw)
     _only_shape_labels("digits", label_by)
-    d = sk_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)  # (1797, 1, 8, 8) in [0, 1]
-    y = torch.from_numpy(d.target.astype(np.int64))
+    images, target = _sklearn_digits()
+    x = torch.from_numpy(images.astype(np.float32) / 16.0).unsqueeze(1)  # (1797, 1, 8, 8) in [0, 1]
+    y = torch.from_numpy(target.astype(np.int64))
     img_size = 8 if img_size is None else img_size
     _check_img_size(img_size)
     x = _resize(x, img_size)
 
     idx = np.arange(len(y))
-    rest, test = train_test_split(idx, test_size=0.2, stratify=d.target, random_state=SPLIT_SEED)
-    train, val = train_test_split(rest, test_size=0.25, stratify=d.target[rest], random_state=SPLIT_SEED)
+    rest, test = fixed_split(idx, 0.2, SPLIT_SEED, stratify=target)
+    train, val = fixed_split(rest, 0.25, SPLIT_SEED, stratify=target[rest])
     split = lambda i: Split(x[np.sort(i)].clone(), y[np.sort(i)].clone())  # noqa: E731
     tr = split(train)
     mean, std = _channel_stats(tr.x)
@@ -381,6 +425,24 @@ def load_digits(
         name="digits", num_classes=10, in_chans=1, img_size=img_size, mean=mean, std=std,
         train=tr, val=split(val), test=split(test), class_names=[str(i) for i in range(10)],
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(images (1797, 8, 8) float64 in 0..16, labels) from the file scikit-learn ships, read as its load_digits reads
+    it (sklearn/datasets/_base.py: np.loadtxt of data/digits.csv.gz, the label last), without importing it."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    path = os.path.join((spec.submodule_search_locations or [""])[0] if spec else "", "datasets", "data",
+                        "digits.csv.gz")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"digits: scikit-learn's {path} is missing; pip install scikit-learn (the digits "
+                                "dataset ships with it)")
+    with gzip.open(path, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
 
 
 # --------------------------------------------------------------------------- shapes
