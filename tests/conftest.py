@@ -98,8 +98,8 @@ def ray_cluster():
     nodes may have it) run without it. Loopback only, token authentication on, as a private cluster.
 
     A run whose concurrency is not under test uses `--cores 1`: its jobs then share one Ray worker. On the 2-core
-    CI machine the suite is CPU-bound, and each further worker costs ~14 CPU-seconds importing torch, timm, MLflow
-    and scikit-learn before its first job (measured: the tiny pretext run, 86 CPU-s at --cores 2, 76 at 1)."""
+    CI machine the suite is CPU-bound, and each further worker costs ~10 CPU-seconds importing torch, timm and
+    MLflow before its first job (measured: the tiny pretext run took 86 CPU-s at --cores 2, 76 at --cores 1)."""
     import secrets
 
     from vitablate.cluster import _stop, launch_head
