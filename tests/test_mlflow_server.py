@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,23 +19,13 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import REPO, read_config, snakemake, write_config
+from vitablate.cluster import free_ports
 
 SCRIPT = REPO / "tools" / "mlflow-server.sh"
 
 
 def _postgres_installed() -> bool:
     return bool(shutil.which("initdb") or glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +40,7 @@ def mlflow_server():
     # directory's parents, and pytest's are private
     base = Path(tempfile.mkdtemp(prefix="vtmlflow", dir="/tmp"))
     os.chmod(base, 0o755)
-    port, pg_port = _free_ports(2)
+    port, pg_port = free_ports(2)
     env = dict(os.environ, PYTHON=sys.executable, WORKERS="1")
     try:
         r = subprocess.run([str(SCRIPT), "start", str(base), str(port), str(pg_port)], capture_output=True,

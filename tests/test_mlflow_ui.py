@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from conftest import REPO
 
 from headless_chromium import Chromium, chromium_binary
 from vitablate import execution
+from vitablate.cluster import free_ports
 from vitablate.config import JobConfig, TrainConfig, to_dict
 
 CHROMIUM = chromium_binary()
@@ -35,12 +35,6 @@ pytestmark = [
     pytest.mark.skipif(CHROMIUM is None and os.environ.get("CI") != "true",
                        reason="no chromium on PATH (Debian: apt-get install chromium; .ci/run does)"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +65,7 @@ def test_ui_opens_the_experiment_on_its_runs(finished_run, tmp_path):
     c = MlflowClient(tracking_uri=uri)
     exp_id = c.get_experiment_by_name("architecture").experiment_id
     run_name = c.get_run(record["mlflow_run_id"]).info.run_name
-    port = _free_port()
+    [port] = free_ports(1)
     # without MLflow 3's GenAI job runner (huey consumers, ~5 CPU-seconds each to start), which plays no part in
     # what the page shows
     ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,

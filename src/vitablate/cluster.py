@@ -73,10 +73,20 @@ def _probe(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct loopback ports that were free a moment ago (all held at once while they are chosen)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def start_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None, timeout_s: float = 90,
@@ -175,9 +185,15 @@ def launch_head(num_cpus: Optional[int], num_gpus: Optional[int], timeout_s: flo
     # short path: Ray's unix sockets live under the temp dir and must stay < 108 bytes. Ray makes its temp dir
     # world-writable (0777, re-applied by every process that joins), so it lives inside a 0700 directory of ours.
     temp_dir = tempfile.mkdtemp(prefix="vtr", dir="/tmp")
-    port = _free_port()
+    port, client_port = free_ports(2)
+    # A private cluster is one node that never grows and whose jobs log to files of their own: it runs without the
+    # autoscaler's monitor and the log monitor (~2 CPU-s each cluster: two Python processes fewer). Ray always starts
+    # a client server on the head (port 10001 unless told; a second cluster on the machine could not bind it), so
+    # it gets a free port too.  ray-project/ray: python/ray/_private/node.py, start_head_processes (--no-monitor,
+    # --ray-client-server-port) and start_ray_processes (--include-log-monitor)
     cmd = [ray_cli, "start", "--head", "--block", f"--port={port}", f"--temp-dir={temp_dir}/r",
-           "--include-dashboard=false", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+           "--include-dashboard=false", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+           "--no-monitor", "--include-log-monitor=false", f"--ray-client-server-port={client_port}"]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
