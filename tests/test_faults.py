@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -284,14 +285,22 @@ def _cluster_processes(temp_dir: str, pids: set[int]) -> list[psutil.Process]:
 @pytest.mark.slow
 def test_private_cluster_listens_on_loopback_only_and_dies_with_a_killed_snakemake(workflow):
     """Item 6: during a run no listener of the private cluster is on a non-loopback address, and its temp dir is
-    not world-accessible. Item 2: SIGKILL of Snakemake mid-run leaves no process of that cluster within 30 s (the
-    watchdog stops it), and a plain re-run (no --unlock, no --rerun-incomplete) finishes with one FINISHED MLflow
-    run per job."""
+    not world-accessible; Ray's two servers with fixed default ports (client server 10001, dashboard agent 52365)
+    start on free ones, so a process holding those (here: this test) hinders neither (10001 held stopped the
+    whole private cluster ~9 s in: every job failed as "the dispatcher died"). Item 2:
+    SIGKILL of Snakemake mid-run leaves no process of that cluster within 30 s (the watchdog stops it), and a plain
+    re-run (no --unlock, no --rerun-incomplete) finishes with one FINISHED MLflow run per job."""
     config = _architecture_only(workflow, dry_job_sleep_s=300)
     config["architecture"]["mixers"] = ["identity", "pooling"]
     write_config(workflow, config)
     out_path = workflow / "snakemake.out"
     cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "architecture"]
+    held = contextlib.ExitStack()  # Ray's fixed default ports, taken: by this test or (bind fails) by another
+    for default_port in (10001, 52365):
+        sock = held.enter_context(socket.socket())
+        with contextlib.suppress(OSError):
+            sock.bind(("127.0.0.1", default_port))
+            sock.listen()
     with open(out_path, "w") as out:
         proc = subprocess.Popen(cmd, cwd=workflow, stdout=out, stderr=subprocess.STDOUT, env=_env())
     try:
@@ -308,10 +317,19 @@ def test_private_cluster_listens_on_loopback_only_and_dies_with_a_killed_snakema
         # 6: loopback only (the job workers included), and a private temp dir
         procs = _cluster_processes(temp_dir, pids)
         assert any("raylet" in " ".join(p.cmdline()) for p in procs)
-        listeners = [(c.laddr, " ".join(psutil.Process(c.pid).cmdline())[:80])
+        listeners = [(c.laddr, " ".join(psutil.Process(c.pid).cmdline()))
                      for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN
                      and c.pid in {p.pid for p in procs}]
         assert len(listeners) >= 4, listeners  # GCS, raylet, agents, client server, workers
+        # the two servers with fixed default ports are up, on others
+        def agent_settled() -> str:  # its HTTP server listens, or it gave up binding one (after ~5 s of retries)
+            text = open(f"{temp_dir}/r/session_latest/logs/dashboard_agent.log").read()
+            return text if re.search("agent http address|failed to bind after", text) else ""
+
+        agent_log = _wait_for(agent_settled, 60, "the dashboard agent's HTTP server")
+        assert "agent http address" in agent_log and "Failed to bind" not in agent_log, agent_log[-2000:]
+        assert any("ray.util.client.server" in who for _, who in listeners), listeners
+        held.close()
         public = [(a, who) for a, who in listeners
                   if not ipaddress.ip_address(a.ip.removeprefix("::ffff:")).is_loopback]
         assert not public, f"listening beyond loopback: {public}"
@@ -324,6 +342,7 @@ def test_private_cluster_listens_on_loopback_only_and_dies_with_a_killed_snakema
         assert not os.path.exists(temp_dir)
         assert not list((workflow / "results/.vitablate").glob("cluster-*.json"))
     finally:
+        held.close()
         if proc.poll() is None:
             proc.kill()
     client = MlflowClient(tracking_uri=f"sqlite:///{workflow}/results/mlflow.db")

@@ -185,15 +185,19 @@ def launch_head(num_cpus: Optional[int], num_gpus: Optional[int], timeout_s: flo
     # short path: Ray's unix sockets live under the temp dir and must stay < 108 bytes. Ray makes its temp dir
     # world-writable (0777, re-applied by every process that joins), so it lives inside a 0700 directory of ours.
     temp_dir = tempfile.mkdtemp(prefix="vtr", dir="/tmp")
-    port, client_port = free_ports(2)
     # A private cluster is one node that never grows and whose jobs log to files of their own: it runs without the
-    # autoscaler's monitor and the log monitor (~2 CPU-s each cluster: two Python processes fewer). Ray always starts
-    # a client server on the head (port 10001 unless told; a second cluster on the machine could not bind it), so
-    # it gets a free port too.  ray-project/ray: python/ray/_private/node.py, start_head_processes (--no-monitor,
-    # --ray-client-server-port) and start_ray_processes (--include-log-monitor)
+    # autoscaler's monitor and the log monitor (~4 CPU-s a cluster: two Python processes fewer). Two of Ray's
+    # servers have fixed default ports, so they get free ones too: the client server's 10001 (with anything else
+    # listening there, the client server exited and `ray start --block` stopped the whole cluster ~9 s in: every
+    # job failed as "the dispatcher died") and the dashboard agent's HTTP 52365 (a second cluster retried for 5 s,
+    # then ran without it).
+    # ray-project/ray: python/ray/_private/node.py, start_head_processes (--no-monitor, --ray-client-server-port),
+    # start_ray_processes (--include-log-monitor); python/ray/dashboard/http_server_agent.py, _start_site_with_retry
+    port, client_port, agent_port = free_ports(3)
     cmd = [ray_cli, "start", "--head", "--block", f"--port={port}", f"--temp-dir={temp_dir}/r",
            "--include-dashboard=false", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-           "--no-monitor", "--include-log-monitor=false", f"--ray-client-server-port={client_port}"]
+           "--no-monitor", "--include-log-monitor=false", f"--ray-client-server-port={client_port}",
+           f"--dashboard-agent-listen-port={agent_port}"]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
