@@ -101,7 +101,7 @@ def test_fixed_splits_are_scikit_learns_without_importing_it():
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
 
-    from vitablate.data.datasets import _sklearn_digits, fixed_split
+    from vitablate.data.datasets import SPLIT_SEED, _sklearn_digits, fixed_split
 
     sk = sk_load_digits()
     images, target = _sklearn_digits()
@@ -115,15 +115,21 @@ def test_fixed_splits_are_scikit_learns_without_importing_it():
             cases.append((rng.permutation(n) + 1000, labels, fraction, seed))
     for rows, labels, fraction, seed in cases:
         for stratify in (labels, None):
-            try:
-                want = [np.sort(a) for a in train_test_split(rows, test_size=fraction, stratify=stratify,
-                                                                random_state=seed)]
+            try:  # the same arrays in the same order: a split of the kept rows depends on their order
+                want = train_test_split(rows, test_size=fraction, stratify=stratify, random_state=seed)
             except ValueError:
                 with pytest.raises(ValueError):
                     fixed_split(rows, fraction, seed, stratify=stratify)
                 continue
             got = fixed_split(rows, fraction, seed, stratify=stratify)
             assert all(np.array_equal(g, w) for g, w in zip(got, want)), (len(rows), fraction, seed, stratify)
+    # the digits' own 60/20/20 split, made by scikit-learn in two steps (the second on the first's shuffled rows)
+    rest, test = train_test_split(np.arange(1797), test_size=0.2, stratify=sk.target, random_state=SPLIT_SEED)
+    train, val = train_test_split(rest, test_size=0.25, stratify=sk.target[rest], random_state=SPLIT_SEED)
+    digits = load_dataset("digits")
+    for split, rows in [(digits.train, train), (digits.val, val), (digits.test, test)]:
+        want = torch.from_numpy(sk.images[np.sort(rows)].astype(np.float32) / 16.0).unsqueeze(1)
+        assert torch.equal(split.x, want) and torch.equal(split.y, torch.from_numpy(sk.target[np.sort(rows)]))
     with pytest.raises(ValueError):  # a class of one row cannot be stratified: scikit-learn refuses too
         train_test_split(np.arange(5), test_size=0.4, stratify=[0, 0, 1, 1, 2], random_state=0)
     with pytest.raises(ValueError):

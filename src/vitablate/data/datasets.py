@@ -320,11 +320,13 @@ def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...
 
 def fixed_split(rows: np.ndarray, test_fraction: float, seed: int = SPLIT_SEED,
                 stratify: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(kept rows, held-out rows), each sorted: the rows scikit-learn's
-    `train_test_split(rows, test_size=test_fraction, stratify=stratify, random_state=seed)` returns (v1.9, read in
-    sklearn/model_selection/_split.py: ShuffleSplit, StratifiedShuffleSplit._iter_indices, _validate_shuffle_split;
-    the sets are the same, so every split made with it before is unchanged), computed here without importing
-    scikit-learn, which cost every job's process ~2 CPU-seconds. tests/test_data.py compares the two.
+    """(kept rows, held-out rows): the arrays scikit-learn's
+    `train_test_split(rows, test_size=test_fraction, stratify=stratify, random_state=seed)` returns, in its order
+    (v1.9, read in sklearn/model_selection/_split.py: ShuffleSplit, StratifiedShuffleSplit._iter_indices,
+    _validate_shuffle_split), computed here without importing scikit-learn, which cost every job's process ~2
+    CPU-seconds. The order matters: a split of the kept rows (the digits' train/val split) depends on it, so every
+    split made with scikit-learn before is unchanged only if both the sets and their order are. tests/test_data.py
+    compares the two, element by element.
     Raises ValueError where it does (a class with one row, fewer rows to keep or hold out than classes)."""
     n = len(rows)
     n_test = int(np.ceil(test_fraction * n))  # _validate_shuffle_split: ceil for a fractional test size
@@ -334,7 +336,7 @@ def fixed_split(rows: np.ndarray, test_fraction: float, seed: int = SPLIT_SEED,
     rng = np.random.RandomState(seed)
     if stratify is None:  # ShuffleSplit: one permutation, the held-out rows first
         order = rng.permutation(n)
-        return np.sort(rows[order[n_test:]]), np.sort(rows[order[:n_test]])
+        return rows[order[n_test:]], rows[order[:n_test]]
     classes, inverse, counts = np.unique(stratify, return_inverse=True, return_counts=True)
     if counts.min() < 2 or n_train < len(classes) or n_test < len(classes):
         raise ValueError(f"too few rows per class ({counts.min()}) or in a split ({min(n_train, n_test)}) to "
@@ -347,7 +349,9 @@ def fixed_split(rows: np.ndarray, test_fraction: float, seed: int = SPLIT_SEED,
         shuffled = members.take(rng.permutation(len(members)), mode="clip")
         keep.append(shuffled[:k])
         hold.append(shuffled[k:k + h])
-    return np.sort(rows[np.concatenate(keep)]), np.sort(rows[np.concatenate(hold)])
+    # then each side is shuffled once more, the kept rows first (the last two draws of _iter_indices)
+    keep, hold = rng.permutation(np.concatenate(keep)), rng.permutation(np.concatenate(hold))
+    return rows[keep], rows[hold]
 
 
 def _approximate_mode(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
@@ -372,11 +376,12 @@ def _stratified_holdout(y: np.ndarray, fraction: float, seed: int = SPLIT_SEED) 
     """Fixed (keep_idx, holdout_idx) with `fraction` of the rows held out, stratified by y."""
     idx = np.arange(len(y))
     try:
-        return fixed_split(idx, fraction, seed, stratify=y)
+        keep, hold = fixed_split(idx, fraction, seed, stratify=y)
     except ValueError:
         # Too few images per class to stratify (tiny stand-in data): plain fixed split.
         warnings.warn("too few images per class to stratify the val split; using an unstratified fixed split")
-        return fixed_split(idx, fraction, seed)
+        keep, hold = fixed_split(idx, fraction, seed)
+    return np.sort(keep), np.sort(hold)
 
 
 def _no_extra_kwargs(name: str, kw: dict) -> None:
@@ -416,8 +421,8 @@ def load_digits(
     x = _resize(x, img_size)
 
     idx = np.arange(len(y))
-    rest, test = fixed_split(idx, 0.2, SPLIT_SEED, stratify=target)
-    train, val = fixed_split(rest, 0.25, SPLIT_SEED, stratify=target[rest])
+    rest, test = fixed_split(idx, 0.2, SPLIT_SEED, stratify=target)  # `rest` in scikit-learn's shuffled order,
+    train, val = fixed_split(rest, 0.25, SPLIT_SEED, stratify=target[rest])  # which this second split depends on
     split = lambda i: Split(x[np.sort(i)].clone(), y[np.sort(i)].clone())  # noqa: E731
     tr = split(train)
     mean, std = _channel_stats(tr.x)
