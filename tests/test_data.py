@@ -94,7 +94,7 @@ def test_digits_splits_fixed_and_disjoint(digits):
     assert not (tr & va or tr & te or va & te)
 
 
-def test_fixed_splits_are_scikit_learns_without_importing_it():
+def test_fixed_splits_are_scikit_learns_without_importing_it(digits):
     """vitablate.data.datasets.fixed_split against scikit-learn's own train_test_split (the independent
     computation): the same kept and held-out rows, stratified or not, with ties among the class remainders, and the
     same refusals; and the digits are the ones sklearn.datasets.load_digits returns."""
@@ -126,7 +126,6 @@ def test_fixed_splits_are_scikit_learns_without_importing_it():
     # the digits' own 60/20/20 split, made by scikit-learn in two steps (the second on the first's shuffled rows)
     rest, test = train_test_split(np.arange(1797), test_size=0.2, stratify=sk.target, random_state=SPLIT_SEED)
     train, val = train_test_split(rest, test_size=0.25, stratify=sk.target[rest], random_state=SPLIT_SEED)
-    digits = load_dataset("digits")
     for split, rows in [(digits.train, train), (digits.val, val), (digits.test, test)]:
         want = torch.from_numpy(sk.images[np.sort(rows)].astype(np.float32) / 16.0).unsqueeze(1)
         assert torch.equal(split.x, want) and torch.equal(split.y, torch.from_numpy(sk.target[np.sort(rows)]))
