@@ -565,6 +565,63 @@ def test_the_next_run_reaps_a_cluster_whose_run_and_watchdog_were_killed(tmp_pat
             owner.kill()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="psutil's boot time is Linux's /proc/stat btime")
+def test_a_run_is_known_by_a_start_that_no_wall_clock_step_moves(monkeypatch):
+    """The reaper tells a live run's Snakemake from a later process given its pid by when it started. psutil's
+    create_time on Linux is that start plus /proc/stat's `btime` (wall time minus uptime, in whole seconds), which a
+    step of the wall clock moves. Here psutil's boot time moves by one second, as such a step moves it (stepping this
+    machine's real clock would move the clock of every test running beside this one): the run must still be known
+    as alive, and a process that is not it must not."""
+    from vitablate.watchdog import alive, started
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        start = started(child.pid)
+        assert alive(child.pid, start) and alive(os.getpid(), started(os.getpid()))
+        assert not alive(child.pid, started(os.getpid())), "another process's start passed for the child's"
+        before = psutil.Process(child.pid).create_time()
+        boot = psutil.boot_time()
+        monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: boot + 1.0)
+        assert psutil.Process(child.pid).create_time() == pytest.approx(before + 1.0)  # the step reached psutil
+        assert alive(child.pid, start), "a one-second step of the wall clock made a live process look like another"
+    finally:
+        child.kill()
+        child.wait()
+    assert not alive(child.pid, start)
+
+
+@pytest.mark.slow
+def test_a_session_stops_only_what_it_started_not_what_its_environment_names(tmp_path):
+    """A process whose environment it inherited from a running session (`vitablate job` run inside a Snakemake
+    job: VITABLATE_DISPATCHER, VITABLATE_WATCHDOG, RAY_ADDRESS of the run's private cluster) starts and stops a
+    session of its own: the run's dispatcher, watchdog and cluster must still run afterwards, and its own stop must
+    stop nothing of them."""
+    results = tmp_path / "results"
+    code = ("import json, os, time; from vitablate.execution import start_session\n"
+            f"start_session(num_cpus=1, results_dir={str(results)!r})\n"
+            "print(json.dumps(dict(os.environ)), flush=True); time.sleep(600)\n")
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        env = json.loads(owner.stdout.readline())
+        assert env.get("VITABLATE_DISPATCHER") and env.get("VITABLATE_WATCHDOG") and env.get("RAY_ADDRESS")
+        info = json.loads((results / f".vitablate/cluster-{owner.pid}.json").read_text())
+        watchdog = int(env["VITABLATE_WATCHDOG"].split(":", 1)[0])
+        pids = {info["ray"]["pid"], info["dispatcher"]["pid"], watchdog}
+        inner = ("from vitablate.execution import start_session, stop_session\n"
+                 "start_session(dispatcher=False); stop_session()\n")
+        r = subprocess.run([sys.executable, "-c", inner], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+        gone = [pid for pid in pids if not psutil.pid_exists(pid)
+                or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE]
+        assert not gone, f"the inner session stopped processes of the run it ran under: {gone} of {pids}"
+        assert os.path.exists(env["VITABLATE_DISPATCHER"].split(":", 1)[1])  # the dispatcher still listens
+    finally:
+        owner.kill()
+        owner.wait()
+    # the run's own watchdog stops what the killed owner left (as after a SIGKILLed Snakemake)
+    _wait_for(lambda: not _cluster_processes(info["ray"]["dir"], pids), 60, "end of the orphaned cluster")
+
+
 def test_a_job_runs_in_the_directory_it_was_submitted_from(tmp_path, monkeypatch):
     """A Ray worker of a cluster at RAY_ADDRESS starts where that cluster's `ray start` ran: the job moves to the
     workflow's directory (the submitter's), so a relative results_dir's checkpoints land in the workflow's results;

@@ -29,6 +29,11 @@ RAY_GRACE_S = 1.0  # a private cluster's SIGTERM-to-SIGKILL wait (why so short: 
 # exits as soon as they are ended, so the wait costs nothing then; on a loaded machine (its MLflow import still
 # under way, the store busy) 3 s left them RUNNING
 DISPATCHER_GRACE_S = 15.0
+# What this process started ("ray", "dispatcher", "watchdog"): stop_session signals only these, through their
+# Popen, whose unreaped exit keeps the pid from going to another process. The variables above are inherited by
+# child processes (a `vitablate job` run inside a Snakemake job sees the run's), so a pid read from them may name
+# a process this one does not own, or, once that one is gone and the pid reused, an unrelated one.
+_owned: dict[str, subprocess.Popen] = {}
 
 
 def _ray():
@@ -114,6 +119,9 @@ def start_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None
         from .tracking import probe
 
         probe(mlflow[0])  # a tracking server that does not answer: say so before any cluster starts
+    for key, env in (("dispatcher", _dispatcher_env()), ("watchdog", _WATCHDOG_ENV)):
+        if key not in _owned:
+            os.environ.pop(env, None)  # inherited from a parent's session: not ours to stop
     if os.environ.get("RAY_ADDRESS"):
         _probe(os.environ["RAY_ADDRESS"])
         address = os.environ["RAY_ADDRESS"]
@@ -140,7 +148,7 @@ def _start_watchdog(results_dir: Optional[str], locks: tuple[str, ...]) -> None:
     """Start this run's watchdog (vitablate.watchdog) on this process, with the pid file naming what it started."""
     from . import watchdog
 
-    info = {"snakemake_pid": os.getpid(), "snakemake_create_time": watchdog.create_time(os.getpid()),
+    info = {"snakemake_pid": os.getpid(), "snakemake_started": watchdog.started(os.getpid()),
             "snakemake_locks": [os.path.abspath(p) for p in locks], "results_dir": results_dir}
     private, disp = os.environ.get(_PRIVATE_ENV), os.environ.get(_dispatcher_env())
     if private:
@@ -156,18 +164,18 @@ def _start_watchdog(results_dir: Optional[str], locks: tuple[str, ...]) -> None:
         proc = subprocess.Popen([sys.executable, "-m", "vitablate.watchdog", path], stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     os.environ[_WATCHDOG_ENV] = f"{proc.pid}:{path}"
+    _owned["watchdog"] = proc
 
 
 def _stop_watchdog() -> None:
     """stop_session: end the watchdog first (it must not mistake the orderly stop for a crash), drop the pid file."""
     entry = os.environ.pop(_WATCHDOG_ENV, None)
-    if not entry:
+    proc = _owned.pop("watchdog", None)
+    if not (entry and proc):
         return
-    pid, path = entry.split(":", 1)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(int(pid), signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(int(pid), 0)
+    path = entry.split(":", 1)[1]
+    proc.kill()  # a no-op once it has exited (it exits by itself once what it watches is gone)
+    proc.wait()
     with contextlib.suppress(OSError):
         os.remove(path)
     log = os.path.splitext(path)[0] + ".log"
@@ -230,6 +238,7 @@ def _start_private_cluster(num_cpus: Optional[int], num_gpus: Optional[int], tim
     proc, address, temp_dir = launch_head(num_cpus, num_gpus, timeout_s)
     os.environ["RAY_ADDRESS"] = address  # jobs (spawned processes) join this cluster
     os.environ[_PRIVATE_ENV] = f"{proc.pid}:{temp_dir}"
+    _owned["ray"] = proc
     return address
 
 
@@ -254,6 +263,7 @@ def _spawn_dispatcher(mlflow: Optional[tuple[str, Sequence[str]]]) -> subprocess
     with open(os.path.join(temp_dir, "dispatcher.log"), "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     os.environ[ENV] = f"{proc.pid}:{path}"
+    _owned["dispatcher"] = proc
     return proc
 
 
@@ -269,8 +279,11 @@ def _await_dispatcher(proc: subprocess.Popen, timeout_s: float) -> None:
         if proc.poll() is not None or time.monotonic() > deadline:
             with open(os.path.join(os.path.dirname(path), "dispatcher.log")) as f:
                 cause = f.read().strip().splitlines()[-1:] or ["no output"]
+            code = proc.poll()
+            how = (f"still not listening after {timeout_s:.0f} s" if code is None
+                   else f"ended by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}")
             stop_session()  # the dispatcher, its watchdog and a private cluster
-            raise RuntimeError(f"the vitablate dispatcher did not start: {cause[0]}")
+            raise RuntimeError(f"the vitablate dispatcher did not start: {cause[0]} ({how})")
         time.sleep(0.05)
 
 
@@ -340,20 +353,19 @@ def stop_session() -> None:
     from .dispatcher import ENV
 
     _stop_watchdog()
-    dispatcher = os.environ.pop(ENV, None)
-    if dispatcher:
-        pid, path = dispatcher.split(":", 1)
-        _stop(int(pid), os.path.dirname(path), grace_s=DISPATCHER_GRACE_S)
+    dispatcher, proc = os.environ.pop(ENV, None), _owned.pop("dispatcher", None)
+    if dispatcher and proc:
+        _stop(proc.pid, os.path.dirname(dispatcher.split(":", 1)[1]), grace_s=DISPATCHER_GRACE_S)
     ray = sys.modules.get("ray")  # Snakemake's process never imports Ray: keep it that way
     if ray is not None and ray.is_initialized():
         ray.shutdown()
-    private = os.environ.pop(_PRIVATE_ENV, None)
-    if private:
-        pid, temp_dir = private.split(":", 1)
+    private, proc = os.environ.pop(_PRIVATE_ENV, None), _owned.pop("ray", None)
+    if private and proc:
+        temp_dir = private.split(":", 1)[1]
         os.environ.pop("RAY_ADDRESS", None)
         os.environ.pop(_LOOPBACK_ENV, None)
         _refresh_ray_settings(private=False)
-        _stop(int(pid), temp_dir)
+        _stop(proc.pid, temp_dir)
 
 
 def _refresh_ray_settings(private: bool) -> None:

@@ -2,10 +2,10 @@
 (SIGKILL, an OOM kill, a closed terminal), stop what that run started, so nothing keeps training and writing.
 
 `execution.start_session` starts one per run, in its own session (so a signal to Snakemake's process group does not
-reach it), and `stop_session` ends it first. It polls the Snakemake process every second; once that is gone it
-stops the dispatcher (whose SIGTERM handler ends the in-flight jobs' MLflow runs KILLED), then the Ray cluster,
-removes the Snakemake lock files that run held (so a plain re-run starts without `--unlock`) and the run's pid
-file, and exits. It also exits once everything it watches is gone.
+reach it), and `stop_session` ends it first. Every second it checks that Snakemake is still its parent; once it is
+not, it stops the dispatcher (whose SIGTERM handler ends the in-flight jobs' MLflow runs KILLED), then the Ray
+cluster, removes the Snakemake lock files that run held (so a plain re-run starts without `--unlock`) and the run's
+pid file, and exits. It also exits once everything it watches is gone.
 
 Each run leaves a pid file, ``<results_dir>/.vitablate/cluster-<snakemake pid>.json``, naming what it started;
 `reap_leftovers` (the next run's `onstart`) stops what a run left if even its watchdog died.
@@ -25,20 +25,32 @@ log = logging.getLogger("vitablate.watchdog")
 PID_DIR = ".vitablate"  # under results_dir
 
 
-def alive(pid: int, create_time: float | None = None) -> bool:
-    """Whether process `pid` runs (and is the same process: its start time matches, so a reused pid is not)."""
+def alive(pid: int, start: float | None = None) -> bool:
+    """Whether process `pid` runs and, given `start` (`started(pid)` when it was recorded), is that same process,
+    not a later one given the same pid."""
     import psutil
 
     try:
-        p = psutil.Process(pid)
-        if p.status() == psutil.STATUS_ZOMBIE:
+        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
             return False
-        return create_time is None or abs(p.create_time() - create_time) < 1.0
-    except psutil.Error:
+        return start is None or started(pid) == start
+    except (psutil.Error, OSError):
         return False
 
 
-def create_time(pid: int) -> float:
+def started(pid: int) -> float:
+    """When process `pid` started, as a value no change of the wall clock moves: on Linux its start in clock ticks
+    since boot (/proc/<pid>/stat, field 22, `starttime`), elsewhere psutil's create_time (a start time stored with
+    the process). Equal for the same process whenever it is read; another process given the pid later differs.
+
+    Not psutil's create_time on Linux: it adds the boot time that /proc/stat's `btime` gives in whole seconds, and
+    that is wall time minus uptime, so a step of the wall clock (a VM's clock corrected after a pause) moves it, and
+    moves every create_time with it: compared to within a second, as the watchdog once did, a live run looked dead
+    whenever `btime` moved by a second, and its dispatcher and cluster were stopped under it."""
+    if sys.platform.startswith("linux"):
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[19])  # fields from 3 (state) on; the name may hold spaces
     import psutil
 
     return psutil.Process(pid).create_time()
@@ -99,7 +111,8 @@ def reap_leftovers(results_dir: str) -> list[str]:
             os.remove(path)
             continue
         owner = info.get("snakemake_pid")
-        if owner and alive(owner, info.get("snakemake_create_time")):
+        # a pid file without a start (an older vitablate's) counts a live pid as its run: named, never stopped
+        if owner and alive(owner, info.get("snakemake_started")):
             lines.append(f"snakemake pid {owner} is still running on this results directory with its own Ray "
                          f"cluster ({info.get('ray', {}).get('dir', 'RAY_ADDRESS')}); its jobs and this run's must "
                          "not overlap (Snakemake's lock refuses overlapping outputs)")
@@ -117,9 +130,13 @@ def watch(info_path: str, poll_s: float = 1.0) -> int:
     """The watchdog's loop (see the module docstring); `info_path` is the run's pid file."""
     with open(info_path) as f:
         info = json.load(f)
-    owner, started = info["snakemake_pid"], info.get("snakemake_create_time")
+    owner = info["snakemake_pid"]
     watched = [(int(e["pid"]), e["dir"]) for e in (info.get("dispatcher"), info.get("ray")) if e]
-    while alive(owner, started):
+    # the run's Snakemake started this watchdog: while it lives it is the parent; once it is gone the watchdog is
+    # re-parented (to init or a subreaper) for good. No pid or clock is compared, so neither a reused pid nor a
+    # step of the wall clock can make a live run look dead, or a dead one alive.
+    by_parent = os.getppid() == owner
+    while os.getppid() == owner if by_parent else alive(owner, info.get("snakemake_started")):
         if not any(alive(pid) for pid, _ in watched):
             return 0  # stopped by stop_session
         time.sleep(poll_s)
