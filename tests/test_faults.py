@@ -533,20 +533,33 @@ def test_a_closed_terminal_stops_the_run_as_ctrl_c_does(workflow):
 
 
 @pytest.mark.slow
-def test_the_next_run_reaps_a_cluster_whose_run_and_watchdog_were_killed(tmp_path):
-    """Even the watchdog can die (kill -9 of everything, an OOM kill): the pid file under results_dir lets the next
-    run stop what is left, and a run still alive on the same results directory is only named, never touched."""
+def test_a_run_is_stopped_by_its_own_session_only_and_reaped_once_it_and_its_watchdog_were_killed(tmp_path):
+    """A process that inherited a live run's environment (`vitablate job` inside a Snakemake job:
+    VITABLATE_DISPATCHER, VITABLATE_WATCHDOG, RAY_ADDRESS of the run's private cluster) starts and stops a session
+    of its own: that stops nothing of the run's. Even the watchdog can die (kill -9 of everything, an OOM kill): the
+    pid file under results_dir lets the next run stop what is left, and a run still alive on the same results
+    directory is only named, never touched."""
     from vitablate.watchdog import reap_leftovers
 
     results = tmp_path / "results"
-    code = ("import time; from vitablate.execution import start_session; "
-            f"start_session(num_cpus=1, results_dir={str(results)!r}); print('up', flush=True); time.sleep(600)")
+    code = ("import json, os, time; from vitablate.execution import start_session; "
+            f"start_session(num_cpus=1, results_dir={str(results)!r}); "
+            "print(json.dumps(dict(os.environ)), flush=True); time.sleep(600)")
     owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=_env())
     try:
-        assert owner.stdout.readline().strip() == "up"
+        env = json.loads(owner.stdout.readline())
         info = json.loads((results / f".vitablate/cluster-{owner.pid}.json").read_text())
-        pids = {info["ray"]["pid"], info["dispatcher"]["pid"]}
+        pids = {info["ray"]["pid"], info["dispatcher"]["pid"], int(env["VITABLATE_WATCHDOG"].split(":", 1)[0])}
         assert _cluster_processes(info["ray"]["dir"], pids)
+
+        inner = "from vitablate.execution import start_session, stop_session; start_session(dispatcher=False); " \
+                "stop_session()"
+        r = subprocess.run([sys.executable, "-c", inner], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+        gone = [pid for pid in pids if not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"]
+        assert not gone, f"a session in the run's environment stopped the run's processes {gone} of {pids}"
+        assert os.path.exists(env["VITABLATE_DISPATCHER"].split(":", 1)[1])  # the dispatcher still listens
+
         lines = reap_leftovers(str(results))  # its Snakemake (here: the owner) is alive: named, left alone
         assert len(lines) == 1 and f"pid {owner.pid} is still running" in lines[0]
         assert _cluster_processes(info["ray"]["dir"], pids)
@@ -588,38 +601,6 @@ def test_a_run_is_known_by_a_start_that_no_wall_clock_step_moves(monkeypatch):
         child.kill()
         child.wait()
     assert not alive(child.pid, start)
-
-
-@pytest.mark.slow
-def test_a_session_stops_only_what_it_started_not_what_its_environment_names(tmp_path):
-    """A process whose environment it inherited from a running session (`vitablate job` run inside a Snakemake
-    job: VITABLATE_DISPATCHER, VITABLATE_WATCHDOG, RAY_ADDRESS of the run's private cluster) starts and stops a
-    session of its own: the run's dispatcher, watchdog and cluster must still run afterwards, and its own stop must
-    stop nothing of them."""
-    results = tmp_path / "results"
-    code = ("import json, os, time; from vitablate.execution import start_session\n"
-            f"start_session(num_cpus=1, results_dir={str(results)!r})\n"
-            "print(json.dumps(dict(os.environ)), flush=True); time.sleep(600)\n")
-    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=_env())
-    try:
-        env = json.loads(owner.stdout.readline())
-        assert env.get("VITABLATE_DISPATCHER") and env.get("VITABLATE_WATCHDOG") and env.get("RAY_ADDRESS")
-        info = json.loads((results / f".vitablate/cluster-{owner.pid}.json").read_text())
-        watchdog = int(env["VITABLATE_WATCHDOG"].split(":", 1)[0])
-        pids = {info["ray"]["pid"], info["dispatcher"]["pid"], watchdog}
-        inner = ("from vitablate.execution import start_session, stop_session\n"
-                 "start_session(dispatcher=False); stop_session()\n")
-        r = subprocess.run([sys.executable, "-c", inner], capture_output=True, text=True, env=env, timeout=120)
-        assert r.returncode == 0, r.stderr[-3000:]
-        gone = [pid for pid in pids if not psutil.pid_exists(pid)
-                or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE]
-        assert not gone, f"the inner session stopped processes of the run it ran under: {gone} of {pids}"
-        assert os.path.exists(env["VITABLATE_DISPATCHER"].split(":", 1)[1])  # the dispatcher still listens
-    finally:
-        owner.kill()
-        owner.wait()
-    # the run's own watchdog stops what the killed owner left (as after a SIGKILLed Snakemake)
-    _wait_for(lambda: not _cluster_processes(info["ray"]["dir"], pids), 60, "end of the orphaned cluster")
 
 
 def test_a_job_runs_in_the_directory_it_was_submitted_from(tmp_path, monkeypatch):
