@@ -539,9 +539,10 @@ def test_a_run_is_stopped_by_its_own_session_only_and_reaped_once_it_and_its_wat
     of its own: that stops nothing of the run's. Even the watchdog can die (kill -9 of everything, an OOM kill): the
     pid file under results_dir lets the next run stop what is left, and a run still alive on the same results
     directory is only named, never touched."""
-    from vitablate.watchdog import reap_leftovers
+    from vitablate.watchdog import reap_leftovers, stop_all
 
     results = tmp_path / "results"
+    info = None
     code = ("import json, os, time; from vitablate.execution import start_session; "
             f"start_session(num_cpus=1, results_dir={str(results)!r}); "
             "print(json.dumps(dict(os.environ)), flush=True); time.sleep(600)")
@@ -576,6 +577,8 @@ def test_a_run_is_stopped_by_its_own_session_only_and_reaped_once_it_and_its_wat
     finally:
         if owner.poll() is None:
             owner.kill()
+        if info:  # whatever a failed check above left running (nothing, once the reaper has run)
+            stop_all(info)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="psutil's boot time is Linux's /proc/stat btime")
