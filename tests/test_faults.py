@@ -535,7 +535,7 @@ def test_a_closed_terminal_stops_the_run_as_ctrl_c_does(workflow):
 @pytest.mark.slow
 def test_a_run_is_stopped_by_its_own_session_only_and_reaped_once_it_and_its_watchdog_were_killed(tmp_path):
     """A process that inherited a live run's environment (`vitablate job` inside a Snakemake job:
-    VITABLATE_DISPATCHER, VITABLATE_WATCHDOG, RAY_ADDRESS of the run's private cluster) starts and stops a session
+    VITABLATE_DISPATCHER, VITABLATE_PRIVATE_RAY, RAY_ADDRESS of the run's private cluster) starts and stops a session
     of its own: that stops nothing of the run's. Even the watchdog can die (kill -9 of everything, an OOM kill): the
     pid file under results_dir lets the next run stop what is left, and a run still alive on the same results
     directory is only named, never touched."""
@@ -550,7 +550,10 @@ def test_a_run_is_stopped_by_its_own_session_only_and_reaped_once_it_and_its_wat
     try:
         env = json.loads(owner.stdout.readline())
         info = json.loads((results / f".vitablate/cluster-{owner.pid}.json").read_text())
-        pids = {info["ray"]["pid"], info["dispatcher"]["pid"], int(env["VITABLATE_WATCHDOG"].split(":", 1)[0])}
+        watchdogs = [p.pid for p in psutil.process_iter(["cmdline"])
+                     if f"cluster-{owner.pid}.json" in " ".join(p.info["cmdline"] or [])]
+        assert len(watchdogs) == 1
+        pids = {info["ray"]["pid"], info["dispatcher"]["pid"], watchdogs[0]}
         assert _cluster_processes(info["ray"]["dir"], pids)
 
         inner = "from vitablate.execution import start_session, stop_session; start_session(dispatcher=False); " \

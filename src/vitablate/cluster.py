@@ -23,16 +23,16 @@ from typing import Optional, Sequence
 
 _PRIVATE_ENV = "VITABLATE_PRIVATE_RAY"  # set while a private cluster started by this run is up
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps a node on 127.0.0.1 (private cluster)
-_WATCHDOG_ENV = "VITABLATE_WATCHDOG"  # "<pid>:<pid file>" of this run's watchdog (vitablate.watchdog)
 RAY_GRACE_S = 1.0  # a private cluster's SIGTERM-to-SIGKILL wait (why so short: _stop)
 # how long a stopped dispatcher may take to end its in-flight jobs' MLflow runs KILLED before it is SIGKILLed: it
 # exits as soon as they are ended, so the wait costs nothing then; on a loaded machine (its MLflow import still
 # under way, the store busy) 3 s left them RUNNING
 DISPATCHER_GRACE_S = 15.0
-# What this process started ("ray", "dispatcher", "watchdog"): stop_session signals only these, through their
-# Popen, whose unreaped exit keeps the pid from going to another process. The variables above are inherited by
-# child processes (a `vitablate job` run inside a Snakemake job sees the run's), so a pid read from them may name
-# a process this one does not own, or, once that one is gone and the pid reused, an unrelated one.
+# What this process started ("ray", "dispatcher", "watchdog"): stop_session and the watchdog's pid file name only
+# these, and stop_session signals them through their Popen, whose unreaped exit keeps the pid from going to another
+# process. The variables above are inherited by child processes (a `vitablate job` run inside a Snakemake job sees
+# the run's), so a pid read from them may name a process this one does not own, or, once that one is gone and the
+# pid reused, an unrelated one.
 _owned: dict[str, subprocess.Popen] = {}
 
 
@@ -119,9 +119,6 @@ def start_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None
         from .tracking import probe
 
         probe(mlflow[0])  # a tracking server that does not answer: say so before any cluster starts
-    for key, env in (("dispatcher", _dispatcher_env()), ("watchdog", _WATCHDOG_ENV)):
-        if key not in _owned:
-            os.environ.pop(env, None)  # inherited from a parent's session: not ours to stop
     if os.environ.get("RAY_ADDRESS"):
         _probe(os.environ["RAY_ADDRESS"])
         address = os.environ["RAY_ADDRESS"]
@@ -131,7 +128,7 @@ def start_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None
     # the dispatcher (for Snakemake's job processes; a caller that submits itself, `vitablate job`, needs none)
     # starts, then the watchdog that stops it and the cluster should this process die, then the wait for it
     proc = _spawn_dispatcher(mlflow) if dispatcher else None
-    if os.environ.get(_PRIVATE_ENV) or proc:
+    if "ray" in _owned or proc:
         _start_watchdog(results_dir, locks)
     if proc:
         _await_dispatcher(proc, timeout_s)
@@ -150,7 +147,8 @@ def _start_watchdog(results_dir: Optional[str], locks: tuple[str, ...]) -> None:
 
     info = {"snakemake_pid": os.getpid(), "snakemake_started": watchdog.started(os.getpid()),
             "snakemake_locks": [os.path.abspath(p) for p in locks], "results_dir": results_dir}
-    private, disp = os.environ.get(_PRIVATE_ENV), os.environ.get(_dispatcher_env())
+    private = os.environ.get(_PRIVATE_ENV) if "ray" in _owned else None  # never a parent session's
+    disp = os.environ.get(_dispatcher_env()) if "dispatcher" in _owned else None
     if private:
         pid, temp_dir = private.split(":", 1)
         info["ray"] = {"pid": int(pid), "dir": temp_dir}
@@ -163,17 +161,15 @@ def _start_watchdog(results_dir: Optional[str], locks: tuple[str, ...]) -> None:
     with open(os.path.splitext(path)[0] + ".log", "a") as log:
         proc = subprocess.Popen([sys.executable, "-m", "vitablate.watchdog", path], stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    os.environ[_WATCHDOG_ENV] = f"{proc.pid}:{path}"
-    _owned["watchdog"] = proc
+    _owned["watchdog"] = proc  # its last argument is the pid file
 
 
 def _stop_watchdog() -> None:
     """stop_session: end the watchdog first (it must not mistake the orderly stop for a crash), drop the pid file."""
-    entry = os.environ.pop(_WATCHDOG_ENV, None)
     proc = _owned.pop("watchdog", None)
-    if not (entry and proc):
+    if proc is None:
         return
-    path = entry.split(":", 1)[1]
+    path = proc.args[-1]
     proc.kill()  # a no-op once it has exited (it exits by itself once what it watches is gone)
     proc.wait()
     with contextlib.suppress(OSError):

@@ -14,7 +14,6 @@ from __future__ import annotations
 from .cluster import (  # noqa: F401
     _LOOPBACK_ENV,
     _PRIVATE_ENV,
-    _WATCHDOG_ENV,
     _await_dispatcher,
     _dispatcher_env,
     _free_port,

@@ -132,11 +132,10 @@ def watch(info_path: str, poll_s: float = 1.0) -> int:
         info = json.load(f)
     owner = info["snakemake_pid"]
     watched = [(int(e["pid"]), e["dir"]) for e in (info.get("dispatcher"), info.get("ray")) if e]
-    # the run's Snakemake started this watchdog: while it lives it is the parent; once it is gone the watchdog is
-    # re-parented (to init or a subreaper) for good. No pid or clock is compared, so neither a reused pid nor a
-    # step of the wall clock can make a live run look dead, or a dead one alive.
-    by_parent = os.getppid() == owner
-    while os.getppid() == owner if by_parent else alive(owner, info.get("snakemake_started")):
+    # the run's Snakemake started this watchdog (cluster._start_watchdog): while it lives it is the parent; once it
+    # is gone, even before this line first runs, the watchdog is re-parented (to init or a subreaper) for good. No
+    # pid or clock is compared, so neither a reused pid nor a step of the wall clock can make a live run look dead.
+    while os.getppid() == owner:
         if not any(alive(pid) for pid, _ in watched):
             return 0  # stopped by stop_session
         time.sleep(poll_s)
